@@ -1,0 +1,1 @@
+"""I-MMSeg networks: configurations, the model, TransUNet baselines and inference helpers."""

@@ -1,0 +1,162 @@
+"""Losses and the loss schedule of I-MMSeg (method.md, "Losses and schedule")."""
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class DiceLoss(nn.Module):
+    """Soft Dice on softmax probabilities, per class over the whole batch, weighted and averaged over classes.
+
+    Squared terms in the denominator, as in TransUNet; ``class_weights`` defaults to
+    0.5 for the background and 1 for the other classes.
+    """
+
+    def __init__(self, num_classes, class_weights=None, smooth=1e-5):
+        super().__init__()
+        self.num_classes = num_classes
+        self.smooth = smooth
+        weights = class_weights if class_weights is not None else [0.5] + [1.0] * (num_classes - 1)
+        self.register_buffer("class_weights", torch.as_tensor(weights, dtype=torch.float32), persistent=False)
+
+    def forward(self, logits, target):
+        probs = logits.float().softmax(dim=1)
+        one_hot = F.one_hot(target, self.num_classes).permute(0, 3, 1, 2).to(probs.dtype)
+        dims = (0, 2, 3)
+        intersect = (probs * one_hot).sum(dims)
+        denominator = (probs * probs).sum(dims) + one_hot.sum(dims)
+        dice = (2 * intersect + self.smooth) / (denominator + self.smooth)
+        return ((1 - dice) * self.class_weights).sum() / self.num_classes
+
+
+class SegmentationLoss(nn.Module):
+    """0.2 cross-entropy + 0.8 soft Dice (background weight 0.5), on logits."""
+
+    def __init__(self, num_classes, ce_weight=0.2, dice_weight=0.8, class_weights=None):
+        super().__init__()
+        self.ce_weight = ce_weight
+        self.dice_weight = dice_weight
+        self.dice = DiceLoss(num_classes, class_weights)
+
+    def forward(self, logits, target):
+        return self.ce_weight * F.cross_entropy(logits.float(), target) + self.dice_weight * self.dice(logits, target)
+
+
+class TextAnchoredContrastiveLoss(nn.Module):
+    """Supervised contrastive loss on sampled pixel embeddings, with the projected class embeddings as anchors.
+
+    At each scale the labels are nearest-downsampled to the embedding grid; for
+    each image and each present, non-ignored class up to ``samples_per_scale[s]``
+    pixels are drawn without replacement (all images and classes at once). The
+    K class anchors join with their class ids. Features are L2-normalised; for
+    each sample i and positive p the loss is -log(exp(s_ip) / (exp(s_ip) +
+    sum over negatives n of exp(s_in))), s = cosine / temperature, averaged over
+    the positives of i and then over the samples that have a positive. The
+    scales' losses are summed. Without any sampled pixel the loss is a zero that
+    stays connected to the graph.
+    """
+
+    def __init__(self, samples_per_scale=(50, 20, 10), temperature=0.07):
+        super().__init__()
+        self.samples_per_scale = tuple(samples_per_scale)
+        self.temperature = temperature
+
+    def forward(self, embeddings, labels, anchors, ignore_classes=()):
+        """embeddings: per scale (B, d_s, h_s, w_s); labels: (B, H, W); anchors: per scale (K, d_s)."""
+        if not (len(embeddings) == len(anchors) == len(self.samples_per_scale)):
+            raise ValueError(f"expected {len(self.samples_per_scale)} scales of embeddings and anchors, "
+                             f"got {len(embeddings)} and {len(anchors)}")
+        total = 0.0
+        for features, anchor, count in zip(embeddings, anchors, self.samples_per_scale):
+            sampled, targets = self.sample(features, labels, count, anchor.shape[0], ignore_classes)
+            classes = torch.arange(anchor.shape[0], device=anchor.device)
+            total = total + self.supervised_contrast(
+                F.normalize(torch.cat([sampled, anchor.to(sampled.dtype)]), dim=1), torch.cat([targets, classes]))
+        return total
+
+    @staticmethod
+    def sample(features, labels, count, num_classes, ignore_classes=()):
+        """Up to ``count`` random pixels per image and class -> (M, d) features and (M,) class ids."""
+        batch, dim, height, width = features.shape
+        small = F.interpolate(labels[:, None].float(), size=(height, width), mode="nearest")[:, 0].long()
+        small = small.flatten(1)
+        classes = torch.arange(num_classes, device=features.device)
+        member = small[:, None, :] == classes[None, :, None]
+        if ignore_classes:
+            member[:, list(ignore_classes)] = False
+        keys = torch.rand(small.shape, device=features.device)
+        keyed = torch.where(member, keys[:, None, :], torch.full_like(keys[:, None, :], 2.0))
+        count = min(count, small.shape[1])
+        values, index = keyed.topk(count, dim=-1, largest=False)
+        valid = (values < 2.0).view(batch, num_classes * count)
+        flat = features.flatten(2).transpose(1, 2)
+        gathered = torch.gather(flat, 1, index.view(batch, num_classes * count, 1).expand(-1, -1, dim))
+        targets = classes.view(1, num_classes, 1).expand(batch, -1, count).reshape(batch, -1)
+        return gathered[valid], targets[valid]
+
+    def supervised_contrast(self, features, targets):
+        similarity = features @ features.t() / self.temperature
+        similarity = similarity - similarity.max(dim=1, keepdim=True).values.detach()
+        same = targets[:, None] == targets[None, :]
+        positive = same & ~torch.eye(len(targets), dtype=torch.bool, device=targets.device)
+        exp = similarity.exp()
+        negative_sum = (exp * (~same)).sum(dim=1, keepdim=True)
+        log_prob = similarity - torch.log(exp + negative_sum)
+        positives = positive.sum(dim=1)
+        has_positive = positives > 0
+        if not has_positive.any():
+            return features.sum() * 0.0
+        per_sample = (log_prob * positive).sum(dim=1)[has_positive] / positives[has_positive]
+        return -per_sample.mean()
+
+
+class LossWeights(NamedTuple):
+    fused: float
+    modality: float
+    contrast: float
+
+
+def loss_weights(epoch, start_contrast_epoch=20, region_fusion_start_epoch=100, contrast_w=0.1,
+                 use_contrast=True):
+    """The two-stage schedule: modality heads (+ contrast from ``start_contrast_epoch``) until
+    ``region_fusion_start_epoch``, then fused + 0.5 * modality + 0.5 * contrast_w * contrast."""
+    contrast = contrast_w if use_contrast and epoch >= start_contrast_epoch else 0.0
+    if epoch < region_fusion_start_epoch:
+        return LossWeights(fused=0.0, modality=1.0, contrast=contrast)
+    return LossWeights(fused=1.0, modality=0.5, contrast=0.5 * contrast)
+
+
+BASELINE_WEIGHTS = LossWeights(fused=1.0, modality=0.0, contrast=0.0)
+
+
+class IMMSegLoss(nn.Module):
+    """The weighted sum of the terms a :class:`LossWeights` selects.
+
+    fused: segmentation loss of the fused head; modality: sum over the modality
+    heads; contrast: mean over modalities of the text-anchored contrastive loss,
+    each with its modality's ignored classes. Returns the total and the unweighted
+    terms that were computed (detached, for logging).
+    """
+
+    def __init__(self, num_classes, contrast_config):
+        super().__init__()
+        self.segmentation = SegmentationLoss(num_classes)
+        counts = [int(s * contrast_config.sample_num) for s in contrast_config.samples_per_scale]
+        self.contrast = TextAnchoredContrastiveLoss(counts, contrast_config.temperature)
+        self.ignore_classes = tuple(tuple(c) for c in contrast_config.ignore_classes)
+
+    def forward(self, output, labels, weights):
+        terms = {}
+        if weights.fused and output.fused_logits is not None:
+            terms["fused"] = self.segmentation(output.fused_logits, labels)
+        if weights.modality and output.modality_logits:
+            terms["modality"] = sum(self.segmentation(logits, labels) for logits in output.modality_logits)
+        if weights.contrast and output.contrast_embeddings is not None:
+            per_modality = [self.contrast(embeddings, labels, output.class_anchors, ignore)
+                            for embeddings, ignore in zip(output.contrast_embeddings, self.ignore_classes)]
+            terms["contrast"] = sum(per_modality) / len(per_modality)
+        if not terms:
+            raise ValueError(f"no loss term is active for weights {weights} and this model output")
+        total = sum(getattr(weights, name) * value for name, value in terms.items())
+        return total, {name: value.detach() for name, value in terms.items()}
