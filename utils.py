@@ -1,4 +1,8 @@
-"""Losses and the loss schedule of I-MMSeg (method.md, "Losses and schedule")."""
+"""Losses and the loss schedule of I-MMSeg (method.md, "Losses and schedule"), and atomic file writing."""
+import contextlib
+import os
+import tempfile
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -160,3 +164,27 @@ class IMMSegLoss(nn.Module):
             raise ValueError(f"no loss term is active for weights {weights} and this model output")
         total = sum(getattr(weights, name) * value for name, value in terms.items())
         return total, {name: value.detach() for name, value in terms.items()}
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a temporary file beside ``path`` that replaces ``path`` only if the block succeeds.
+
+    A crash or an error inside the block leaves ``path`` as it was (absent or
+    old) and removes the temporary file, so readers never see half a file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        yield Path(temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def atomic_torch_save(obj, path):
+    with atomic_path(path) as temporary:
+        torch.save(obj, temporary)
