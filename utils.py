@@ -1,10 +1,12 @@
-"""Losses and the loss schedule of I-MMSeg (method.md, "Losses and schedule"), and atomic file writing."""
+"""Losses and schedule of I-MMSeg (method.md), evaluation metrics, and atomic file writing."""
 import contextlib
+import math
 import os
 import tempfile
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -188,3 +190,58 @@ def atomic_path(path):
 def atomic_torch_save(obj, path):
     with atomic_path(path) as temporary:
         torch.save(obj, temporary)
+
+
+# Evaluation: structures of the paper's table, as sets of classes (0 background, 1 myocardium, 2 scar, 3 edema).
+STRUCTURES = {
+    "myocardium": (1,),
+    "scar": (2,),
+    "edema": (3,),
+    "scar_edema": (2, 3),
+    "whole_myocardium": (1, 2, 3),
+}
+PATHOLOGY = ("scar", "edema")
+
+
+def dice_hd95(prediction, reference, spacing):
+    """Dice and HD95 (in the unit of ``spacing``, mm) of two binary volumes; ``spacing=None`` skips HD95 (NaN).
+
+    Rules for empty structures, so that a miss is never scored as perfect or as a
+    zero distance: both empty -> Dice NaN and HD95 NaN (undefined); exactly one
+    empty -> Dice 0 and HD95 NaN (undefined, counted by the summary).
+    """
+    from medpy.metric.binary import hd95
+
+    prediction, reference = np.asarray(prediction, bool), np.asarray(reference, bool)
+    predicted, present = prediction.any(), reference.any()
+    if not predicted and not present:
+        return math.nan, math.nan
+    if not predicted or not present:
+        return 0.0, math.nan
+    dice = 2.0 * np.logical_and(prediction, reference).sum() / (prediction.sum() + reference.sum())
+    if spacing is None:
+        return float(dice), math.nan
+    return float(dice), float(hd95(prediction, reference, voxelspacing=tuple(float(s) for s in spacing)))
+
+
+def case_metrics(prediction, reference, spacing):
+    """{structure: (dice, hd95)} for label volumes with classes 0-3 (no HD95 when ``spacing`` is None)."""
+    return {name: dice_hd95(np.isin(prediction, classes), np.isin(reference, classes), spacing)
+            for name, classes in STRUCTURES.items()}
+
+
+def summarise(per_case):
+    """Mean and std over cases of the defined values; undefined (NaN) values are left out and counted."""
+    summary = {}
+    for name in STRUCTURES:
+        dice = np.array([metrics[name][0] for metrics in per_case], dtype=np.float64)
+        hd = np.array([metrics[name][1] for metrics in per_case], dtype=np.float64)
+        entry = {}
+        for key, values in (("dice", dice), ("hd95", hd)):
+            defined = values[~np.isnan(values)]
+            entry[key] = float(defined.mean()) if defined.size else None
+            entry[f"{key}_std"] = float(defined.std()) if defined.size else None
+        entry.update(n=len(per_case), n_undefined_dice=int(np.isnan(dice).sum()),
+                     n_undefined_hd95=int(np.isnan(hd).sum()))
+        summary[name] = entry
+    return summary

@@ -4,6 +4,7 @@ import copy
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .vit_seg_modeling_resnet_skip import StdConv2d
 
@@ -75,3 +76,16 @@ def predict_slices(model, images, batch_slices=16, device="cpu", amp="none", cha
             logits = model(batch)
         outputs.append(logits.float().softmax(dim=1).cpu())
     return torch.cat(outputs)
+
+
+def predict_volume(model, volume, img_size, batch_slices=16, device="cpu", amp="none", channels_last=True):
+    """Class probabilities (K, H, W, D) for a volume (M, H, W, D), its slices resized to ``img_size`` and back."""
+    slices = volume.permute(3, 0, 1, 2).float()
+    size = tuple(slices.shape[-2:])
+    resize = size != (img_size, img_size)
+    if resize:
+        slices = F.interpolate(slices, size=(img_size, img_size), mode="bicubic", align_corners=False).clamp(0, 1)
+    probabilities = predict_slices(model, slices, batch_slices, device, amp, channels_last)
+    if resize:
+        probabilities = F.interpolate(probabilities, size=size, mode="bilinear", align_corners=False)
+    return probabilities.permute(1, 2, 3, 0)

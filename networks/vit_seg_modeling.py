@@ -366,3 +366,19 @@ def _check_images(images, num_modalities, img_size):
 
 
 CONFIGS = {name: factory() for name, factory in configs.CONFIG_FACTORIES.items()}
+MODEL_NAMES = ("immseg", "transunet_single", "transunet_early")
+
+
+def build_model(name, config, img_size=128, num_classes=4, intensity_priors=None, class_embeddings=None,
+                modality="LGE"):
+    """I-MMSeg (``immseg``) or a TransUNet baseline on one sequence (``transunet_single``, see ``modality``)
+    or on the three stacked as channels (``transunet_early``)."""
+    if name == "immseg":
+        return VisionTransformer(config, img_size, num_classes, intensity_priors, class_embeddings)
+    if name == "transunet_single":
+        if modality not in configs.MODALITIES:
+            raise ValueError(f"unknown modality {modality!r}; expected one of {configs.MODALITIES}")
+        return TransUNet(config, img_size, num_classes, (configs.MODALITIES.index(modality),))
+    if name == "transunet_early":
+        return TransUNet(config, img_size, num_classes, tuple(range(config.n_modalities)))
+    raise ValueError(f"unknown model {name!r}; expected one of {MODEL_NAMES}")

@@ -1,0 +1,1 @@
+"""Datasets: raw layouts, the synthetic phantom, preprocessing geometry, and training/test datasets."""

@@ -1,0 +1,169 @@
+"""Datasets over preprocess_data.py's output, and the training augmentation of method.md.
+
+Training items are slices: ``image`` (3, H, W) float32 in [0, 1] with the sequences
+in the order bSSFP, LGE, T2w, ``label`` (H, W) int64, ``case_name``. Volume items
+(validation and test) hold ``image`` (3, H, W, D), ``label`` (H, W, D), ``case_name``,
+``geometry`` (a CaseGeometry, or None for volumes written without one) and ``meta``
+(the h5 attributes: source files, label map, intensity range).
+"""
+import logging
+import math
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+from scipy import ndimage
+from torch.utils.data import Dataset
+
+from networks.vit_seg_configs import MODALITIES
+
+from .geometry import CaseGeometry
+
+logger = logging.getLogger(__name__)
+
+VOLUME_SPLITS = ("val", "test_vol")
+
+
+def _read_list(path):
+    if not path.is_file():
+        raise FileNotFoundError(f"list file {path} does not exist; run preprocess_data.py to create it")
+    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+
+
+class MyoPSDataset(Dataset):
+    """Slices (``split='train'``) or volumes (``'val'``, ``'test_vol'``) of a preprocessed dataset.
+
+    base_dir holds ``bSSFP/``, ``LGE/``, ``T2w/`` and, unless ``list_dir`` says
+    otherwise, the list files ``train.txt``, ``val.txt`` and ``test_vol.txt``.
+    """
+
+    def __init__(self, base_dir, list_dir=None, split="train", transform=None):
+        self.base_dir = Path(base_dir)
+        self.split = split
+        self.transform = transform
+        self.sample_list = _read_list(Path(list_dir or base_dir) / f"{split}.txt")
+        missing = [str(self.base_dir / m) for m in MODALITIES if not (self.base_dir / m).is_dir()]
+        if missing:
+            raise FileNotFoundError(f"{self.base_dir} is not a preprocessed dataset: missing {', '.join(missing)}")
+
+    def __len__(self):
+        return len(self.sample_list)
+
+    def _path(self, modality, name):
+        if self.split in VOLUME_SPLITS:
+            return self.base_dir / modality / "test_vol_h5" / f"{name}.npy.h5"
+        return self.base_dir / modality / "train_npz" / f"{name}.npz"
+
+    def __getitem__(self, index):
+        name = self.sample_list[index]
+        if self.split in VOLUME_SPLITS:
+            return self._volume(name)
+        images, label = [], None
+        for modality in MODALITIES:
+            path = self._path(modality, name)
+            if not path.is_file():
+                raise FileNotFoundError(f"slice {name}: missing {path}")
+            with np.load(path) as data:
+                images.append(data["image"].astype(np.float32))
+                if label is None:
+                    label = data["label"].astype(np.int64)
+        sample = {"image": np.stack(images), "label": label}
+        if self.transform is not None:
+            sample = self.transform(sample)
+        else:
+            sample = {"image": torch.from_numpy(sample["image"]), "label": torch.from_numpy(sample["label"])}
+        sample["case_name"] = name
+        return sample
+
+    def _volume(self, name):
+        images, label, meta = [], None, None
+        for modality in MODALITIES:
+            path = self._path(modality, name)
+            if not path.is_file():
+                raise FileNotFoundError(f"volume {name}: missing {path}")
+            with h5py.File(path, "r") as handle:
+                images.append(handle["image"][:].astype(np.float32))
+                if label is None:
+                    label = handle["label"][:].astype(np.int64)
+                    meta = {key: _plain(value) for key, value in handle.attrs.items()}
+        geometry = CaseGeometry.from_attrs(meta) if "geometry" in meta else None
+        return {"image": torch.from_numpy(np.stack(images)), "label": torch.from_numpy(label), "case_name": name,
+                "geometry": geometry, "meta": meta}
+
+
+def _plain(value):
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+class RandomGenerator:
+    """method.md's augmentation, one geometric transform shared by the three sequences and the label.
+
+    With probability 1/2 a rot90 and flip, else with 1/2 a rotation within
+    +-``max_rotation`` degrees, else with 1/2 Gaussian noise; then (each with
+    probability 1/2) a shift of up to ``max_shift`` px, a brightness factor and a
+    gamma in [0.8, 1.2] per sequence, and a random crop of ``min_crop``-1 of the
+    side; finally the result is resized to ``output_size``. All geometric steps
+    are composed into one affine map and applied in a single resampling (images
+    cubic, label nearest). Intensities stay in [0, 1].
+    """
+
+    def __init__(self, output_size, max_rotation=20.0, max_shift=5, intensity_range=(0.8, 1.2), noise_std=0.05,
+                 min_crop=0.8):
+        self.output_size = tuple(output_size)
+        self.max_rotation = max_rotation
+        self.max_shift = max_shift
+        self.intensity_range = intensity_range
+        self.noise_std = noise_std
+        self.min_crop = min_crop
+
+    def _geometry(self, size, rng):
+        """Matrix and offset mapping output pixel coordinates to input pixel coordinates."""
+        centre_in = (np.asarray(size, dtype=np.float64) - 1) / 2
+        linear = np.eye(2)
+        noise = False
+        if rng.random() < 0.5:
+            quarter = np.array([[0.0, -1.0], [1.0, 0.0]])
+            linear = np.linalg.matrix_power(quarter, int(rng.integers(4)))
+            if rng.random() < 0.5:
+                linear = linear @ np.diag([-1.0, 1.0])
+        elif rng.random() < 0.5:
+            angle = math.radians(rng.uniform(-self.max_rotation, self.max_rotation))
+            linear = np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
+        elif rng.random() < 0.5:
+            noise = True
+        shift = rng.integers(-self.max_shift, self.max_shift + 1, size=2) if rng.random() < 0.5 else np.zeros(2)
+        window = np.asarray(size, dtype=np.float64)
+        window_offset = np.zeros(2)
+        if rng.random() < 0.5:
+            window = window * rng.uniform(self.min_crop, 1.0)
+            window_offset = rng.uniform(-1, 1, size=2) * (np.asarray(size) - window) / 2
+        scale = window / np.asarray(self.output_size, dtype=np.float64)
+        matrix = linear @ np.diag(scale)
+        centre_out = (np.asarray(self.output_size, dtype=np.float64) - 1) / 2
+        offset = centre_in + window_offset - shift - matrix @ centre_out
+        return matrix, offset, noise
+
+    def __call__(self, sample, rng=None):
+        rng = rng if rng is not None else np.random.default_rng(np.random.randint(2 ** 31))
+        image, label = sample["image"], sample["label"]
+        matrix, offset, noise = self._geometry(label.shape, rng)
+        warped = np.stack([ndimage.affine_transform(channel, matrix, offset, output_shape=self.output_size, order=3,
+                                                    mode="constant", cval=0.0) for channel in image])
+        warped_label = ndimage.affine_transform(label, matrix, offset, output_shape=self.output_size, order=0,
+                                                mode="constant", cval=0)
+        warped = np.clip(warped, 0.0, 1.0)
+        if noise:
+            warped = np.clip(warped + rng.normal(0.0, self.noise_std, warped.shape), 0.0, 1.0)
+        for channel in range(warped.shape[0]):
+            if rng.random() < 0.5:
+                warped[channel] = np.clip(warped[channel] * rng.uniform(*self.intensity_range), 0.0, 1.0)
+            if rng.random() < 0.5:
+                warped[channel] = warped[channel] ** rng.uniform(*self.intensity_range)
+        return {"image": torch.from_numpy(warped.astype(np.float32)),
+                "label": torch.from_numpy(warped_label.astype(np.int64))}
+

@@ -1,0 +1,166 @@
+"""train.py and test.py end to end on a small phantom with the tiny configuration (CPU)."""
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import preprocess_data
+import test as test_script
+import train as train_script
+from conftest import ROOT
+from datasets.phantom import write_phantom
+from priors import import_embeddings, save_priors
+from trainer import load_checkpoint
+from utils import case_metrics, dice_hd95, summarise
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("training")
+    write_phantom(root / "raw", cases=6, seed=11)
+    assert preprocess_data.main(["--dataset", "Phantom", "--src_path", str(root / "raw"), "--dst_path",
+                                 str(root / "data"), "--spacing", "2.0", "--crop_size", "64", "--test_every", "6",
+                                 "--val_fraction", "0.2"]) == 0
+    plain = root / "plain_priors.pt"
+    generator = torch.Generator().manual_seed(0)
+    torch.save({"modality": torch.randn(3, 24, generator=generator),
+                "class": torch.randn(4, 24, generator=generator)}, plain)
+    save_priors(import_embeddings(plain, "random test priors"), root / "priors.pt")
+    return root
+
+
+def train_args(workspace, run, *extra):
+    return ["--dataset", "Phantom", "--root_path", str(workspace / "data"), "--vit_name", "testing",
+            "--img_size", "64", "--no_pretrain", "--prior_embeddings", str(workspace / "priors.pt"),
+            "--batch_size", "4", "--start_contrast_epoch", "0", "--region_fusion_start_epoch", "1",
+            "--num_workers", "0", "--progress", "0", "--output_dir", str(workspace / run), *extra]
+
+
+def weights(path):
+    return load_checkpoint(path)["model"]
+
+
+def test_resumed_run_matches_an_uninterrupted_one(workspace):
+    assert train_script.main(train_args(workspace, "straight", "--max_epochs", "2", "--save_every", "1")) == 0
+    straight = workspace / "straight"
+    assert (straight / "epoch_0.pth").is_file() and (straight / "epoch_1.pth").is_file()
+    assert train_script.main(train_args(workspace, "resumed", "--max_epochs", "2", "--resume",
+                                        str(straight / "epoch_0.pth"))) == 0
+    first, second = weights(straight / "last.pth"), weights(workspace / "resumed" / "last.pth")
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[k], second[k]) for k in first), "resuming must reproduce the weights exactly"
+    checkpoint = load_checkpoint(straight / "last.pth")
+    assert checkpoint["train_state"]["epoch"] == 2 and checkpoint["spec"]["config"]["name"] == "testing"
+    assert checkpoint["priors"]["origin"].endswith("random test priors") and len(checkpoint["rng"]) == 1
+    config = json.loads((straight / "config.json").read_text())
+    assert config["spec"]["img_size"] == 64 and config["args"]["batch_size"] == 4
+    assert (straight / "log.txt").read_text().count("validation mean pathology Dice") == 1
+    assert any((straight / "log").iterdir()), "TensorBoard events are written"
+
+
+def test_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(workspace, caplog):
+    assert train_script.main(train_args(workspace, "nan", "--max_epochs", "1")) == 0
+    last = workspace / "nan" / "last.pth"
+    before = last.read_bytes()
+    code = train_script.main(train_args(workspace, "nan", "--max_epochs", "3", "--base_lr", "1e30",
+                                        "--resume", "auto"))
+    assert code == 1
+    assert "non-finite loss at epoch 2, iteration" in caplog.text
+    assert last.read_bytes() == before
+
+
+def test_resume_from_another_configuration_is_refused(workspace, caplog):
+    assert train_script.main(train_args(workspace, "other", "--max_epochs", "1")) == 0
+    code = train_script.main(train_args(workspace, "other_resumed", "--max_epochs", "2", "--n_skip", "2",
+                                        "--resume", str(workspace / "other" / "last.pth")))
+    assert code == 1 and "another configuration" in caplog.text and "n_skip: 3 in the checkpoint, 2 here" in caplog.text
+
+
+def test_test_script_writes_metrics_predictions_and_overlays(workspace):
+    run = workspace / "straight"
+    if not (run / "last.pth").is_file():
+        assert train_script.main(train_args(workspace, "straight", "--max_epochs", "2", "--save_every", "1")) == 0
+    out = workspace / "evaluation"
+    assert test_script.main(["--output_dir", str(run), "--test_save_dir", str(out), "--save_png"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary) == {"myocardium", "scar", "edema", "scar_edema", "whole_myocardium"}
+    for entry in summary.values():
+        assert {"dice", "dice_std", "hd95", "hd95_std", "n", "n_undefined_hd95"} <= set(entry)
+        assert entry["n"] == 1
+    assert summary["whole_myocardium"]["dice"] is not None and math.isfinite(summary["whole_myocardium"]["dice"])
+    rows = list(csv.DictReader(open(out / "metrics.csv")))
+    assert len(rows) == 5 and {row["space"] for row in rows} == {"original"}
+    info = json.loads((out / "test_info.json").read_text())
+    assert info["checkpoint"].endswith("best.pth")
+    prediction = __import__("nibabel").load(str(out / "case0006_pred.nii.gz"))
+    source = __import__("nibabel").load(str(workspace / "raw" / "Raw_data" / "label" / "case0006_gt.nii.gz"))
+    assert prediction.shape == source.shape and np.allclose(prediction.affine, source.affine)
+    assert set(np.unique(np.asarray(prediction.dataobj))) <= {0, 1, 2, 3}
+    assert (out / "case0006.png").is_file()
+
+
+def test_test_script_refuses_contradicting_flags(workspace, caplog):
+    run = workspace / "other"
+    if not (run / "last.pth").is_file():
+        assert train_script.main(train_args(workspace, "other", "--max_epochs", "1")) == 0
+    assert test_script.main(["--output_dir", str(run), "--vit_name", "compact", "--no_cfm"]) == 1
+    assert "--vit_name compact (the checkpoint has testing)" in caplog.text and "--no_cfm" in caplog.text
+    assert test_script.main(["--output_dir", str(run), "--checkpoint", str(run / "absent.pth")]) == 1
+
+
+def test_two_process_ddp_on_cpu(workspace):
+    run = workspace / "ddp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+               str(29500 + os.getpid() % 1000), str(ROOT / "train.py"),
+               *train_args(workspace, "ddp", "--max_epochs", "1", "--batch_size", "2")]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    checkpoint = load_checkpoint(run / "last.pth")
+    assert len(checkpoint["rng"]) == 2, "each rank's random state is kept"
+    assert sorted(p.name for p in run.glob("*.pth")) == ["epoch_0.pth", "last.pth"]
+    assert "2 process(es)" in (run / "log.txt").read_text()
+
+
+def test_dice_and_hd95_on_hand_computed_cases():
+    reference = np.zeros((10, 10, 3), bool)
+    reference[2:6, 2:6, 1] = True  # 16 voxels
+    prediction = np.zeros_like(reference)
+    prediction[2:6, 3:7, 1] = True  # shifted by one column: overlap 12
+    dice, hd = dice_hd95(prediction, reference, spacing=(0.5, 2.0, 10.0))
+    assert dice == pytest.approx(2 * 12 / 32)
+    assert hd == pytest.approx(2.0), "a one-column shift along the 2 mm axis is 2 mm"
+    dice, hd = dice_hd95(prediction, reference, spacing=(2.0, 0.5, 10.0))
+    assert hd == pytest.approx(0.5)
+
+    stacked = np.zeros_like(reference)
+    stacked[2:6, 2:6, 2] = True  # the next slice, 10 mm away
+    assert dice_hd95(stacked, reference, (1.0, 1.0, 10.0)) == (0.0, pytest.approx(10.0))
+
+    empty = np.zeros_like(reference)
+    assert dice_hd95(empty, reference, (1.0, 1.0, 1.0))[0] == 0.0
+    assert math.isnan(dice_hd95(empty, reference, (1.0, 1.0, 1.0))[1]), "a miss has no distance, never 0"
+    assert math.isnan(dice_hd95(reference, empty, (1.0, 1.0, 1.0))[1])
+    assert all(math.isnan(v) for v in dice_hd95(empty, empty, (1.0, 1.0, 1.0)))
+
+
+def test_structures_and_summary_rules():
+    reference = np.zeros((8, 8, 1), np.uint8)
+    reference[1:7, 1:7] = 1
+    reference[2:4, 2:4] = 2
+    reference[4:6, 4:6] = 3
+    prediction = reference.copy()
+    prediction[prediction == 3] = 2  # edema called scar
+    metrics = case_metrics(prediction, reference, (1.0, 1.0, 1.0))
+    assert metrics["myocardium"][0] == 1.0 and metrics["whole_myocardium"][0] == 1.0
+    assert metrics["scar_edema"][0] == 1.0 and metrics["scar"][0] == pytest.approx(2 * 4 / 12)
+    assert metrics["edema"][0] == 0.0 and math.isnan(metrics["edema"][1])
+    summary = summarise([metrics, case_metrics(reference, reference, (1.0, 1.0, 1.0))])
+    assert summary["edema"]["dice"] == pytest.approx(0.5) and summary["edema"]["hd95"] == 0.0
+    assert summary["edema"]["n"] == 2 and summary["edema"]["n_undefined_hd95"] == 1

@@ -1,0 +1,128 @@
+"""Train I-MMSeg (or a TransUNet baseline) on a dataset written by preprocess_data.py.
+
+One device:
+    python train.py --dataset MyoPS2020 --root_path data/MyoPS2020 --vit_name compact --no_pretrain \
+        --prior_encoder offline --batch_size 8 --max_epochs 200
+Several GPUs, or several nodes (torchrun's rendezvous flags):
+    torchrun --nproc_per_node 4 train.py --dataset Myops --batch_size 24 --amp bf16
+    torchrun --nnodes 2 --node_rank 0 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HOST:29500 train.py ...
+Resume:
+    python train.py <the same flags> --resume auto
+"""
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from networks.npz_weights import PretrainedWeightsError
+from networks.vit_seg_configs import DEFAULT_PRETRAINED_PATH
+from networks.vit_seg_modeling import build_model
+from priors import DEFAULT_PROMPTS, EncoderUnavailableError, PriorFileError, PromptFileError, resolve_priors
+from trainer import (ROOT, CheckpointError, Trainer, add_run_arguments, build_config, configure_logging, filled,
+                     model_spec, run_directory, seed_everything, setup_distributed, write_run_config)
+
+logger = logging.getLogger("train")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_run_arguments(parser)
+    parser.add_argument("--n_gpu", type=int, default=None,
+                        help="released code's GPU count (it assumed 2); superseded by torchrun's world size")
+    parser.add_argument("--region_fusion_start_epoch", type=int, default=100,
+                        help="epoch from which the fused head is trained")
+    parser.add_argument("--start_contrast_epoch", type=int, default=20, help="epoch from which the contrastive loss is on")
+    parser.add_argument("--contrast_sample_num", type=int, default=10,
+                        help="pixels sampled per image and class: 5, 2, 1 times this at H/2, H/4, H/8")
+    parser.add_argument("--contrast_w", type=float, default=0.1, help="contrastive loss weight")
+    parser.add_argument("--weight_decay", type=float, default=1e-4)
+    parser.add_argument("--num_workers", type=int, default=None,
+                        help="data loading processes per training process (default: 4 on GPU, 1 on CPU)")
+    parser.add_argument("--pretrained_path", type=Path, default=ROOT / DEFAULT_PRETRAINED_PATH,
+                        help="Google's R50-ViT-B_16.npz (ImageNet-21k); missing is an error unless --no_pretrain")
+    parser.add_argument("--prior_embeddings", type=Path, default=None,
+                        help="prior file; created with --prior_encoder when absent "
+                             "(default: priors/embeddings/<encoder>_<prompt set>.pt)")
+    parser.add_argument("--prior_encoder", default="biomedclip",
+                        help="text encoder for the priors: biomedclip (default), offline, hf-hub:..., open_clip:...")
+    parser.add_argument("--prompts", type=Path, default=DEFAULT_PROMPTS, help="prompt set JSON")
+    parser.add_argument("--resume", default=None, help="checkpoint to continue from, or 'auto' (the run's last.pth)")
+    parser.add_argument("--val_every", type=int, default=10, help="validate on val.txt every N epochs")
+    parser.add_argument("--save_every", type=int, default=20, help="keep epoch_N.pth every N epochs")
+    parser.add_argument("--batch_slices", type=int, default=16, help="slices per batch during validation")
+    parser.add_argument("--image_every", type=int, default=50, help="TensorBoard images every N iterations")
+    parser.add_argument("--progress", type=int, default=1, help="1: progress bars")
+    return filled(parser.parse_args(argv))
+
+
+def prepare_priors(args, ctx):
+    """The text priors for I-MMSeg with text priors on, created by rank 0 if the file is absent."""
+    if args.model != "immseg" or args.no_text_prior:
+        return None
+    if ctx.is_main:
+        priors, path = resolve_priors(args.prior_embeddings, args.prior_encoder, args.prompts)
+    ctx.barrier()
+    if not ctx.is_main:
+        priors, path = resolve_priors(args.prior_embeddings, args.prior_encoder, args.prompts)
+    args.prior_embeddings = path
+    return priors
+
+
+def build(args, ctx):
+    priors = prepare_priors(args, ctx)
+    config = build_config(args, text_dim=priors.dim if priors is not None else None)
+    model = build_model(args.model, config, args.img_size, args.num_classes,
+                        priors.intensity if priors is not None else None,
+                        priors.classes if priors is not None else None, args.modality)
+    if not args.no_pretrain:
+        if not args.pretrained_path.is_file():
+            raise FileNotFoundError(f"pretrained weights {args.pretrained_path} do not exist: place Google's "
+                                    "R50-ViT-B_16.npz there, pass --pretrained_path, or train with --no_pretrain")
+        loaded = model.load_from(np.load(args.pretrained_path), source=str(args.pretrained_path))
+        logger.info("loaded %d tensors from %s", loaded, args.pretrained_path)
+    return model, model_spec(args, config), priors
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    ctx = setup_distributed(args.device)
+    run_dir = Path(args.output_dir) if args.output_dir else run_directory(args)
+    if ctx.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    ctx.barrier()
+    configure_logging(run_dir, ctx.is_main)
+    if args.n_gpu is not None and args.n_gpu != ctx.world_size:
+        logger.warning("--n_gpu %d ignored: this run has %d process(es); start several with torchrun --nproc_per_node",
+                       args.n_gpu, ctx.world_size)
+    if args.num_workers is None:
+        args.num_workers = 4 if ctx.device.type == "cuda" else 1
+    seed_everything(args.seed + ctx.rank, args.deterministic)
+    logger.info("run folder %s; %d process(es) on %s; arguments %s", run_dir, ctx.world_size, ctx.device, vars(args))
+    try:
+        model, spec, priors = build(args, ctx)
+        trainer = Trainer(args, ctx, model, spec, run_dir, priors.provenance if priors is not None else None)
+        resume = run_dir / "last.pth" if args.resume == "auto" else args.resume
+        if args.resume == "auto" and not resume.is_file():
+            logger.info("--resume auto: no %s yet, starting from scratch", resume)
+        elif resume:
+            trainer.resume(Path(resume))
+        if ctx.is_main:
+            write_run_config(run_dir, args, spec, trainer.priors_provenance)
+        trainer.fit()
+    except KeyboardInterrupt:
+        return 130
+    except (CheckpointError, PretrainedWeightsError, PriorFileError, PromptFileError, EncoderUnavailableError,
+            FileNotFoundError, FloatingPointError, ValueError) as error:
+        logger.error("%s", error)
+        return 1
+    finally:
+        if ctx.distributed and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

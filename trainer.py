@@ -1,0 +1,520 @@
+"""The training loop, checkpoints and run folders shared by train.py and test.py.
+
+One process per device; under torchrun the processes form a DistributedDataParallel
+group (NCCL on GPUs, gloo on CPUs) and rank 0 alone logs, writes TensorBoard and
+saves. A checkpoint holds everything needed to continue exactly: weights (unwrapped
+from DDP), optimizer, grad scaler, epoch, iteration, best metric, every rank's RNG
+states, the model specification (configuration included), the arguments, the
+prior file's provenance and the git commit.
+"""
+import copy
+import datetime
+import json
+import logging
+import math
+import os
+import random
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import ml_collections
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm import tqdm
+
+from datasets.dataset_myops import MyoPSDataset, RandomGenerator
+from networks.inference import autocast_context, predict_volume
+from networks.vit_seg_configs import DEFAULT_PRETRAINED_PATH, MODALITIES, get_config
+from networks.vit_seg_modeling import MODEL_NAMES, build_model
+from utils import (BASELINE_WEIGHTS, PATHOLOGY, IMMSegLoss, atomic_path, atomic_torch_save, case_metrics,
+                   loss_weights)
+
+logger = logging.getLogger("trainer")
+
+ROOT = Path(__file__).resolve().parent
+CHECKPOINT_FORMAT = "immseg-checkpoint/1"
+DATASET_ROOTS = {"Myops": "data/MyoPS380", "MyoPS2020": "data/MyoPS2020", "Phantom": "data/Phantom"}
+# Flags that name a run and define its model; test.py leaves them unset (None) unless given, so that only
+# what the user actually typed is compared with a checkpoint.
+RUN_DEFAULTS = {"dataset": "Myops", "num_classes": 4, "max_iterations": 30000, "max_epochs": 300,
+                "batch_size": 24, "base_lr": 0.001, "img_size": 128, "seed": 1234, "n_skip": 3,
+                "vit_name": "R50-ViT-B_16", "vit_patches_size": 16, "model": "immseg", "modality": "LGE"}
+ABLATIONS = {"no_cmfe": "use_cmfe", "no_cfm": "use_cfm", "no_contrast": "use_contrast",
+             "no_text_prior": "use_text_prior"}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is unreadable or belongs to another configuration."""
+
+
+def add_run_arguments(parser, with_defaults=True):
+    """The released scripts' flags that name a run and define its model, plus the model choice and ablations."""
+    default = (lambda name: RUN_DEFAULTS[name]) if with_defaults else (lambda name: None)
+    parser.add_argument("--dataset", default=default("dataset"), choices=sorted(DATASET_ROOTS),
+                        help="dataset name, used for run naming and the default --root_path (default Myops)")
+    parser.add_argument("--root_path", type=Path, default=None,
+                        help="preprocessed folder holding bSSFP/, LGE/, T2w/ and the lists "
+                             "(default: data/<dataset> as written by preprocess_data.py)")
+    parser.add_argument("--list_dir", type=Path, default=None, help="folder of the list files (default: --root_path)")
+    parser.add_argument("--num_classes", type=int, default=default("num_classes"))
+    parser.add_argument("--max_iterations", type=int, default=default("max_iterations"),
+                        help="upper bound on training iterations (default 30000)")
+    parser.add_argument("--max_epochs", type=int, default=default("max_epochs"), help="training epochs (default 300)")
+    parser.add_argument("--batch_size", type=int, default=default("batch_size"),
+                        help="batch size per GPU (per process); the global batch is this times the world size")
+    parser.add_argument("--base_lr", type=float, default=default("base_lr"), help="AdamW learning rate")
+    parser.add_argument("--img_size", type=int, default=default("img_size"), help="network input size")
+    parser.add_argument("--seed", type=int, default=default("seed"))
+    parser.add_argument("--n_skip", type=int, default=default("n_skip"), help="skip connections used (0-3)")
+    parser.add_argument("--vit_name", default=default("vit_name"),
+                        help="configuration: R50-ViT-B_16 (paper), R50-only (released code), compact (CPU), testing")
+    parser.add_argument("--vit_patches_size", type=int, default=default("vit_patches_size"))
+    parser.add_argument("--model", default=default("model"), choices=MODEL_NAMES,
+                        help="immseg (default) or a TransUNet baseline")
+    parser.add_argument("--modality", default=default("modality"), choices=MODALITIES,
+                        help="the sequence of --model transunet_single")
+    for flag, switch in ABLATIONS.items():
+        parser.add_argument(f"--{flag}", action="store_true", default=None if not with_defaults else False,
+                            help=f"ablation: config.{switch} = False")
+    parser.add_argument("--no_pretrain", action="store_true", default=None if not with_defaults else False,
+                        help="train from scratch instead of loading --pretrained_path")
+    parser.add_argument("--output_dir", type=Path, default=None,
+                        help="run folder (default: weights/TU_<dataset><img_size>/<run name>, the released naming)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
+    parser.add_argument("--amp", default="none", choices=["none", "fp16", "bf16"],
+                        help="mixed precision (fp16 uses a grad scaler)")
+    parser.add_argument("--deterministic", type=int, default=1, help="1: deterministic algorithms and seeding")
+
+
+def filled(args):
+    """args with the run defaults put in for flags left unset."""
+    args = copy.copy(args)
+    for name, value in RUN_DEFAULTS.items():
+        if getattr(args, name, None) is None:
+            setattr(args, name, value)
+    for flag in list(ABLATIONS) + ["no_pretrain"]:
+        setattr(args, flag, bool(getattr(args, flag, False)))
+    if args.root_path is None:
+        args.root_path = ROOT / DATASET_ROOTS[args.dataset]
+    if args.list_dir is None:
+        args.list_dir = args.root_path
+    return args
+
+
+def run_directory(args):
+    """The released snapshot naming, extended with the model and ablations."""
+    name = "TU" + ("" if args.no_pretrain else "_pretrain") + f"_{args.vit_name}_skip{args.n_skip}"
+    if args.vit_patches_size != 16:
+        name += f"_vitpatch{args.vit_patches_size}"
+    if args.max_iterations != 30000:
+        name += f"_{args.max_iterations // 1000}k"
+    if args.max_epochs != 30:
+        name += f"_epo{args.max_epochs}"
+    name += f"_bs{args.batch_size}"
+    if args.base_lr != 0.01:
+        name += f"_lr{args.base_lr}"
+    name += f"_{args.img_size}"
+    if args.seed != 1234:
+        name += f"_s{args.seed}"
+    if args.model != "immseg":
+        name += f"_{args.model}" + (f"-{args.modality}" if args.model == "transunet_single" else "")
+    name += "".join(f"_{flag}" for flag in ABLATIONS if getattr(args, flag))
+    return ROOT / "weights" / f"TU_{args.dataset}{args.img_size}" / name
+
+
+def build_config(args, text_dim=None):
+    config = get_config(args.vit_name)
+    config.n_classes = args.num_classes
+    config.n_skip = args.n_skip
+    config.patches.size = (args.vit_patches_size, args.vit_patches_size)
+    for flag, switch in ABLATIONS.items():
+        setattr(config, switch, not getattr(args, flag))
+    if text_dim is not None:
+        config.text_dim = int(text_dim)
+    return config
+
+
+def model_spec(args, config):
+    return {"model": args.model, "modality": args.modality if args.model == "transunet_single" else None,
+            "img_size": args.img_size, "num_classes": args.num_classes, "config": config.to_dict()}
+
+
+def _flatten(tree, prefix=""):
+    if isinstance(tree, dict):
+        return {k: v for key, value in tree.items() for k, v in _flatten(value, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: list(tree) if isinstance(tree, tuple) else tree}
+
+
+def spec_differences(expected, found):
+    flat_expected, flat_found = _flatten(expected), _flatten(found)
+    return [f"{key}: {flat_found.get(key)!r} in the checkpoint, {flat_expected.get(key)!r} here"
+            for key in sorted(set(flat_expected) | set(flat_found)) if flat_expected.get(key) != flat_found.get(key)]
+
+
+def model_from_spec(spec, state_dict=None, intensity_priors=None, class_embeddings=None):
+    config = ml_collections.ConfigDict(spec["config"])
+    if spec["model"] == "immseg" and config.use_text_prior and intensity_priors is None and state_dict is not None:
+        intensity_priors, class_embeddings = state_dict["intensity_priors"], state_dict["class_embeddings"]
+    return build_model(spec["model"], config, spec["img_size"], spec["num_classes"], intensity_priors,
+                       class_embeddings, spec["modality"] or "LGE")
+
+
+def load_checkpoint(path, map_location="cpu"):
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:
+        raise CheckpointError(f"checkpoint {path} is not readable: {error}") from None
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} is not a checkpoint of this project (expected format {CHECKPOINT_FORMAT})")
+    return checkpoint
+
+
+def load_model_state(model, state_dict, source):
+    try:
+        model.load_state_dict(state_dict)
+    except RuntimeError as error:
+        raise CheckpointError(f"{source} does not fit the model: {error}") from None
+
+
+def git_commit():
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return commit + ("+dirty" if dirty else "")
+
+
+@dataclass
+class DistributedContext:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+    @property
+    def distributed(self):
+        return self.world_size > 1
+
+    def barrier(self):
+        if self.distributed:
+            dist.barrier()
+
+
+def setup_distributed(device_flag):
+    """Read torchrun's environment; pick the device; start the process group for several processes."""
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    use_cuda = torch.cuda.is_available() if device_flag == "auto" else device_flag == "cuda"
+    if use_cuda and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was requested but no CUDA device is available")
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=30))
+    return DistributedContext(rank, world_size, local_rank, device)
+
+
+def seed_everything(seed, deterministic):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.cuda.manual_seed_all(seed)
+    torch.backends.cudnn.benchmark = not deterministic
+    torch.backends.cudnn.deterministic = bool(deterministic)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def rng_state():
+    numpy_state = np.random.get_state()
+    return {"python": random.getstate(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "numpy": {"keys": torch.from_numpy(numpy_state[1].astype(np.int64)), "pos": int(numpy_state[2]),
+                      "has_gauss": int(numpy_state[3]), "cached_gaussian": float(numpy_state[4])}}
+
+
+def set_rng_state(state):
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    numpy = state["numpy"]
+    np.random.set_state(("MT19937", numpy["keys"].numpy().astype(np.uint32), numpy["pos"], numpy["has_gauss"],
+                         numpy["cached_gaussian"]))
+
+
+def all_rng_states(ctx):
+    if not ctx.distributed:
+        return [rng_state()]
+    states = [None] * ctx.world_size
+    dist.all_gather_object(states, rng_state())
+    return states
+
+
+@dataclass
+class TrainState:
+    epoch: int = 0  # completed epochs
+    iteration: int = 0
+    best_metric: float = -math.inf
+    best_epoch: int = -1
+
+
+def poly_lr(base_lr, iteration, max_iterations):
+    return base_lr * (1.0 - iteration / max_iterations) ** 0.9
+
+
+def mean_pathology_dice(model, dataset, args, device):
+    """Mean over validation volumes of the mean of scar and edema Dice, in the processed grid."""
+    scores = []
+    for index in range(len(dataset)):
+        volume = dataset[index]
+        probabilities = predict_volume(model, volume["image"], args.img_size, args.batch_slices, device, args.amp,
+                                       channels_last=False)
+        prediction = probabilities.argmax(dim=0).numpy()
+        metrics = case_metrics(prediction, volume["label"].numpy(), spacing=None)
+        scores.append(np.nanmean([metrics[name][0] for name in PATHOLOGY]))
+    scores = np.asarray(scores, dtype=np.float64)
+    return float(np.nanmean(scores)) if np.isfinite(scores).any() else 0.0
+
+
+class Trainer:
+    """Trains one model on one preprocessed dataset; see train.py for the flags."""
+
+    def __init__(self, args, ctx, model, spec, run_dir, priors_provenance=None):
+        self.args, self.ctx, self.spec, self.run_dir = args, ctx, spec, run_dir
+        self.priors_provenance = priors_provenance
+        self.model = model.to(ctx.device)
+        if ctx.device.type == "cuda":
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.train_set = MyoPSDataset(args.root_path, args.list_dir, "train",
+                                      transform=RandomGenerator((args.img_size, args.img_size)))
+        val_list = Path(args.list_dir) / "val.txt"
+        self.val_set = (MyoPSDataset(args.root_path, args.list_dir, "val")
+                        if val_list.is_file() and val_list.read_text().strip() else None)
+        if len(self.train_set) < args.batch_size * ctx.world_size:
+            raise ValueError(f"{len(self.train_set)} training slices in {args.list_dir / 'train.txt'} are fewer than "
+                             f"one global batch ({args.batch_size} x {ctx.world_size} processes)")
+        self.sampler = DistributedSampler(self.train_set, ctx.world_size, ctx.rank, shuffle=True, seed=args.seed)
+        self.loader = DataLoader(self.train_set, args.batch_size, sampler=self.sampler, drop_last=True,
+                                 num_workers=args.num_workers, pin_memory=ctx.device.type == "cuda",
+                                 persistent_workers=args.num_workers > 0)
+        self.max_iterations = min(args.max_iterations, args.max_epochs * len(self.loader))
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=args.base_lr, weight_decay=args.weight_decay,
+                                           **({"fused": True} if _fused_adamw_supported(ctx.device) else {}))
+        self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=args.amp == "fp16")
+        self.criterion = IMMSegLoss(args.num_classes, model.config.contrast).to(ctx.device)
+        self.state = TrainState()
+        self.writer = None
+
+    # checkpoints -------------------------------------------------------------------------------------------
+    def checkpoint(self, rng_states, interrupted=False):
+        return {"format": CHECKPOINT_FORMAT, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict(), "train_state": asdict(self.state), "interrupted": interrupted,
+                "rng": rng_states, "spec": self.spec, "args": _plain(vars(self.args)),
+                "priors": self.priors_provenance, "git_commit": git_commit(),
+                "saved": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+    def save(self, names, interrupted=False):
+        rng_states = all_rng_states(self.ctx)
+        if not self.ctx.is_main:
+            return
+        checkpoint = self.checkpoint(rng_states, interrupted)
+        for name in names:
+            atomic_torch_save(checkpoint, self.run_dir / name)
+        logger.info("saved %s (epoch %d, iteration %d)", ", ".join(names), self.state.epoch, self.state.iteration)
+
+    def resume(self, path):
+        checkpoint = load_checkpoint(path, map_location=self.ctx.device)
+        differences = spec_differences(self.spec, checkpoint["spec"])
+        if differences:
+            raise CheckpointError(f"{path} was trained with another configuration:\n  " + "\n  ".join(differences))
+        load_model_state(self.model, checkpoint["model"], path)
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.scaler.load_state_dict(checkpoint["scaler"])
+        self.state = TrainState(**checkpoint["train_state"])
+        states = checkpoint["rng"]
+        if len(states) == self.ctx.world_size:
+            set_rng_state(states[self.ctx.rank])
+        else:
+            logger.warning("%s was saved by %d processes, this run has %d: random streams restart from the seed",
+                           path, len(states), self.ctx.world_size)
+        logger.info("resumed from %s at epoch %d, iteration %d%s", path, self.state.epoch, self.state.iteration,
+                    " (it was interrupted: that epoch restarts)" if checkpoint["interrupted"] else "")
+
+    # training ----------------------------------------------------------------------------------------------
+    def weights_for(self, epoch):
+        if self.spec["model"] != "immseg":
+            return BASELINE_WEIGHTS
+        return loss_weights(epoch, self.args.start_contrast_epoch, self.args.region_fusion_start_epoch,
+                            self.args.contrast_w, use_contrast=not self.args.no_contrast)
+
+    def train_step(self, network, batch, weights):
+        device = self.ctx.device
+        images = batch["image"].to(device, non_blocking=True)
+        if device.type == "cuda":
+            images = images.contiguous(memory_format=torch.channels_last)
+        labels = batch["label"].to(device, non_blocking=True)
+        lr = poly_lr(self.args.base_lr, self.state.iteration, self.max_iterations)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        with autocast_context(device, self.args.amp):
+            output = network(images, fused=weights.fused > 0, contrast=weights.contrast > 0)
+            loss, terms = self.criterion(output, labels, weights)
+        self.check_finite(loss, terms)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.state.iteration += 1
+        return output, loss.detach(), terms, lr
+
+    def check_finite(self, loss, terms):
+        value = loss.detach().float().clone()
+        if self.ctx.distributed:
+            dist.all_reduce(value)
+        if not torch.isfinite(value):
+            described = ", ".join(f"{k} {v.item():.4g}" for k, v in terms.items())
+            raise FloatingPointError(f"non-finite loss at epoch {self.state.epoch + 1}, iteration "
+                                     f"{self.state.iteration + 1} ({described}); the last good checkpoint is kept "
+                                     f"in {self.run_dir}")
+
+    def log_step(self, output, batch, loss, terms, lr):
+        if self.writer is None:
+            return
+        step = self.state.iteration
+        self.writer.add_scalar("info/lr", lr, step)
+        self.writer.add_scalar("loss/total", loss.item(), step)
+        for name, value in terms.items():
+            self.writer.add_scalar(f"loss/{name}", value.item(), step)
+        if step % self.args.image_every == 0:
+            logits = output.fused_logits if output.fused_logits is not None else output.modality_logits[0]
+            prediction = logits[0].detach().float().argmax(dim=0).cpu() / (self.args.num_classes - 1)
+            label = batch["label"][0].float() / (self.args.num_classes - 1)
+            grid = torch.cat([*batch["image"][0].float(), prediction, label], dim=1)
+            self.writer.add_image("train/bSSFP_LGE_T2w_prediction_label", grid[None], step)
+
+    def fused_head_trained(self):
+        """Validation scores the fused head, which I-MMSeg trains only from region_fusion_start_epoch on."""
+        return self.spec["model"] != "immseg" or self.state.epoch > self.args.region_fusion_start_epoch
+
+    def validate(self):
+        score = mean_pathology_dice(self.model, self.val_set, self.args, self.ctx.device)
+        self.model.train()
+        if self.writer is not None:
+            self.writer.add_scalar("val/mean_pathology_dice", score, self.state.iteration)
+        return score
+
+    def fit(self):
+        ctx, args = self.ctx, self.args
+        network = (DistributedDataParallel(self.model, device_ids=[ctx.local_rank] if ctx.device.type == "cuda"
+                                           else None, find_unused_parameters=True)
+                   if ctx.distributed else self.model)
+        if ctx.is_main:
+            from tensorboardX import SummaryWriter
+
+            self.writer = SummaryWriter(str(self.run_dir / "log"))
+        logger.info("%d training slices, %d iterations per epoch, %d iterations in all, %s validation volumes",
+                    len(self.train_set), len(self.loader), self.max_iterations,
+                    len(self.val_set) if self.val_set else "no")
+        network.train()
+        try:
+            while self.state.epoch < args.max_epochs and self.state.iteration < self.max_iterations:
+                self.train_epoch(network)
+                self.end_epoch()
+        except KeyboardInterrupt:
+            logger.warning("interrupted at epoch %d, iteration %d: saving last.pth", self.state.epoch,
+                           self.state.iteration)
+            self.save(["last.pth"], interrupted=True)
+            raise
+        finally:
+            if self.writer is not None:
+                self.writer.close()
+        logger.info("training finished: %d epochs, %d iterations; best mean pathology Dice %s", self.state.epoch,
+                    self.state.iteration, f"{self.state.best_metric:.4f} at epoch {self.state.best_epoch}"
+                    if self.state.best_epoch >= 0 else "n/a (no validation set)")
+        return self.state
+
+    def train_epoch(self, network):
+        epoch = self.state.epoch
+        self.sampler.set_epoch(epoch)
+        weights = self.weights_for(epoch)
+        progress = tqdm(self.loader, desc=f"epoch {epoch + 1}/{self.args.max_epochs}", leave=False,
+                        disable=not self.ctx.is_main or not self.args.progress, dynamic_ncols=True)
+        for batch in progress:
+            output, loss, terms, lr = self.train_step(network, batch, weights)
+            if self.ctx.is_main:
+                progress.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}")
+                self.log_step(output, batch, loss, terms, lr)
+            if self.state.iteration >= self.max_iterations:
+                break
+        progress.close()
+        logger.info("epoch %d: iteration %d, loss %.4f (%s), weights %s", epoch + 1, self.state.iteration,
+                    loss.item(), ", ".join(f"{k} {v.item():.4f}" for k, v in terms.items()), tuple(weights))
+
+    def end_epoch(self):
+        self.state.epoch += 1
+        args, names = self.args, ["last.pth"]
+        finished = self.state.epoch >= args.max_epochs or self.state.iteration >= self.max_iterations
+        if self.val_set is not None and self.fused_head_trained() and (self.state.epoch % args.val_every == 0
+                                                                       or finished):
+            score = self.validate() if self.ctx.is_main else None
+            if self.ctx.distributed:
+                shared = [score]
+                dist.broadcast_object_list(shared, src=0)
+                score = shared[0]
+            logger.info("epoch %d: validation mean pathology Dice %.4f", self.state.epoch, score)
+            if score > self.state.best_metric:
+                self.state.best_metric, self.state.best_epoch = score, self.state.epoch
+                names.append("best.pth")
+        if self.state.epoch % args.save_every == 0 or finished:
+            names.append(f"epoch_{self.state.epoch - 1}.pth")
+        self.save(names)
+
+
+def _fused_adamw_supported(device):
+    return device.type == "cuda" or (device.type == "cpu" and hasattr(torch, "_fused_adamw_"))
+
+
+def _plain(mapping):
+    return {k: str(v) if isinstance(v, Path) else v for k, v in mapping.items()}
+
+
+def write_run_config(run_dir, args, spec, priors_provenance):
+    """config.json beside the checkpoints: the model specification, the arguments and the priors."""
+    with atomic_path(run_dir / "config.json") as temporary:
+        temporary.write_text(json.dumps({"spec": spec, "args": _plain(vars(args)), "priors": priors_provenance,
+                                         "git_commit": git_commit()}, indent=2, default=str) + "\n")
+
+
+def configure_logging(run_dir=None, is_main=True):
+    """Console (and, on rank 0, run-folder) logging; replaces only the handlers it added before."""
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if getattr(h, "immseg_handler", False)]:
+        root.removeHandler(handler)
+        handler.close()
+    handlers = [logging.StreamHandler(sys.stderr)]
+    if run_dir is not None and is_main:
+        handlers.append(logging.FileHandler(run_dir / "log.txt"))
+    formatter = logging.Formatter("[%(asctime)s] %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for handler in handlers:
+        handler.immseg_handler = True
+        handler.setFormatter(formatter)
+        root.addHandler(handler)
+    root.setLevel(logging.INFO if is_main else logging.WARNING)
