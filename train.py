@@ -40,7 +40,7 @@ def parse_args(argv=None):
     parser.add_argument("--contrast_w", type=float, default=0.1, help="contrastive loss weight")
     parser.add_argument("--weight_decay", type=float, default=1e-4)
     parser.add_argument("--num_workers", type=int, default=None,
-                        help="data loading processes per training process (default: 4 on GPU, 1 on CPU)")
+                        help="data loading processes per training process (default: 4 on GPU, 2 on CPU)")
     parser.add_argument("--pretrained_path", type=Path, default=ROOT / DEFAULT_PRETRAINED_PATH,
                         help="Google's R50-ViT-B_16.npz (ImageNet-21k); missing is an error unless --no_pretrain")
     parser.add_argument("--prior_embeddings", type=Path, default=None,
@@ -98,7 +98,7 @@ def main(argv=None):
         logger.warning("--n_gpu %d ignored: this run has %d process(es); start several with torchrun --nproc_per_node",
                        args.n_gpu, ctx.world_size)
     if args.num_workers is None:
-        args.num_workers = 4 if ctx.device.type == "cuda" else 1
+        args.num_workers = 4 if ctx.device.type == "cuda" else 2
     seed_everything(args.seed + ctx.rank, args.deterministic)
     logger.info("run folder %s; %d process(es) on %s; arguments %s", run_dir, ctx.world_size, ctx.device, vars(args))
     try:
