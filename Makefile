@@ -9,7 +9,14 @@ PYTHON := .venv/bin/python
 STAMP := .venv/requirements.stamp
 endif
 
-.PHONY: install test clean
+DEMO := demo_output
+# The full method on the compact configuration: contrastive loss from epoch 1, fused head from epoch 3.
+DEMO_TRAIN := --dataset Phantom --root_path $(DEMO)/data --vit_name compact --no_pretrain \
+	--prior_encoder offline --prior_embeddings $(DEMO)/priors_offline_intensity.pt \
+	--batch_size 8 --max_epochs 12 --start_contrast_epoch 1 --region_fusion_start_epoch 3 \
+	--val_every 1 --save_every 100 --output_dir $(DEMO)/run
+
+.PHONY: install test demo clean
 
 install: $(STAMP)
 
@@ -24,5 +31,12 @@ $(STAMP): requirements.txt $(if $(filter .venv/%,$(STAMP)),.venv/bin/python)
 test: $(STAMP)
 	$(PYTHON) -m pytest -q tests
 
+demo: $(STAMP)
+	rm -rf $(DEMO)
+	$(PYTHON) preprocess_data.py --dataset Phantom --src_path $(DEMO)/phantom_raw --dst_path $(DEMO)/data \
+		--phantom_cases 30 --val_fraction 0.1
+	$(PYTHON) train.py $(DEMO_TRAIN)
+	$(PYTHON) test.py --output_dir $(DEMO)/run --test_save_dir $(DEMO) --save_png
+
 clean:
-	rm -rf .make .pytest_cache
+	rm -rf .make .pytest_cache $(DEMO)
