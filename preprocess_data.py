@@ -5,9 +5,10 @@
     python preprocess_data.py --dataset Phantom --src_path data/phantom_raw --dst_path data/Phantom --phantom_cases 24
 
 Per case: check that the three sequences and the label share shape and geometry,
-map the labels to 0-3, normalise each sequence to [0, 1] by its own percentiles,
-resample in-plane to --spacing (images cubic, labels nearest) and crop or pad to
---crop_size around the image centre (the same at training and test time).
+map the labels to 0-3, resample in-plane to --spacing (images cubic, labels
+nearest), crop or pad to --crop_size around the image centre (the same at training
+and test time), and map each sequence to [0, 1] by the percentiles of its field of
+view (padding excluded): they vary less between cases than whole-volume ones.
 
 Output (the released code's layout), under --dst_path:
     {bSSFP,LGE,T2w}/train_npz/<case>_sliceNNN.npz   image (C x C, float32 in [0, 1]), label (uint8)
@@ -57,7 +58,7 @@ def parse_args(argv=None):
                              "MyoPS2020, whose myocardium reaches 84 mm from the image centre); 0 keeps the spacing")
     parser.add_argument("--crop_size", type=int, default=128, help="field of view in pixels after resampling")
     parser.add_argument("--percentiles", type=float, nargs=2, default=(0.5, 99.5),
-                        help="per-volume intensity percentiles mapped to 0 and 1")
+                        help="intensity percentiles of each sequence's field of view mapped to 0 and 1")
     parser.add_argument("--test_every", type=int, default=5,
                         help="every N-th case (in sorted order) is a test case, as in the paper; 0: none; "
                              "1: all (an evaluation-only dataset)")
@@ -97,12 +98,17 @@ def split_cases(case_ids, test_every=5, val_fraction=0.0, seed=1234, split_file=
 
 
 def normalise(image, percentiles):
-    """Map the volume's percentiles to [0, 1] and clip: robust to raw scanner ranges."""
-    low, high = np.percentile(image, percentiles)
+    """Map the percentiles of the image's defined (non-NaN) pixels to [0, 1], clip, and set NaN padding to 0.
+
+    Robust to raw scanner ranges; a field of view without contrast is mapped by its extremes.
+    """
+    low, high = np.nanpercentile(image, percentiles)
     if high <= low:
-        high = image.max()
-        low = image.min()
-    return np.clip((image - low) / (high - low), 0.0, 1.0).astype(np.float32), (float(low), float(high))
+        low, high = np.nanmin(image), np.nanmax(image)
+    if high <= low:
+        high = low + 1.0
+    scaled = np.clip((image - low) / (high - low), 0.0, 1.0)
+    return np.nan_to_num(scaled, nan=0.0).astype(np.float32), (float(low), float(high))
 
 
 def write_npz(path, **arrays):
@@ -129,8 +135,8 @@ def process_case(case, label_map, args, spacing, role, staging):
     label = to_processed(volumes.label, geometry, order=0)
     processed, ranges = {}, {}
     for modality in MODALITIES:
-        normalised, ranges[modality] = normalise(volumes.images[modality], args.percentiles)
-        processed[modality] = np.clip(to_processed(normalised, geometry, order=3), 0.0, 1.0)
+        field_of_view = to_processed(volumes.images[modality], geometry, order=3, fill=np.nan)
+        processed[modality], ranges[modality] = normalise(field_of_view, args.percentiles)
     for modality in MODALITIES:
         if role == "train":
             folder = staging / modality / "train_npz"

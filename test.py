@@ -50,12 +50,13 @@ def parse_args(argv=None):
                         help="checkpoint file, or a name in the run folder (best, last, epoch_N); "
                              "default: best.pth if present, else last.pth")
     parser.add_argument("--split", default="test_vol", choices=["test_vol", "val"], help="list of volumes to score")
-    parser.add_argument("--save_nii", action=argparse.BooleanOptionalAction, default=True,
-                        help="write <case>_pred.nii.gz (default on)")
-    parser.add_argument("--is_savenii", dest="save_nii", action="store_true", help="the released flag: --save_nii")
+    parser.add_argument("--save_nii", "--is_savenii", dest="save_nii", action="store_true", default=True,
+                        help="write <case>_pred.nii.gz (the default; --is_savenii is the released name)")
+    parser.add_argument("--no_save_nii", dest="save_nii", action="store_false", help="do not write NIfTI predictions")
     parser.add_argument("--save_png", action="store_true", help="write a PNG overlay per case")
     parser.add_argument("--test_save_dir", type=Path, default=None, help="output folder")
     parser.add_argument("--batch_slices", type=int, default=16, help="slices predicted per batch")
+    parser.add_argument("--tta", action="store_true", help="average the predictions over the four flips")
     return parser.parse_args(argv)
 
 
@@ -165,7 +166,7 @@ def evaluate(args):
         volume = dataset[index]
         case = volume["case_name"]
         probabilities = predict_volume(model, volume["image"], spec["img_size"], args.batch_slices, ctx.device,
-                                       args.amp)
+                                       args.amp, tta=args.tta)
         processed_prediction = probabilities.argmax(dim=0).numpy().astype(np.uint8)
         reference = reference_in_original_space(volume)
         geometry = volume["geometry"]
@@ -198,7 +199,7 @@ def evaluate(args):
     with atomic_path(out_dir / "summary.json") as temporary:
         temporary.write_text(json.dumps(summary, indent=2) + "\n")
     info = {"checkpoint": str(args.checkpoint_path), "epoch": checkpoint["train_state"]["epoch"],
-            "split": args.split, "root_path": str(root), "space": spaces, "spec": spec,
+            "split": args.split, "tta": args.tta, "root_path": str(root), "space": spaces, "spec": spec,
             "seconds": round(time.time() - start, 2), "structures": {k: list(v) for k, v in STRUCTURES.items()}}
     with atomic_path(out_dir / "test_info.json") as temporary:
         temporary.write_text(json.dumps(info, indent=2, default=str) + "\n")

@@ -73,7 +73,8 @@ def add_run_arguments(parser, with_defaults=True):
     parser.add_argument("--n_skip", type=int, default=default("n_skip"), help="skip connections used (0-3)")
     parser.add_argument("--vit_name", default=default("vit_name"),
                         help="configuration: R50-ViT-B_16 (paper), R50-only (released code), compact (CPU), testing")
-    parser.add_argument("--vit_patches_size", type=int, default=default("vit_patches_size"))
+    parser.add_argument("--vit_patches_size", type=int, default=default("vit_patches_size"),
+                        help="ViT patch size; the R50 hybrid encoders take 16 (1 x 1 patches of the H/16 map)")
     parser.add_argument("--model", default=default("model"), choices=MODEL_NAMES,
                         help="immseg (default) or a TransUNet baseline")
     parser.add_argument("--modality", default=default("modality"), choices=MODALITIES,
@@ -109,8 +110,6 @@ def filled(args):
 def run_directory(args):
     """The released snapshot naming, extended with the model and ablations."""
     name = "TU" + ("" if args.no_pretrain else "_pretrain") + f"_{args.vit_name}_skip{args.n_skip}"
-    if args.vit_patches_size != 16:
-        name += f"_vitpatch{args.vit_patches_size}"
     if args.max_iterations != 30000:
         name += f"_{args.max_iterations // 1000}k"
     if args.max_epochs != 30:
@@ -128,10 +127,14 @@ def run_directory(args):
 
 
 def build_config(args, text_dim=None):
+    if args.vit_patches_size != 16:
+        raise ValueError(f"--vit_patches_size {args.vit_patches_size}: the R50 hybrid encoders embed the H/16 ResNet "
+                         "map with 1 x 1 patches, which is --vit_patches_size 16")
     config = get_config(args.vit_name)
     config.n_classes = args.num_classes
     config.n_skip = args.n_skip
-    config.patches.size = (args.vit_patches_size, args.vit_patches_size)
+    if getattr(args, "contrast_sample_num", None) is not None:
+        config.contrast.sample_num = args.contrast_sample_num
     for flag, switch in ABLATIONS.items():
         setattr(config, switch, not getattr(args, flag))
     if text_dim is not None:
@@ -304,7 +307,7 @@ class Trainer:
         if ctx.device.type == "cuda":
             self.model = self.model.to(memory_format=torch.channels_last)
         self.train_set = MyoPSDataset(args.root_path, args.list_dir, "train",
-                                      transform=RandomGenerator((args.img_size, args.img_size)))
+                                      transform=RandomGenerator((args.img_size, args.img_size), args.augmentation))
         val_list = Path(args.list_dir) / "val.txt"
         self.val_set = (MyoPSDataset(args.root_path, args.list_dir, "val")
                         if val_list.is_file() and val_list.read_text().strip() else None)
@@ -316,8 +319,7 @@ class Trainer:
                                  num_workers=args.num_workers, pin_memory=ctx.device.type == "cuda",
                                  persistent_workers=args.num_workers > 0)
         self.max_iterations = min(args.max_iterations, args.max_epochs * len(self.loader))
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=args.base_lr, weight_decay=args.weight_decay,
-                                           **({"fused": True} if _fused_adamw_supported(ctx.device) else {}))
+        self.optimizer = make_optimizer(self.model.parameters(), args.base_lr, args.weight_decay, ctx.device)
         self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=args.amp == "fp16")
         self.criterion = IMMSegLoss(args.num_classes, model.config.contrast).to(ctx.device)
         self.state = TrainState()
@@ -488,8 +490,10 @@ class Trainer:
         self.save(names)
 
 
-def _fused_adamw_supported(device):
-    return device.type == "cuda" or (device.type == "cpu" and hasattr(torch, "_fused_adamw_"))
+def make_optimizer(parameters, lr, weight_decay, device):
+    """AdamW, with the fused (single-kernel) update where this PyTorch build has one for the device."""
+    fused = device.type == "cuda" or (device.type == "cpu" and hasattr(torch, "_fused_adamw_"))
+    return torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay, **({"fused": True} if fused else {}))
 
 
 def _plain(mapping):

@@ -84,11 +84,10 @@ def _median_time(torch, device, function, repeats):
     return statistics.median(times)
 
 
-def _time_training(torch, args, forward, parameters, criterion, output_adapter):
+def _time_training(torch, args, forward, optimizer, criterion, output_adapter):
     from networks.inference import autocast_context
     from utils import loss_weights
 
-    optimizer = torch.optim.AdamW(parameters, lr=1e-3, weight_decay=1e-4)
     scaler = torch.amp.GradScaler(args.device, enabled=args.amp == "fp16")
     images, labels = _synthetic_batch(torch, args.batch_size, args.img_size, args.device)
     weights = loss_weights(epoch=10 ** 6)
@@ -111,19 +110,22 @@ def measure_ours(args):
     from networks.inference import fuse_for_inference, predict_slices
     from networks.vit_seg_configs import get_config
     from networks.vit_seg_modeling import VisionTransformer
+    from trainer import make_optimizer
     from utils import IMMSegLoss
 
     config = get_config(args.vit_name)
     model = VisionTransformer(config, args.img_size, config.n_classes,
                               torch.randn(config.n_modalities, config.text_dim),
-                              torch.randn(config.n_classes, config.text_dim)).to(args.device)
-    model = model.to(memory_format=torch.channels_last).train()
+                              torch.randn(config.n_classes, config.text_dim)).to(args.device).train()
+    memory_format = torch.channels_last if args.device == "cuda" else torch.contiguous_format  # as trainer.py
+    model = model.to(memory_format=memory_format)
     criterion = IMMSegLoss(config.n_classes, config.contrast)
     figures = {"model": f"ours {args.vit_name}",
                "params": sum(p.numel() for p in model.parameters())}
+    optimizer = make_optimizer(model.parameters(), 1e-3, 1e-4, torch.device(args.device))
     figures["train_step_s"] = _time_training(
-        torch, args, lambda x: model(x.contiguous(memory_format=torch.channels_last)), model.parameters(),
-        criterion, lambda out: out)
+        torch, args, lambda x: model(x.contiguous(memory_format=memory_format)), optimizer, criterion,
+        lambda out: out)
 
     inference_model = fuse_for_inference(model)
     volume = torch.rand(args.slices, 3, args.img_size, args.img_size)
@@ -167,7 +169,8 @@ def measure_reference(args):
         channels = [images[:, m:m + 1] for m in range(3)]
         return model(*channels, True)
 
-    figures["train_step_s"] = _time_training(torch, args, forward, model.parameters(), criterion,
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)  # as its trainer.py
+    figures["train_step_s"] = _time_training(torch, args, forward, optimizer, criterion,
                                              lambda out: SegmentationOutput(out[0], out[1], out[2], out[3]))
     model.eval()
     volume = torch.rand(args.slices, 3, args.img_size, args.img_size)

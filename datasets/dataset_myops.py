@@ -100,26 +100,37 @@ def _plain(value):
     return value
 
 
+AUGMENTATIONS = {
+    # method.md's ranges
+    "paper": {"brightness": (0.8, 1.2), "gamma": (0.8, 1.2), "window": (0.8, 1.0), "noise_std": 0.05},
+    # wider ranges for small datasets: intensities vary several-fold between scanners and cases, and a
+    # window larger than the slice zooms out as well as in
+    "strong": {"brightness": (0.6, 1.4), "gamma": (0.6, 1.6), "window": (0.8, 1.25), "noise_std": 0.05},
+}
+
+
 class RandomGenerator:
     """method.md's augmentation, one geometric transform shared by the three sequences and the label.
 
     With probability 1/2 a rot90 and flip, else with 1/2 a rotation within
     +-``max_rotation`` degrees, else with 1/2 Gaussian noise; then (each with
     probability 1/2) a shift of up to ``max_shift`` px, a brightness factor and a
-    gamma in [0.8, 1.2] per sequence, and a random crop of ``min_crop``-1 of the
-    side; finally the result is resized to ``output_size``. All geometric steps
-    are composed into one affine map and applied in a single resampling (images
-    cubic, label nearest). Intensities stay in [0, 1].
+    gamma per sequence, and a random window of ``window`` times the side (below 1
+    a crop, above 1 a zoom-out with zero padding); finally the result is resized to
+    ``output_size``. All geometric steps are composed into one affine map and
+    applied in a single resampling (images cubic, label nearest). Intensities stay
+    in [0, 1]. The ranges come from a preset of ``AUGMENTATIONS``.
     """
 
-    def __init__(self, output_size, max_rotation=20.0, max_shift=5, intensity_range=(0.8, 1.2), noise_std=0.05,
-                 min_crop=0.8):
+    def __init__(self, output_size, preset="paper", max_rotation=20.0, max_shift=5):
+        if preset not in AUGMENTATIONS:
+            raise ValueError(f"unknown augmentation {preset!r}; expected one of {sorted(AUGMENTATIONS)}")
         self.output_size = tuple(output_size)
         self.max_rotation = max_rotation
         self.max_shift = max_shift
-        self.intensity_range = intensity_range
-        self.noise_std = noise_std
-        self.min_crop = min_crop
+        ranges = AUGMENTATIONS[preset]
+        self.brightness, self.gamma, self.window = ranges["brightness"], ranges["gamma"], ranges["window"]
+        self.noise_std = ranges["noise_std"]
 
     def _geometry(self, size, rng):
         """Matrix and offset mapping output pixel coordinates to input pixel coordinates."""
@@ -140,8 +151,8 @@ class RandomGenerator:
         window = np.asarray(size, dtype=np.float64)
         window_offset = np.zeros(2)
         if rng.random() < 0.5:
-            window = window * rng.uniform(self.min_crop, 1.0)
-            window_offset = rng.uniform(-1, 1, size=2) * (np.asarray(size) - window) / 2
+            window = window * rng.uniform(*self.window)
+            window_offset = rng.uniform(-1, 1, size=2) * np.abs(np.asarray(size) - window) / 2
         scale = window / np.asarray(self.output_size, dtype=np.float64)
         matrix = linear @ np.diag(scale)
         centre_out = (np.asarray(self.output_size, dtype=np.float64) - 1) / 2
@@ -161,9 +172,9 @@ class RandomGenerator:
             warped = np.clip(warped + rng.normal(0.0, self.noise_std, warped.shape), 0.0, 1.0)
         for channel in range(warped.shape[0]):
             if rng.random() < 0.5:
-                warped[channel] = np.clip(warped[channel] * rng.uniform(*self.intensity_range), 0.0, 1.0)
+                warped[channel] = np.clip(warped[channel] * rng.uniform(*self.brightness), 0.0, 1.0)
             if rng.random() < 0.5:
-                warped[channel] = warped[channel] ** rng.uniform(*self.intensity_range)
+                warped[channel] = warped[channel] ** rng.uniform(*self.gamma)
         return {"image": torch.from_numpy(warped.astype(np.float32)),
                 "label": torch.from_numpy(warped_label.astype(np.int64))}
 

@@ -63,29 +63,39 @@ def autocast_context(device, amp):
     return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
 
 
+FLIPS = ((), (-1,), (-2,), (-2, -1))
+
+
 @torch.inference_mode()
-def predict_slices(model, images, batch_slices=16, device="cpu", amp="none", channels_last=True):
-    """Class probabilities (S, K, H, W) on the CPU for slices ``images`` (S, M, H, W), predicted in batches."""
+def predict_slices(model, images, batch_slices=16, device="cpu", amp="none", channels_last=True, tta=False):
+    """Class probabilities (S, K, H, W) on the CPU for slices ``images`` (S, M, H, W), predicted in batches.
+
+    With ``tta`` the probabilities are averaged over the four horizontal/vertical flips.
+    """
     model.eval()
     outputs = []
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     for start in range(0, images.shape[0], batch_slices):
-        batch = images[start:start + batch_slices].to(device, non_blocking=True).contiguous(
-            memory_format=memory_format)
-        with autocast_context(device, amp):
-            logits = model(batch)
-        outputs.append(logits.float().softmax(dim=1).cpu())
+        batch = images[start:start + batch_slices].to(device, non_blocking=True)
+        probabilities = 0
+        for dims in FLIPS if tta else FLIPS[:1]:
+            flipped = batch.flip(dims) if dims else batch
+            with autocast_context(device, amp):
+                logits = model(flipped.contiguous(memory_format=memory_format))
+            probabilities = probabilities + logits.float().softmax(dim=1).flip(dims)
+        outputs.append((probabilities / (len(FLIPS) if tta else 1)).cpu())
     return torch.cat(outputs)
 
 
-def predict_volume(model, volume, img_size, batch_slices=16, device="cpu", amp="none", channels_last=True):
+def predict_volume(model, volume, img_size, batch_slices=16, device="cpu", amp="none", channels_last=True,
+                   tta=False):
     """Class probabilities (K, H, W, D) for a volume (M, H, W, D), its slices resized to ``img_size`` and back."""
     slices = volume.permute(3, 0, 1, 2).float()
     size = tuple(slices.shape[-2:])
     resize = size != (img_size, img_size)
     if resize:
         slices = F.interpolate(slices, size=(img_size, img_size), mode="bicubic", align_corners=False).clamp(0, 1)
-    probabilities = predict_slices(model, slices, batch_slices, device, amp, channels_last)
+    probabilities = predict_slices(model, slices, batch_slices, device, amp, channels_last, tta)
     if resize:
         probabilities = F.interpolate(probabilities, size=size, mode="bilinear", align_corners=False)
     return probabilities.permute(1, 2, 3, 0)

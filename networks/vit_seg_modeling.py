@@ -115,6 +115,9 @@ class Block(nn.Module):
 class Transformer(nn.Module):
     """One modality's hybrid encoder: ResNetV2, then (if num_layers > 0) ViT blocks on the H/16 map.
 
+    As in R50-ViT-B/16, the 16 x 16 patches of the image are the pixels of the
+    ResNet's H/16 map, embedded by a 1 x 1 convolution.
+
     forward: (B, in_channels, H, W) -> bottleneck (B, out_channels, H/16, W/16) and
     the ResNet skips, coarsest first.
     """
@@ -129,10 +132,8 @@ class Transformer(nn.Module):
         self.skip_channels = self.hybrid_model.skip_channels
         self.num_layers = config.transformer.num_layers
         if self.num_layers:
-            patch = max(config.patches.size[0] // 16, 1)
-            grid = (img_size // 16 // patch, img_size // 16 // patch)
-            self.grid_size = grid
-            self.patch_embeddings = nn.Conv2d(self.hybrid_model.out_channels, config.hidden_size, patch, patch)
+            grid = self.grid_size
+            self.patch_embeddings = nn.Conv2d(self.hybrid_model.out_channels, config.hidden_size, kernel_size=1)
             self.position_embeddings = nn.Parameter(torch.zeros(1, grid[0] * grid[1], config.hidden_size))
             nn.init.trunc_normal_(self.position_embeddings, std=0.02)
             self.dropout = nn.Dropout(config.transformer.dropout_rate)

@@ -219,3 +219,18 @@ def test_fused_inference_copy_matches_the_model(tiny_config):
         torch.testing.assert_close(fused(images.contiguous(memory_format=torch.channels_last)), model(images),
                                    rtol=1e-4, atol=1e-4)
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.decoders.modules())
+
+
+def test_flip_averaging_at_inference(tiny_config):
+    from networks.inference import predict_slices
+
+    model = _trained_briefly(tiny_config)
+    images, _ = make_batch(3, seed=9)
+    plain = predict_slices(model, images, batch_slices=2)
+    averaged = predict_slices(model, images, batch_slices=2, tta=True)
+    with torch.no_grad():
+        expected = sum(model(images.flip(d) if d else images).softmax(1).flip(d) if d else model(images).softmax(1)
+                       for d in ((), (-1,), (-2,), (-2, -1))) / 4
+    torch.testing.assert_close(averaged, expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(plain.sum(1), torch.ones(3, IMG_SIZE, IMG_SIZE))
+    assert not torch.allclose(plain, averaged)

@@ -164,3 +164,14 @@ def test_structures_and_summary_rules():
     summary = summarise([metrics, case_metrics(reference, reference, (1.0, 1.0, 1.0))])
     assert summary["edema"]["dice"] == pytest.approx(0.5) and summary["edema"]["hd95"] == 0.0
     assert summary["edema"]["n"] == 2 and summary["edema"]["n_undefined_hd95"] == 1
+
+
+def test_baseline_trains_and_tests(workspace):
+    run = workspace / "single"
+    assert train_script.main(train_args(workspace, "single", "--max_epochs", "1", "--model", "transunet_single",
+                                        "--modality", "T2w")) == 0
+    spec = load_checkpoint(run / "last.pth")["spec"]
+    assert spec["model"] == "transunet_single" and spec["modality"] == "T2w"
+    assert test_script.main(["--output_dir", str(run), "--no_save_nii"]) == 0
+    assert (run / "test_test_vol_best" / "summary.json").is_file()
+    assert not list((run / "test_test_vol_best").glob("*.nii.gz"))
