@@ -137,7 +137,7 @@ def measure_ours(args):
 
 
 def _import_reference(torch, reference_dir, device):
-    """The released model, imported under a private package name; its ``.cuda()`` calls follow ``device``."""
+    """The released model, imported under a private package name; its GPU transfers are redirected to ``device``."""
     features = reference_dir / "text_features"
     for name in ("embedding_MRI_information.pth", "embedding_class_information.pth"):
         if not (features / name).is_file():

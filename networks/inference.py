@@ -75,15 +75,17 @@ def predict_slices(model, images, batch_slices=16, device="cpu", amp="none", cha
     model.eval()
     outputs = []
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    flips = FLIPS if tta else FLIPS[:1]
     for start in range(0, images.shape[0], batch_slices):
         batch = images[start:start + batch_slices].to(device, non_blocking=True)
         probabilities = 0
-        for dims in FLIPS if tta else FLIPS[:1]:
+        for dims in flips:
             flipped = batch.flip(dims) if dims else batch
             with autocast_context(device, amp):
                 logits = model(flipped.contiguous(memory_format=memory_format))
-            probabilities = probabilities + logits.float().softmax(dim=1).flip(dims)
-        outputs.append((probabilities / (len(FLIPS) if tta else 1)).cpu())
+            softmax = logits.float().softmax(dim=1)
+            probabilities = probabilities + (softmax.flip(dims) if dims else softmax)
+        outputs.append((probabilities / len(flips)).cpu())
     return torch.cat(outputs)
 
 
