@@ -9,6 +9,8 @@ map the labels to 0-3, resample in-plane to --spacing (images cubic, labels
 nearest), crop or pad to --crop_size around the image centre (the same at training
 and test time), and map each sequence to [0, 1] by the percentiles of its field of
 view (padding excluded): they vary less between cases than whole-volume ones.
+With --intensity released, intensities are instead clipped to [0, 255] and divided
+by 255, as the review release does for its MyoPS380 volumes (already in [0, 255]).
 
 Output (the released code's layout), under --dst_path:
     {bSSFP,LGE,T2w}/train_npz/<case>_sliceNNN.npz   image (C x C, float32 in [0, 1]), label (uint8)
@@ -16,7 +18,9 @@ Output (the released code's layout), under --dst_path:
     train.txt (slices), val.txt and test_vol.txt (cases), dataset.json (settings and summary)
 Validation and test cases get volumes, training cases slices. Everything is
 written to a staging folder first and moved into place only when all cases
-succeeded, so an error leaves the destination as it was.
+succeeded, so an error leaves the destination as it was. A previous output is
+replaced only if it holds nothing but what that run wrote; staging folders of
+killed runs are removed once their process is gone.
 """
 import argparse
 import io
@@ -33,9 +37,9 @@ import h5py
 import numpy as np
 from tqdm import tqdm
 
-from datasets.geometry import plan_geometry, to_processed
-from datasets.layouts import LABEL_MAPS, DataError, find_myops2020_cases, find_myops380_cases, load_case
-from networks.vit_seg_configs import CLASS_NAMES, MODALITIES
+from datasets.layouts import DataError, find_myops2020_cases, find_myops380_cases, load_case
+from datasets.preprocessing import PreprocessingSettings, preprocess_case
+from datasets.vocabulary import CLASS_NAMES, LABEL_MAPS, MODALITIES
 
 logger = logging.getLogger("preprocess")
 
@@ -57,11 +61,15 @@ def parse_args(argv=None):
                         help="in-plane target spacing in mm (default: 1.0 for MyoPS380 and Phantom, 1.4 for "
                              "MyoPS2020, whose myocardium reaches 84 mm from the image centre); 0 keeps the spacing")
     parser.add_argument("--crop_size", type=int, default=128, help="field of view in pixels after resampling")
+    parser.add_argument("--intensity", default="percentile", choices=["percentile", "released"],
+                        help="percentile (default): map --percentiles of each sequence's field of view to 0 and 1, "
+                             "for raw scanner ranges; released: clip to [0, 255] and divide by 255, as the review "
+                             "release does for MyoPS380, whose released volumes are already scaled to [0, 255]")
     parser.add_argument("--percentiles", type=float, nargs=2, default=(0.5, 99.5),
-                        help="intensity percentiles of each sequence's field of view mapped to 0 and 1")
+                        help="with --intensity percentile: the percentiles mapped to 0 and 1")
     parser.add_argument("--test_every", type=int, default=5,
-                        help="every N-th case (in sorted order) is a test case, as in the paper; 0: none; "
-                             "1: all (an evaluation-only dataset)")
+                        help="test cases: the first case in sorted order and every N-th after it (sorted index "
+                             "0, N, 2N, ...), the released split for N = 5; 0: none; 1: all (evaluation only)")
     parser.add_argument("--split_file", type=Path, default=None,
                         help='JSON {"test": [...], "val": [...]} overriding --test_every and --val_fraction')
     parser.add_argument("--val_fraction", type=float, default=0.0,
@@ -73,7 +81,11 @@ def parse_args(argv=None):
 
 
 def split_cases(case_ids, test_every=5, val_fraction=0.0, seed=1234, split_file=None):
-    """Deterministic train / val / test split of sorted case ids."""
+    """Deterministic train / val / test split of sorted case ids.
+
+    Test cases are ``sorted(case_ids)[::test_every]``, as the review release's ``filenames[0:380:5]``
+    (for MyoPS380: case0001, case0006, ..., case0376).
+    """
     case_ids = sorted(case_ids)
     if split_file is not None:
         try:
@@ -89,7 +101,9 @@ def split_cases(case_ids, test_every=5, val_fraction=0.0, seed=1234, split_file=
     else:
         if not 0.0 <= val_fraction < 1.0:
             raise DataError(f"--val_fraction must be in [0, 1), got {val_fraction}")
-        test = [c for i, c in enumerate(case_ids) if test_every and (i + 1) % test_every == 0]
+        if test_every < 0:
+            raise DataError(f"--test_every must be 0 or positive, got {test_every}")
+        test = case_ids[::test_every] if test_every else []
         rest = [c for c in case_ids if c not in test]
         order = np.random.default_rng(seed).permutation(len(rest))
         val = sorted(rest[i] for i in order[:int(round(val_fraction * len(rest)))])
@@ -97,18 +111,11 @@ def split_cases(case_ids, test_every=5, val_fraction=0.0, seed=1234, split_file=
     return {"train": train, "val": val, "test": test}
 
 
-def normalise(image, percentiles):
-    """Map the percentiles of the image's defined (non-NaN) pixels to [0, 1], clip, and set NaN padding to 0.
-
-    Robust to raw scanner ranges; a field of view without contrast is mapped by its extremes.
-    """
-    low, high = np.nanpercentile(image, percentiles)
-    if high <= low:
-        low, high = np.nanmin(image), np.nanmax(image)
-    if high <= low:
-        high = low + 1.0
-    scaled = np.clip((image - low) / (high - low), 0.0, 1.0)
-    return np.nan_to_num(scaled, nan=0.0).astype(np.float32), (float(low), float(high))
+def intensity_settings(args):
+    """The intensity scaling as recorded in dataset.json and in each volume's attributes."""
+    if args.intensity == "released":
+        return {"intensity": "released"}
+    return {"intensity": "percentile", "percentiles": list(args.percentiles)}
 
 
 def write_npz(path, **arrays):
@@ -130,13 +137,9 @@ def write_volume(path, image, label, attrs):
 
 def process_case(case, label_map, args, spacing, role, staging):
     """Write one case's slices (training) or volumes (validation / test); return its counts."""
-    volumes = load_case(case, label_map)
-    geometry = plan_geometry(volumes.label.shape, volumes.spacing, volumes.affine, spacing, args.crop_size)
-    label = to_processed(volumes.label, geometry, order=0)
-    processed, ranges = {}, {}
-    for modality in MODALITIES:
-        field_of_view = to_processed(volumes.images[modality], geometry, order=3, fill=np.nan)
-        processed[modality], ranges[modality] = normalise(field_of_view, args.percentiles)
+    settings = PreprocessingSettings(spacing, args.crop_size, tuple(args.percentiles), args.intensity)
+    prepared = preprocess_case(load_case(case, label_map), settings)
+    processed, label, geometry, ranges = prepared.images, prepared.label, prepared.geometry, prepared.intensity_ranges
     for modality in MODALITIES:
         if role == "train":
             folder = staging / modality / "train_npz"
@@ -146,24 +149,68 @@ def process_case(case, label_map, args, spacing, role, staging):
         else:
             attrs = {"case": case.case_id, "modality": modality, "source_image": str(case.images[modality]),
                      "source_label": str(case.label), "intensity_range": np.asarray(ranges[modality]),
-                     "percentiles": np.asarray(args.percentiles), "label_map": json.dumps(label_map),
-                     **geometry.to_attrs()}
+                     "label_map": json.dumps(label_map), **intensity_settings(args), **geometry.to_attrs()}
             write_volume(staging / modality / "test_vol_h5" / f"{case.case_id}.npy.h5",
                          processed[modality], label, attrs)
     return label.shape[2], np.bincount(label.ravel(), minlength=len(CLASS_NAMES))
 
 
+def _previous_output(dst, record):
+    """Relative paths of the files and folders that the preprocessing recorded in dst/dataset.json wrote."""
+    def listed(name):
+        return (dst / name).read_text().split() if (dst / name).is_file() else []
+
+    paths = {"dataset.json", "train.txt", "val.txt", "test_vol.txt"}
+    for modality in record.get("modalities", MODALITIES):
+        paths |= {modality, f"{modality}/train_npz", f"{modality}/test_vol_h5"}
+        paths |= {f"{modality}/train_npz/{name}.npz" for name in listed("train.txt")}
+        paths |= {f"{modality}/test_vol_h5/{name}.npy.h5" for name in listed("val.txt") + listed("test_vol.txt")}
+    return paths
+
+
 def _prepare_destination(dst):
-    """Refuse to replace a folder that is not a previous output of this script."""
+    """Refuse to replace anything but a previous output of this script that holds only what it wrote."""
+    if dst.exists() and not dst.is_dir():
+        raise DataError(f"--dst_path {dst} is a file; give a folder (new, empty, or a previous output)")
     if dst.exists() and any(dst.iterdir()):
         marker = dst / "dataset.json"
         try:
-            owned = json.loads(marker.read_text()).get("format") == FORMAT
-        except (OSError, json.JSONDecodeError):
+            record = json.loads(marker.read_text())
+            owned = isinstance(record, dict) and record.get("format") == FORMAT
+        except (OSError, ValueError):
             owned = False
         if not owned:
             raise DataError(f"{dst} exists and is not an output of preprocess_data.py (no {marker.name} of format "
                             f"{FORMAT}); choose an empty or new --dst_path")
+        written = _previous_output(dst, record)
+        foreign = sorted(path.relative_to(dst).as_posix() for path in dst.rglob("*")
+                         if path.relative_to(dst).as_posix() not in written)
+        if foreign:
+            shown = ", ".join(foreign[:10]) + (f" and {len(foreign) - 10} more" if len(foreign) > 10 else "")
+            raise DataError(f"{dst} is a previous output of preprocess_data.py, but it also holds what that run did "
+                            f"not write, which replacing it would delete: {shown}. Move them elsewhere, or choose "
+                            "another --dst_path")
+
+
+def _process_alive(pid):
+    if os.name != "posix":
+        return True  # no safe check here: keep the folder
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale_staging(dst):
+    """Delete the staging folders beside dst that killed runs left behind (only those whose process is gone)."""
+    for folder in dst.parent.glob(f".{dst.name}.staging-*"):
+        pid = folder.name.rsplit("-", 1)[1]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+            logger.info("removed %s, left by a run that was stopped (process %s is gone)", folder, pid)
 
 
 def _replace_directory(staging, dst):
@@ -188,6 +235,7 @@ def run(args):
     role_of = {case: role for role, ids in split.items() for case in ids}
     dst = args.dst_path.resolve()
     _prepare_destination(dst)
+    _remove_stale_staging(dst)
     staging = dst.with_name(f".{dst.name}.staging-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     try:
@@ -209,7 +257,7 @@ def run(args):
         summary = {"cases": {role: len(ids) for role, ids in split.items()}, "slices": slices,
                    "voxels_per_class": dict(zip(CLASS_NAMES, voxels.tolist()))}
         settings = {"dataset": args.dataset, "src_path": str(args.src_path.resolve()), "spacing_mm": spacing,
-                    "crop_size": args.crop_size, "percentiles": list(args.percentiles),
+                    "crop_size": args.crop_size, **intensity_settings(args),
                     "test_every": args.test_every, "val_fraction": args.val_fraction, "seed": args.seed,
                     "split_file": str(args.split_file) if args.split_file else None}
         (staging / "dataset.json").write_text(json.dumps(

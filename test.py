@@ -4,19 +4,24 @@
     python test.py --output_dir weights/TU_MyoPS2020128/<run> --checkpoint best --save_png
 
 The model configuration comes from the checkpoint; a flag given here that
-contradicts it is an error. When a test volume carries its preprocessing geometry
-and its source label is readable, predictions are mapped back (probabilities
-resampled linearly, then argmax) and scored against the original label at the
-original spacing; otherwise they are scored in the processed grid. Undefined
+contradicts it is an error, and so is test data preprocessed with other settings
+than the training data (unless --allow_preprocessing_mismatch). When a test volume
+carries its preprocessing geometry, predictions are mapped back (probabilities
+resampled linearly, then argmax) and written in the original geometry; they are
+scored against the original label at the original spacing when that label is
+readable, otherwise in the processed grid (summary.json says which). Undefined
 values (a structure absent from prediction or reference) follow utils.dice_hd95:
 NaN, left out of the means, and counted.
 
 Outputs in --test_save_dir (default <run>/test_<split>_<checkpoint>):
 metrics.csv, summary.json, test_info.json, <case>_pred.nii.gz, and <case>.png with --save_png.
+With --protocol released, the processed-grid predictions are also scored as the
+review release's test.py scores them (utils.released_dice_hd95: HD95 in pixels,
+its rule for empty structures, plain means): summary_released_protocol.json and
+metrics_released_protocol.csv.
 """
 import argparse
 import csv
-import gzip
 import json
 import logging
 import sys
@@ -26,21 +31,23 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import torch
-from PIL import Image
 
 from datasets.dataset_myops import MyoPSDataset
+from datasets.export import save_nifti, save_overlay
 from datasets.geometry import probabilities_to_original
 from datasets.layouts import DataError, map_labels
-from networks.inference import fuse_for_inference, predict_volume
-from trainer import (ABLATIONS, CheckpointError, add_run_arguments, configure_logging, filled, load_checkpoint,
-                     load_model_state, model_from_spec, run_directory, seed_everything, setup_distributed)
-from utils import PATHOLOGY, STRUCTURES, atomic_path, case_metrics, summarise
+from networks.inference import predict_volume
+from trainer import (ABLATIONS, CheckpointError, add_run_arguments, configure_logging, filled, inference_model,
+                     load_checkpoint, preprocessing_differences, read_preprocessing, resolve_checkpoint,
+                     run_directory, seed_everything, setup_distributed)
+from utils import (PATHOLOGY, STRUCTURES, atomic_path, case_metrics, released_case_metrics, summarise,
+                   summarise_released)
 
 logger = logging.getLogger("test")
 
-COLOURS = {1: (0, 200, 0), 2: (255, 220, 0), 3: (0, 120, 255)}  # myocardium, scar, edema
 TABLE_NAMES = {"scar": "Scar", "edema": "Edema", "myocardium": "Myocardium", "scar_edema": "Scar+edema",
                "whole_myocardium": "Whole myocardium"}
+HD95_UNITS = {"original": "mm", "processed": "mm", "voxels": "voxel"}  # voxels: no geometry, unit spacing
 
 
 def parse_args(argv=None):
@@ -57,17 +64,13 @@ def parse_args(argv=None):
     parser.add_argument("--test_save_dir", type=Path, default=None, help="output folder")
     parser.add_argument("--batch_slices", type=int, default=16, help="slices predicted per batch")
     parser.add_argument("--tta", action="store_true", help="average the predictions over the four flips")
+    parser.add_argument("--allow_preprocessing_mismatch", action="store_true",
+                        help="score test data preprocessed with other settings than the training data (spacing, "
+                             "crop size, intensity scaling, sequence order), with a warning instead of an error")
+    parser.add_argument("--protocol", default="ours", choices=["ours", "released"],
+                        help="released: also score the processed-grid predictions as the review release's test.py "
+                             "does (HD95 in pixels; see README) -> summary_released_protocol.json")
     return parser.parse_args(argv)
-
-
-def resolve_checkpoint(args, run_dir):
-    if args.checkpoint is None:
-        best = run_dir / "best.pth"
-        return best if best.is_file() else run_dir / "last.pth"
-    path = Path(args.checkpoint)
-    if path.is_file() or path.suffix == ".pth" or len(path.parts) > 1:
-        return path
-    return run_dir / f"{args.checkpoint}.pth"
 
 
 def check_flags_against(spec, args):
@@ -89,40 +92,46 @@ def check_flags_against(spec, args):
 
 
 def reference_in_original_space(volume):
-    """The source label mapped to classes 0-3, or None when the volume has no geometry or its source is gone."""
-    meta, geometry = volume["meta"], volume["geometry"]
+    """The source label mapped to classes 0-3, or None (with a warning) when the volume has no geometry or its
+    source label is missing or unreadable. A source label of another shape than the recorded one is an error."""
+    meta, geometry, case = volume["meta"], volume["geometry"], volume["case_name"]
     source = Path(meta.get("source_label", ""))
-    if geometry is None or not source.is_file():
-        logger.warning("%s: %s; scoring in the processed grid", volume["case_name"],
-                       "no geometry in the volume" if geometry is None else f"source label {source} not found")
+    problem = "no geometry in the volume" if geometry is None else None
+    if problem is None and not source.is_file():
+        problem = f"source label {source} not found"
+    if problem is None:
+        try:
+            label = np.asarray(nib.load(str(source)).dataobj)
+        except Exception as error:  # nibabel raises many types (format, gzip, EOF) for a damaged file
+            problem = f"source label {source} is not readable ({error})"
+    if problem is not None:
+        logger.warning("%s: %s; scoring in the processed grid", case, problem)
         return None
+    if label.ndim == 4 and label.shape[3] == 1:
+        label = label[..., 0]
+    if label.shape != tuple(geometry.original_shape):
+        raise DataError(f"{case}: source label {source} has shape {label.shape}, but the case was preprocessed from "
+                        f"shape {tuple(geometry.original_shape)}: the file changed after preprocessing; restore it "
+                        "or preprocess again")
     label_map = {int(k): v for k, v in json.loads(meta["label_map"]).items()}
-    return map_labels(np.asarray(nib.load(str(source)).dataobj), label_map, volume["case_name"], source)
+    return map_labels(label, label_map, case, source)
 
 
-def save_nifti(prediction, affine, path):
-    """Atomic .nii.gz write (nibabel picks the format from the name, so bytes are written here)."""
-    image = nib.Nifti1Image(prediction.astype(np.uint8), affine)
-    image.header.set_xyzt_units("mm")
-    with atomic_path(path) as temporary:
-        temporary.write_bytes(gzip.compress(image.to_bytes(), mtime=0))
-
-
-def save_overlay(image, label, prediction, path):
-    """One row per slice: LGE, LGE with the reference, LGE with the prediction."""
-    rows = []
-    for z in range(label.shape[2]):
-        grey = (np.clip(image[1, :, :, z], 0, 1) * 255).astype(np.uint8)
-        base = np.stack([grey] * 3, axis=-1).astype(np.float32)
-        panels = [base]
-        for mask in (label[:, :, z], prediction[:, :, z]):
-            overlay = base.copy()
-            for value, colour in COLOURS.items():
-                overlay[mask == value] = 0.4 * overlay[mask == value] + 0.6 * np.asarray(colour)
-            panels.append(overlay)
-        rows.append(np.concatenate(panels, axis=1))
-    with atomic_path(path) as temporary:
-        Image.fromarray(np.concatenate(rows, axis=0).astype(np.uint8)).save(temporary, format="PNG")
+def check_preprocessing(trained, tested, root, allow_mismatch):
+    """The test data must be preprocessed as the training data was (each folder's dataset.json)."""
+    if trained is None or tested is None:
+        if trained is not None or tested is not None:
+            logger.warning("preprocessing not checked: %s records none", "the checkpoint" if trained is None else root)
+        return
+    differences = preprocessing_differences(trained, tested)
+    if not differences:
+        return
+    message = (f"{root} was preprocessed with other settings than the model's training data:\n  "
+               + "\n  ".join(differences))
+    if not allow_mismatch:
+        raise DataError(message + "\nPreprocess the test cases with the training data's settings, or pass "
+                        "--allow_preprocessing_mismatch to score them anyway")
+    logger.warning("%s\n--allow_preprocessing_mismatch: scoring anyway", message)
 
 
 def format_table(summary):
@@ -130,7 +139,8 @@ def format_table(summary):
         mean, std = entry[key], entry[f"{key}_std"]
         return "n/a" if mean is None else f"{mean * scale:6.2f} ± {std * scale:5.2f}"
 
-    lines = [f"{'Structure':<18}{'Dice (%)':>16}{'HD95 (mm)':>18}{'n':>5}{'undefined HD95':>16}"]
+    hd_header = f"HD95 ({summary['scar']['hd95_unit']})"
+    lines = [f"{'Structure':<18}{'Dice (%)':>16}{hd_header:>18}{'n':>5}{'undefined HD95':>16}"]
     for name in ("scar", "edema", "myocardium", "scar_edema", "whole_myocardium"):
         entry = summary[name]
         lines.append(f"{TABLE_NAMES[name]:<18}{cell(entry, 'dice', 100):>16}{cell(entry, 'hd95', 1):>18}"
@@ -144,23 +154,53 @@ def format_table(summary):
     return "\n".join(lines)
 
 
+def write_released_protocol(per_case, out_dir):
+    """Write the release's metrics (summary_released_protocol.json, metrics_released_protocol.csv) and log them."""
+    summary = summarise_released(list(per_case.values()))
+    with atomic_path(out_dir / "metrics_released_protocol.csv") as temporary:
+        with open(temporary, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=["case", "structure", "dice", "hd95_px", "rule"])
+            writer.writeheader()
+            writer.writerows({"case": case, "structure": name, "dice": score.dice, "hd95_px": score.hd95,
+                              "rule": score.rule} for case, metrics in per_case.items()
+                             for name, score in metrics.items())
+    report = {"protocol": "released", "grid": "processed (the network's input grid)",
+              "hd95_unit": "pixels, with neighbouring slices one pixel apart; not a physical distance",
+              "empty_rule": "a structure absent from prediction or reference scores Dice 1 and HD95 0 when the "
+                            "prediction has < 200 voxels and the reference <= 200, else Dice 0 and HD95 0",
+              "average": "plain mean over cases; std is the population standard deviation",
+              "structures": summary}
+    with atomic_path(out_dir / "summary_released_protocol.json") as temporary:
+        temporary.write_text(json.dumps(report, indent=2) + "\n")
+    lines = [f"{TABLE_NAMES[name]:<18}{entry['dice'] * 100:>9.2f} ± {entry['dice_std'] * 100:5.2f}"
+             f"{entry['hd95_px']:>9.2f} ± {entry['hd95_px_std']:5.2f}{entry['n_empty_scored_1']:>10}"
+             f"{entry['n_empty_scored_0']:>10}" for name, entry in summary.items()]
+    logger.info("released protocol (the review release's test.py, on the processed grid): HD95 in PIXELS, not mm, "
+                "slices counted one pixel apart; an empty structure scores Dice 1 / HD95 0 (prediction < 200 and "
+                "reference <= 200 voxels) or Dice 0 / HD95 0\n%-18s%17s%17s%10s%10s\n%s",
+                "Structure", "Dice (%)", "HD95 (px)", "empty->1", "empty->0", "\n".join(lines))
+
+
 def evaluate(args):
-    args.checkpoint_path = resolve_checkpoint(args, args.run_dir)
+    args.checkpoint_path = resolve_checkpoint(args.run_dir, args.checkpoint)
     ctx = setup_distributed(args.device)
     checkpoint = load_checkpoint(args.checkpoint_path, map_location="cpu")
     spec = checkpoint["spec"]
     check_flags_against(spec, args)
-    model = model_from_spec(spec, checkpoint["model"])
-    load_model_state(model, checkpoint["model"], args.checkpoint_path)
-    model = fuse_for_inference(model.to(ctx.device))
+    model = inference_model(checkpoint, args.checkpoint_path, ctx.device)
     root = args.root_path or Path(checkpoint["args"]["root_path"])
     dataset = MyoPSDataset(root, args.list_dir or root, args.split)
+    if len(dataset) == 0:
+        raise DataError(f"the {args.split} list in {args.list_dir or root} names no volumes: nothing to score "
+                        "(preprocess_data.py writes validation cases with --val_fraction or --split_file)")
+    check_preprocessing(checkpoint.get("preprocessing"), read_preprocessing(root), root,
+                        args.allow_preprocessing_mismatch)
     out_dir = args.test_save_dir or args.run_dir / f"test_{args.split}_{args.checkpoint_path.stem}"
     out_dir.mkdir(parents=True, exist_ok=True)
     logger.info("checkpoint %s (epoch %d), %d %s volumes from %s -> %s", args.checkpoint_path,
                 checkpoint["train_state"]["epoch"], len(dataset), args.split, root, out_dir)
 
-    rows, per_case, spaces = [], [], {}
+    rows, per_case, spaces, released = [], [], {}, {}
     start = time.time()
     for index in range(len(dataset)):
         volume = dataset[index]
@@ -168,29 +208,36 @@ def evaluate(args):
         probabilities = predict_volume(model, volume["image"], spec["img_size"], args.batch_slices, ctx.device,
                                        args.amp, tta=args.tta)
         processed_prediction = probabilities.argmax(dim=0).numpy().astype(np.uint8)
+        if args.protocol == "released":
+            released[case] = released_case_metrics(processed_prediction, volume["label"].numpy())
         reference = reference_in_original_space(volume)
         geometry = volume["geometry"]
+        # The exported prediction lies in the patient's geometry whenever the volume records it, label or not.
+        exported, affine = ((probabilities_to_original(probabilities.numpy(), geometry), geometry.affine_array)
+                            if geometry is not None else (processed_prediction, np.eye(4)))
         if reference is not None:
-            prediction = probabilities_to_original(probabilities.numpy(), geometry)
-            spacing, affine, space = geometry.original_spacing, geometry.affine_array, "original"
+            prediction, spacing, space = exported, geometry.original_spacing, "original"
         else:
             prediction, reference = processed_prediction, volume["label"].numpy()
             spacing = geometry.processed_spacing if geometry is not None else (1.0, 1.0, 1.0)
-            affine, space = np.diag(list(spacing) + [1.0]), "processed" if geometry is not None else "voxels"
+            space = "processed" if geometry is not None else "voxels"
         metrics = case_metrics(prediction, reference, spacing)
         per_case.append(metrics)
         spaces[case] = space
         rows += [{"case": case, "structure": name, "dice": dice, "hd95": hd, "space": space}
                  for name, (dice, hd) in metrics.items()]
         if args.save_nii:
-            save_nifti(prediction, affine, out_dir / f"{case}_pred.nii.gz")
+            save_nifti(exported, affine, out_dir / f"{case}_pred.nii.gz")
         if args.save_png:
             save_overlay(volume["image"].numpy(), volume["label"].numpy(), processed_prediction,
                          out_dir / f"{case}.png")
         logger.info("%s (%s space): %s", case, space, ", ".join(
-            f"{name} {dice:.3f}/{hd:.2f}mm" for name, (dice, hd) in metrics.items()))
+            f"{name} {dice:.3f}/{hd:.2f}{HD95_UNITS[space]}" for name, (dice, hd) in metrics.items()))
 
     summary = summarise(per_case)
+    for entry in summary.values():
+        entry.update(space="/".join(sorted(set(spaces.values()))),
+                     hd95_unit="/".join(sorted({HD95_UNITS[space] for space in spaces.values()})))
     with atomic_path(out_dir / "metrics.csv") as temporary:
         with open(temporary, "w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=["case", "structure", "dice", "hd95", "space"])
@@ -199,11 +246,14 @@ def evaluate(args):
     with atomic_path(out_dir / "summary.json") as temporary:
         temporary.write_text(json.dumps(summary, indent=2) + "\n")
     info = {"checkpoint": str(args.checkpoint_path), "epoch": checkpoint["train_state"]["epoch"],
-            "split": args.split, "tta": args.tta, "root_path": str(root), "space": spaces, "spec": spec,
-            "seconds": round(time.time() - start, 2), "structures": {k: list(v) for k, v in STRUCTURES.items()}}
+            "split": args.split, "tta": args.tta, "protocol": args.protocol, "root_path": str(root), "space": spaces,
+            "spec": spec, "seconds": round(time.time() - start, 2),
+            "structures": {k: list(v) for k, v in STRUCTURES.items()}}
     with atomic_path(out_dir / "test_info.json") as temporary:
         temporary.write_text(json.dumps(info, indent=2, default=str) + "\n")
     logger.info("scored in the %s space\n%s", "/".join(sorted(set(spaces.values()))), format_table(summary))
+    if args.protocol == "released":
+        write_released_protocol(released, out_dir)
     return summary
 
 

@@ -6,8 +6,9 @@ One device:
 Several GPUs, or several nodes (torchrun's rendezvous flags):
     torchrun --nproc_per_node 4 train.py --dataset Myops --batch_size 24 --amp bf16
     torchrun --nnodes 2 --node_rank 0 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HOST:29500 train.py ...
-Resume:
+Resume (also after Ctrl-C or SIGTERM, which save the exact position in the epoch):
     python train.py <the same flags> --resume auto
+A run folder that holds an earlier run's checkpoints is refused unless --resume or --overwrite.
 """
 import argparse
 import logging
@@ -21,8 +22,10 @@ from networks.npz_weights import PretrainedWeightsError
 from networks.vit_seg_configs import DEFAULT_PRETRAINED_PATH
 from networks.vit_seg_modeling import build_model
 from priors import DEFAULT_PROMPTS, EncoderUnavailableError, PriorFileError, PromptFileError, resolve_priors
-from trainer import (ROOT, CheckpointError, Trainer, add_run_arguments, build_config, configure_logging, filled,
-                     model_spec, run_directory, seed_everything, setup_distributed, write_run_config)
+from priors.store import embeddings_sha256
+from trainer import (ROOT, CheckpointError, Trainer, TrainingInterrupted, add_run_arguments, build_config,
+                     check_run_folder, clear_run_folder, configure_logging, filled, model_spec, run_directory,
+                     seed_everything, setup_distributed, write_run_config)
 
 logger = logging.getLogger("train")
 
@@ -52,12 +55,18 @@ def parse_args(argv=None):
                         help="text encoder for the priors: biomedclip (default), offline, hf-hub:..., open_clip:...")
     parser.add_argument("--prompts", type=Path, default=DEFAULT_PROMPTS, help="prompt set JSON")
     parser.add_argument("--resume", default=None, help="checkpoint to continue from, or 'auto' (the run's last.pth)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start afresh in a run folder that holds an earlier run: delete its checkpoints, "
+                             "config.json, log.txt, log/ and test_*/ results first (other files stay)")
     parser.add_argument("--val_every", type=int, default=10, help="validate on val.txt every N epochs")
     parser.add_argument("--save_every", type=int, default=20, help="keep epoch_N.pth every N epochs")
     parser.add_argument("--batch_slices", type=int, default=16, help="slices per batch during validation")
     parser.add_argument("--image_every", type=int, default=50, help="TensorBoard images every N iterations")
     parser.add_argument("--progress", type=int, default=1, help="1: progress bars")
-    return filled(parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    if args.overwrite and args.resume:
+        parser.error("--overwrite deletes the checkpoints that --resume continues from: give one of them")
+    return filled(args)
 
 
 def prepare_priors(args, ctx):
@@ -88,32 +97,55 @@ def build(args, ctx):
     return model, model_spec(args, config), priors
 
 
+def prior_provenance(priors):
+    """The prior file's provenance and the SHA-256 of its embeddings, which a resumed run must match."""
+    if priors is None:
+        return None
+    return {**priors.provenance, "embeddings_sha256": embeddings_sha256(priors.intensity, priors.classes)}
+
+
+def open_run_folder(run_dir, overwrite, ctx):
+    """Create the run folder (clearing an earlier run's files with --overwrite) and log into it."""
+    if ctx.is_main:
+        if overwrite:
+            removed = clear_run_folder(run_dir) if run_dir.is_dir() else []
+            if removed:
+                logger.warning("--overwrite: deleted %s", ", ".join(str(path) for path in removed))
+        run_dir.mkdir(parents=True, exist_ok=True)
+    ctx.barrier()
+    configure_logging(run_dir, ctx.is_main)
+
+
 def main(argv=None):
     args = parse_args(argv)
     ctx = setup_distributed(args.device)
     run_dir = Path(args.output_dir) if args.output_dir else run_directory(args)
-    if ctx.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    ctx.barrier()
-    configure_logging(run_dir, ctx.is_main)
+    configure_logging(None, ctx.is_main)
     if args.n_gpu is not None and args.n_gpu != ctx.world_size:
         logger.warning("--n_gpu %d ignored: this run has %d process(es); start several with torchrun --nproc_per_node",
                        args.n_gpu, ctx.world_size)
     if args.num_workers is None:
         args.num_workers = 4 if ctx.device.type == "cuda" else 2
     seed_everything(args.seed + ctx.rank, args.deterministic)
-    logger.info("run folder %s; %d process(es) on %s; arguments %s", run_dir, ctx.world_size, ctx.device, vars(args))
     try:
+        check_run_folder(run_dir, args.resume, args.overwrite)
         model, spec, priors = build(args, ctx)
-        trainer = Trainer(args, ctx, model, spec, run_dir, priors.provenance if priors is not None else None)
+        trainer = Trainer(args, ctx, model, spec, run_dir, prior_provenance(priors))
         resume = run_dir / "last.pth" if args.resume == "auto" else args.resume
         if args.resume == "auto" and not resume.is_file():
             logger.info("--resume auto: no %s yet, starting from scratch", resume)
+            resume = None
         elif resume:
             trainer.resume(Path(resume))
+        open_run_folder(run_dir, args.overwrite, ctx)
+        logger.info("run folder %s; %d process(es) on %s; %s; arguments %s", run_dir, ctx.world_size, ctx.device,
+                    f"continuing {resume} at epoch {trainer.state.epoch}, iteration {trainer.state.iteration}"
+                    if resume else "from scratch", vars(args))
         if ctx.is_main:
-            write_run_config(run_dir, args, spec, trainer.priors_provenance)
+            write_run_config(run_dir, args, spec, trainer.priors_provenance, trainer.preprocessing)
         trainer.fit()
+    except TrainingInterrupted as interruption:
+        return 128 + interruption.signal_number
     except KeyboardInterrupt:
         return 130
     except (CheckpointError, PretrainedWeightsError, PriorFileError, PromptFileError, EncoderUnavailableError,

@@ -3,9 +3,11 @@
 One process per device; under torchrun the processes form a DistributedDataParallel
 group (NCCL on GPUs, gloo on CPUs) and rank 0 alone logs, writes TensorBoard and
 saves. A checkpoint holds everything needed to continue exactly: weights (unwrapped
-from DDP), optimizer, grad scaler, epoch, iteration, best metric, every rank's RNG
-states, the model specification (configuration included), the arguments, the
-prior file's provenance and the git commit.
+from DDP), optimizer, grad scaler, epoch, iteration and position in the epoch, best
+metric, every rank's RNG states, the model specification (configuration included),
+the arguments, the prior file's provenance, the training data's preprocessing
+record and the git commit. Augmentation is seeded by each sample's position in the
+run, so a resumed run continues the same stream whatever the loader workers did.
 """
 import copy
 import datetime
@@ -14,8 +16,12 @@ import logging
 import math
 import os
 import random
+import shutil
+import signal
 import subprocess
 import sys
+import threading
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -24,13 +30,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
 from datasets.dataset_myops import MyoPSDataset, RandomGenerator
-from networks.inference import autocast_context, predict_volume
-from networks.vit_seg_configs import DEFAULT_PRETRAINED_PATH, MODALITIES, get_config
+from datasets.vocabulary import MODALITIES
+from networks.inference import autocast_context, fuse_for_inference, predict_volume
+from networks.vit_seg_configs import DEFAULT_PRETRAINED_PATH, get_config, with_switch_defaults
 from networks.vit_seg_modeling import MODEL_NAMES, build_model
+from priors.store import embeddings_sha256
 from utils import (BASELINE_WEIGHTS, PATHOLOGY, IMMSegLoss, atomic_path, atomic_torch_save, case_metrics,
                    loss_weights)
 
@@ -41,7 +49,7 @@ CHECKPOINT_FORMAT = "immseg-checkpoint/1"
 DATASET_ROOTS = {"Myops": "data/MyoPS380", "MyoPS2020": "data/MyoPS2020", "Phantom": "data/Phantom"}
 # Flags that name a run and define its model; test.py leaves them unset (None) unless given, so that only
 # what the user actually typed is compared with a checkpoint.
-RUN_DEFAULTS = {"dataset": "Myops", "num_classes": 4, "max_iterations": 30000, "max_epochs": 300,
+RUN_DEFAULTS = {"dataset": "Myops", "num_classes": 4, "max_iterations": None, "max_epochs": 300,
                 "batch_size": 24, "base_lr": 0.001, "img_size": 128, "seed": 1234, "n_skip": 3,
                 "vit_name": "R50-ViT-B_16", "vit_patches_size": 16, "model": "immseg", "modality": "LGE"}
 ABLATIONS = {"no_cmfe": "use_cmfe", "no_cfm": "use_cfm", "no_contrast": "use_contrast",
@@ -63,7 +71,8 @@ def add_run_arguments(parser, with_defaults=True):
     parser.add_argument("--list_dir", type=Path, default=None, help="folder of the list files (default: --root_path)")
     parser.add_argument("--num_classes", type=int, default=default("num_classes"))
     parser.add_argument("--max_iterations", type=int, default=default("max_iterations"),
-                        help="upper bound on training iterations (default 30000)")
+                        help="optional cap on training iterations (default: none, --max_epochs decide); a cap "
+                             "that ends I-MMSeg training before --region_fusion_start_epoch is refused")
     parser.add_argument("--max_epochs", type=int, default=default("max_epochs"), help="training epochs (default 300)")
     parser.add_argument("--batch_size", type=int, default=default("batch_size"),
                         help="batch size per GPU (per process); the global batch is this times the world size")
@@ -72,7 +81,8 @@ def add_run_arguments(parser, with_defaults=True):
     parser.add_argument("--seed", type=int, default=default("seed"))
     parser.add_argument("--n_skip", type=int, default=default("n_skip"), help="skip connections used (0-3)")
     parser.add_argument("--vit_name", default=default("vit_name"),
-                        help="configuration: R50-ViT-B_16 (paper), R50-only (released code), compact (CPU), testing")
+                        help="configuration: R50-ViT-B_16 (paper), R50-only (released code's encoder), R50-only-release "
+                             "(the released code's function), compact (CPU), testing")
     parser.add_argument("--vit_patches_size", type=int, default=default("vit_patches_size"),
                         help="ViT patch size; the R50 hybrid encoders take 16 (1 x 1 patches of the H/16 map)")
     parser.add_argument("--model", default=default("model"), choices=MODEL_NAMES,
@@ -110,8 +120,9 @@ def filled(args):
 def run_directory(args):
     """The released snapshot naming, extended with the model and ablations."""
     name = "TU" + ("" if args.no_pretrain else "_pretrain") + f"_{args.vit_name}_skip{args.n_skip}"
-    if args.max_iterations != 30000:
-        name += f"_{args.max_iterations // 1000}k"
+    if args.max_iterations is not None:
+        cap = args.max_iterations
+        name += f"_{cap // 1000}k" if cap % 1000 == 0 else f"_{cap}it"
     if args.max_epochs != 30:
         name += f"_epo{args.max_epochs}"
     name += f"_bs{args.batch_size}"
@@ -185,6 +196,110 @@ def load_model_state(model, state_dict, source):
         model.load_state_dict(state_dict)
     except RuntimeError as error:
         raise CheckpointError(f"{source} does not fit the model: {error}") from None
+
+
+def resolve_checkpoint(run_dir, name=None):
+    """A checkpoint given as a file or as a name in the run folder (best, last, epoch_N); default best, else last."""
+    run_dir = Path(run_dir)
+    if name is None:
+        best = run_dir / "best.pth"
+        return best if best.is_file() else run_dir / "last.pth"
+    path = Path(name)
+    if path.is_file() or path.suffix == ".pth" or len(path.parts) > 1:
+        return path
+    return run_dir / f"{name}.pth"
+
+
+def inference_model(checkpoint, source, device):
+    """The checkpoint's model as an inference copy on ``device`` (eval mode, normalisation folded)."""
+    model = model_from_spec(checkpoint["spec"], checkpoint["model"])
+    load_model_state(model, checkpoint["model"], source)
+    return fuse_for_inference(model.to(device))
+
+
+def newest_epoch_checkpoint(run_dir, exclude=None):
+    """The epoch_N.pth of a run folder with the largest N (other than ``exclude``), or None."""
+    numbered = [(int(path.stem[len("epoch_"):]), path) for path in Path(run_dir).glob("epoch_*.pth")
+                if path.stem[len("epoch_"):].isdigit() and path != exclude]
+    return max(numbered)[1] if numbered else None
+
+
+class RunFolderError(ValueError):
+    """A run folder holds an earlier run's checkpoints that this run would mix with its own."""
+
+
+def run_checkpoints(run_dir):
+    """The checkpoints train.py writes in a run folder: last.pth, best.pth, epoch_N.pth."""
+    return sorted(path for pattern in ("last.pth", "best.pth", "epoch_*.pth") for path in Path(run_dir).glob(pattern))
+
+
+def check_run_folder(run_dir, resume, overwrite=False):
+    """Refuse a run folder holding checkpoints unless this run continues them (--resume) or clears them first."""
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunFolderError(f"run folder {run_dir} is a file; choose another --output_dir")
+    existing = run_checkpoints(run_dir)
+    continues = resume is not None and (resume != "auto" or (run_dir / "last.pth").is_file())
+    if not existing or continues or overwrite:
+        return
+    names = ", ".join(path.name for path in existing)
+    if resume == "auto":
+        raise RunFolderError(f"run folder {run_dir} holds checkpoints ({names}) but no last.pth for --resume auto: "
+                             "continue from one of them with --resume PATH, or start afresh with --overwrite "
+                             "(deletes the earlier run's files first)")
+    raise RunFolderError(f"run folder {run_dir} already holds checkpoints of an earlier run ({names}): continue it "
+                         "with --resume auto, or start afresh with --overwrite (deletes the earlier run's files "
+                         "first), or choose another --output_dir")
+
+
+def clear_run_folder(run_dir):
+    """Delete what train.py and test.py wrote in a run folder; anything else stays. Returns the deleted paths."""
+    run_dir = Path(run_dir)
+    files = run_checkpoints(run_dir) + [run_dir / name for name in ("config.json", "log.txt")
+                                        if (run_dir / name).is_file()]
+    folders = [run_dir / "log"] if (run_dir / "log").is_dir() else []
+    folders += [folder for folder in sorted(run_dir.glob("test_*"))
+                if (folder / "test_info.json").is_file() or (folder / "summary.json").is_file()]
+    for path in files:
+        path.unlink()
+    for folder in folders:
+        shutil.rmtree(folder)
+    return files + folders
+
+
+# What the model sees of preprocessing: test data must have been written with the training data's values.
+PREPROCESSING_KEYS = ("spacing_mm", "crop_size", "intensity", "percentiles")
+
+
+def read_preprocessing(root_path):
+    """The preprocessing record of a dataset folder: its dataset.json's "modalities" and "settings".
+
+    None for data without dataset.json (such as the review release's processed data).
+    """
+    path = Path(root_path) / "dataset.json"
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{path} is not readable JSON: {error}") from None
+    if not isinstance(record, dict) or not isinstance(record.get("settings"), dict) \
+            or not isinstance(record.get("modalities"), list):
+        raise ValueError(f"{path} lacks the 'modalities' list and 'settings' that preprocess_data.py writes")
+    return {"modalities": record["modalities"], "settings": record["settings"]}
+
+
+def preprocessing_differences(trained, tested):
+    """The differences, as sentences, between the training data's and the test data's preprocessing records."""
+    def comparable(record):
+        values = {"sequence order": record["modalities"],
+                  **{key: record["settings"].get(key) for key in PREPROCESSING_KEYS}}
+        values["intensity"] = values["intensity"] or "percentile"  # records from before --intensity existed
+        return values
+
+    trained, tested = comparable(trained), comparable(tested)
+    return [f"{key}: {trained[key]!r} in the training data, {tested[key]!r} here" for key in trained
+            if trained[key] != tested[key]]
 
 
 def git_commit():
@@ -271,12 +386,118 @@ def all_rng_states(ctx):
     return states
 
 
+class PositionSeededSampler(DistributedSampler):
+    """DistributedSampler yielding (index, augmentation seed) pairs, from position ``start`` of the epoch on.
+
+    The seed is (seed, epoch, rank, position in the epoch): what a sample's augmentation
+    draws depends on where it stands in the run, not on which loader worker reads it or
+    what that worker read before, so a resumed run continues the uninterrupted stream
+    with any number of workers, also from the middle of an epoch.
+    """
+
+    def __init__(self, dataset, num_replicas, rank, seed):
+        super().__init__(dataset, num_replicas, rank, shuffle=True, seed=seed)
+        self.start = 0
+
+    def __iter__(self):
+        indices = list(super().__iter__())
+        for position in range(self.start, len(indices)):
+            yield indices[position], (self.seed, self.epoch, self.rank, position)
+
+    def __len__(self):
+        return self.num_samples - self.start
+
+
+class SeededAugmentation(Dataset):
+    """Training slices augmented with a generator seeded by the key that PositionSeededSampler gives."""
+
+    def __init__(self, dataset, transform):
+        self.dataset, self.transform = dataset, transform
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        index, seed = key
+        sample = self.dataset[index]
+        augmented = self.transform({"image": sample["image"].numpy(), "label": sample["label"].numpy()},
+                                   rng=np.random.default_rng(seed))
+        augmented["case_name"] = sample["case_name"]
+        return augmented
+
+
+def leave_stop_signals_to_the_trainer(worker_id):
+    """Loader workers ignore SIGINT and SIGTERM: the training process stops them after saving its position."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Training stopped between two steps on SIGINT or SIGTERM, after saving its exact position in last.pth."""
+
+    def __init__(self, signal_number):
+        super().__init__(signal.Signals(signal_number).name)
+        self.signal_number = signal_number
+
+
+class StopRequest:
+    """While active, SIGINT and SIGTERM ask training to stop after the current step.
+
+    The trainer shares the request between ranks every step, so a signal on any rank
+    stops all of them at the same step. A second signal interrupts at once, without saving.
+    """
+
+    def __init__(self):
+        self.signal_number = 0
+        self.previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {number: signal.signal(number, self.handle) for number in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exception):
+        for number, handler in self.previous.items():
+            signal.signal(number, handler)
+
+    def handle(self, number, frame):
+        if self.signal_number:
+            raise KeyboardInterrupt
+        self.signal_number = number
+        logger.warning("%s received: stopping after this step (a second signal stops at once, without saving)",
+                       signal.Signals(number).name)
+
+
 @dataclass
 class TrainState:
     epoch: int = 0  # completed epochs
     iteration: int = 0
     best_metric: float = -math.inf
     best_epoch: int = -1
+    epoch_iteration: int = 0  # steps done in the epoch in progress (non-zero only in an interrupted checkpoint)
+
+
+def iteration_budget(args, iterations_per_epoch, model_name):
+    """Iterations of the run: ``max_epochs`` epochs, cut by ``--max_iterations`` if that is smaller.
+
+    A cap that would end I-MMSeg training before its fused head (the inference output)
+    starts training is refused; a cap that shortens the run is logged with the epoch it ends in.
+    """
+    planned = args.max_epochs * iterations_per_epoch
+    if args.max_iterations is None or args.max_iterations >= planned:
+        return planned
+    if args.max_iterations < 1:
+        raise ValueError(f"--max_iterations must be positive, got {args.max_iterations}")
+    last_epoch = math.ceil(args.max_iterations / iterations_per_epoch)  # counted from 1
+    described = (f"--max_iterations {args.max_iterations} ends training in epoch {last_epoch} of "
+                 f"{args.max_epochs} ({iterations_per_epoch} iterations per epoch, {planned} for all epochs)")
+    if model_name == "immseg" and last_epoch <= args.region_fusion_start_epoch:
+        raise ValueError(f"{described}, before the fused head, the only one used at inference, starts training "
+                         f"in epoch {args.region_fusion_start_epoch + 1} (--region_fusion_start_epoch "
+                         f"{args.region_fusion_start_epoch}, counted from 0): raise or drop --max_iterations, or "
+                         "lower --region_fusion_start_epoch")
+    logger.info("%s: the run is shortened", described)
+    return args.max_iterations
 
 
 def poly_lr(base_lr, iteration, max_iterations):
@@ -306,23 +527,29 @@ class Trainer:
         self.model = model.to(ctx.device)
         if ctx.device.type == "cuda":
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.train_set = MyoPSDataset(args.root_path, args.list_dir, "train",
-                                      transform=RandomGenerator((args.img_size, args.img_size), args.augmentation))
+        self.preprocessing = read_preprocessing(args.root_path)
+        self.train_set = MyoPSDataset(args.root_path, args.list_dir, "train")
         val_list = Path(args.list_dir) / "val.txt"
         self.val_set = (MyoPSDataset(args.root_path, args.list_dir, "val")
                         if val_list.is_file() and val_list.read_text().strip() else None)
         if len(self.train_set) < args.batch_size * ctx.world_size:
             raise ValueError(f"{len(self.train_set)} training slices in {args.list_dir / 'train.txt'} are fewer than "
                              f"one global batch ({args.batch_size} x {ctx.world_size} processes)")
-        self.sampler = DistributedSampler(self.train_set, ctx.world_size, ctx.rank, shuffle=True, seed=args.seed)
-        self.loader = DataLoader(self.train_set, args.batch_size, sampler=self.sampler, drop_last=True,
+        self.sampler = PositionSeededSampler(self.train_set, ctx.world_size, ctx.rank, args.seed)
+        augmented = SeededAugmentation(self.train_set, RandomGenerator((args.img_size, args.img_size),
+                                                                       args.augmentation))
+        # The loader's own generator keeps its worker seeds off the global stream that the model draws from.
+        self.loader = DataLoader(augmented, args.batch_size, sampler=self.sampler, drop_last=True,
                                  num_workers=args.num_workers, pin_memory=ctx.device.type == "cuda",
-                                 persistent_workers=args.num_workers > 0)
-        self.max_iterations = min(args.max_iterations, args.max_epochs * len(self.loader))
+                                 persistent_workers=args.num_workers > 0,
+                                 worker_init_fn=leave_stop_signals_to_the_trainer,
+                                 generator=torch.Generator().manual_seed(args.seed))
+        self.max_iterations = iteration_budget(args, len(self.loader), spec["model"])
         self.optimizer = make_optimizer(self.model.parameters(), args.base_lr, args.weight_decay, ctx.device)
         self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=args.amp == "fp16")
         self.criterion = IMMSegLoss(args.num_classes, model.config.contrast).to(ctx.device)
         self.state = TrainState()
+        self.stop = StopRequest()
         self.writer = None
 
     # checkpoints -------------------------------------------------------------------------------------------
@@ -330,7 +557,7 @@ class Trainer:
         return {"format": CHECKPOINT_FORMAT, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scaler": self.scaler.state_dict(), "train_state": asdict(self.state), "interrupted": interrupted,
                 "rng": rng_states, "spec": self.spec, "args": _plain(vars(self.args)),
-                "priors": self.priors_provenance, "git_commit": git_commit(),
+                "priors": self.priors_provenance, "preprocessing": self.preprocessing, "git_commit": git_commit(),
                 "saved": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
     def save(self, names, interrupted=False):
@@ -343,10 +570,25 @@ class Trainer:
         logger.info("saved %s (epoch %d, iteration %d)", ", ".join(names), self.state.epoch, self.state.iteration)
 
     def resume(self, path):
-        checkpoint = load_checkpoint(path, map_location=self.ctx.device)
-        differences = spec_differences(self.spec, checkpoint["spec"])
+        # On the CPU: the RNG states must stay CPU tensors; weights and optimizer state are copied to the
+        # device of the parameters they are loaded into.
+        try:
+            checkpoint = load_checkpoint(path, map_location="cpu")
+        except CheckpointError as error:
+            older = newest_epoch_checkpoint(Path(path).parent, exclude=Path(path))
+            if older is None:
+                raise
+            raise CheckpointError(f"{error}\nThe newest epoch checkpoint of the run is {older}: continue from it "
+                                  f"with --resume {older}") from None
+        if "optimizer" not in checkpoint:
+            raise CheckpointError(f"{path} holds weights without a training state (a converted checkpoint): "
+                                  "it can be tested, not resumed")
+        # switches added since the checkpoint was written take the values it was trained with
+        found = dict(checkpoint["spec"], config=with_switch_defaults(checkpoint["spec"]["config"]).to_dict())
+        differences = spec_differences(self.spec, found)
         if differences:
             raise CheckpointError(f"{path} was trained with another configuration:\n  " + "\n  ".join(differences))
+        self.check_priors(checkpoint, path)
         load_model_state(self.model, checkpoint["model"], path)
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         self.scaler.load_state_dict(checkpoint["scaler"])
@@ -358,7 +600,27 @@ class Trainer:
             logger.warning("%s was saved by %d processes, this run has %d: random streams restart from the seed",
                            path, len(states), self.ctx.world_size)
         logger.info("resumed from %s at epoch %d, iteration %d%s", path, self.state.epoch, self.state.iteration,
-                    " (it was interrupted: that epoch restarts)" if checkpoint["interrupted"] else "")
+                    f" (interrupted after step {self.state.epoch_iteration} of epoch {self.state.epoch + 1}: "
+                    "it continues from there)" if checkpoint["interrupted"] else "")
+
+    def check_priors(self, checkpoint, path):
+        """The prior file in use must hold the checkpoint's embeddings, encoded from the same prompts.
+
+        Resuming restores the checkpoint's prior buffers, so another file would be recorded but not used.
+        """
+        if self.priors_provenance is None:
+            return
+        recorded, state = checkpoint.get("priors") or {}, checkpoint["model"]
+        found = {"embeddings_sha256": recorded.get("embeddings_sha256"), "prompt_sha256": recorded.get("prompt_sha256")}
+        if found["embeddings_sha256"] is None and "intensity_priors" in state:  # checkpoints that predate the hash
+            found["embeddings_sha256"] = embeddings_sha256(state["intensity_priors"], state["class_embeddings"])
+        differences = [f"{key}: {value} in the checkpoint, {self.priors_provenance.get(key)} in the prior file"
+                       for key, value in found.items() if value != self.priors_provenance.get(key)]
+        if differences:
+            raise CheckpointError(
+                f"{path} was trained with other text priors ({recorded.get('origin', 'origin not recorded')}) than "
+                f"--prior_embeddings {self.args.prior_embeddings}:\n  " + "\n  ".join(differences)
+                + f"\nResume with the run's prior file (config.json: args.prior_embeddings), or start a new run")
 
     # training ----------------------------------------------------------------------------------------------
     def weights_for(self, epoch):
@@ -385,7 +647,18 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.state.iteration += 1
+        self.state.epoch_iteration += 1
         return output, loss.detach(), terms, lr
+
+    def stop_if_requested(self):
+        """Raise TrainingInterrupted on every rank as soon as any rank has received SIGINT or SIGTERM."""
+        number = self.stop.signal_number
+        if self.ctx.distributed:
+            shared = torch.tensor(number, device=self.ctx.device)
+            dist.all_reduce(shared, op=dist.ReduceOp.MAX)
+            number = int(shared.item())
+        if number:
+            raise TrainingInterrupted(number)
 
     def check_finite(self, loss, terms):
         value = loss.detach().float().clone()
@@ -429,21 +702,29 @@ class Trainer:
                                            else None, find_unused_parameters=True)
                    if ctx.distributed else self.model)
         if ctx.is_main:
-            from tensorboardX import SummaryWriter
-
-            self.writer = SummaryWriter(str(self.run_dir / "log"))
+            self.writer = tensorboard_writer(self.run_dir / "log")
         logger.info("%d training slices, %d iterations per epoch, %d iterations in all, %s validation volumes",
                     len(self.train_set), len(self.loader), self.max_iterations,
                     len(self.val_set) if self.val_set else "no")
         network.train()
+        start_time, start_iteration = time.perf_counter(), self.state.iteration
         try:
-            while self.state.epoch < args.max_epochs and self.state.iteration < self.max_iterations:
-                self.train_epoch(network)
-                self.end_epoch()
-        except KeyboardInterrupt:
-            logger.warning("interrupted at epoch %d, iteration %d: saving last.pth", self.state.epoch,
-                           self.state.iteration)
-            self.save(["last.pth"], interrupted=True)
+            with self.stop:
+                try:
+                    while self.state.epoch < args.max_epochs and self.state.iteration < self.max_iterations:
+                        self.train_epoch(network)
+                        self.end_epoch()
+                except TrainingInterrupted as interruption:
+                    logger.warning("%s: stopped in epoch %d after %d of its %d steps (iteration %d); saving "
+                                   "last.pth, from which --resume auto continues with the next step", interruption,
+                                   self.state.epoch + 1, self.state.epoch_iteration,
+                                   self.sampler.num_samples // args.batch_size, self.state.iteration)
+                    self.save(["last.pth"], interrupted=True)
+                    self.ctx.barrier()  # under torchrun, a rank that exits early gets the others killed
+                    raise
+        except KeyboardInterrupt as interruption:
+            if not isinstance(interruption, TrainingInterrupted):
+                logger.warning("interrupted within a step: nothing saved, last.pth holds the state of its last save")
             raise
         finally:
             if self.writer is not None:
@@ -451,15 +732,22 @@ class Trainer:
         logger.info("training finished: %d epochs, %d iterations; best mean pathology Dice %s", self.state.epoch,
                     self.state.iteration, f"{self.state.best_metric:.4f} at epoch {self.state.best_epoch}"
                     if self.state.best_epoch >= 0 else "n/a (no validation set)")
+        done, seconds = self.state.iteration - start_iteration, time.perf_counter() - start_time
+        peak = (f"; peak GPU memory {torch.cuda.max_memory_allocated(ctx.device) / 2 ** 20:.0f} MiB"
+                if ctx.device.type == "cuda" else "")
+        logger.info("%d iterations in %.1f s: %.3f s per iteration (with data loading, validation and saving)%s",
+                    done, seconds, seconds / max(done, 1), peak)
         return self.state
 
     def train_epoch(self, network):
         epoch = self.state.epoch
         self.sampler.set_epoch(epoch)
+        self.sampler.start = self.state.epoch_iteration * self.args.batch_size
         weights = self.weights_for(epoch)
         progress = tqdm(self.loader, desc=f"epoch {epoch + 1}/{self.args.max_epochs}", leave=False,
                         disable=not self.ctx.is_main or not self.args.progress, dynamic_ncols=True)
         for batch in progress:
+            self.stop_if_requested()
             output, loss, terms, lr = self.train_step(network, batch, weights)
             if self.ctx.is_main:
                 progress.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}")
@@ -472,6 +760,7 @@ class Trainer:
 
     def end_epoch(self):
         self.state.epoch += 1
+        self.state.epoch_iteration = 0
         args, names = self.args, ["last.pth"]
         finished = self.state.epoch >= args.max_epochs or self.state.iteration >= self.max_iterations
         if self.val_set is not None and self.fused_head_trained() and (self.state.epoch % args.val_every == 0
@@ -490,6 +779,16 @@ class Trainer:
         self.save(names)
 
 
+def tensorboard_writer(folder):
+    """A TensorBoard writer, or None (with a warning) where tensorboardX is not installed."""
+    try:
+        from tensorboardX import SummaryWriter
+    except ImportError:
+        logger.warning("tensorboardX is not installed: no TensorBoard events are written (pip install tensorboardX)")
+        return None
+    return SummaryWriter(str(folder))
+
+
 def make_optimizer(parameters, lr, weight_decay, device):
     """AdamW, with the fused (single-kernel) update where this PyTorch build has one for the device."""
     fused = device.type == "cuda" or (device.type == "cpu" and hasattr(torch, "_fused_adamw_"))
@@ -500,11 +799,13 @@ def _plain(mapping):
     return {k: str(v) if isinstance(v, Path) else v for k, v in mapping.items()}
 
 
-def write_run_config(run_dir, args, spec, priors_provenance):
-    """config.json beside the checkpoints: the model specification, the arguments and the priors."""
+def write_run_config(run_dir, args, spec, priors_provenance, preprocessing):
+    """config.json beside the checkpoints: the model specification, the arguments, the priors and the
+    training data's preprocessing record (read_preprocessing)."""
     with atomic_path(run_dir / "config.json") as temporary:
         temporary.write_text(json.dumps({"spec": spec, "args": _plain(vars(args)), "priors": priors_provenance,
-                                         "git_commit": git_commit()}, indent=2, default=str) + "\n")
+                                         "preprocessing": preprocessing, "git_commit": git_commit()},
+                                        indent=2, default=str) + "\n")
 
 
 def configure_logging(run_dir=None, is_main=True):

@@ -55,7 +55,8 @@ class TextAnchoredContrastiveLoss(nn.Module):
     At each scale the labels are nearest-downsampled to the embedding grid; for
     each image and each present, non-ignored class up to ``samples_per_scale[s]``
     pixels are drawn without replacement (all images and classes at once). The
-    K class anchors join with their class ids. Features are L2-normalised; for
+    K class anchors join with their class ids (``anchor_copies`` times each: the released
+    review code gathers the anchors of its two GPUs). Features are L2-normalised; for
     each sample i and positive p the loss is -log(exp(s_ip) / (exp(s_ip) +
     sum over negatives n of exp(s_in))), s = cosine / temperature, averaged over
     the positives of i and then over the samples that have a positive. The
@@ -63,10 +64,11 @@ class TextAnchoredContrastiveLoss(nn.Module):
     stays connected to the graph.
     """
 
-    def __init__(self, samples_per_scale=(50, 20, 10), temperature=0.07):
+    def __init__(self, samples_per_scale=(50, 20, 10), temperature=0.07, anchor_copies=1):
         super().__init__()
         self.samples_per_scale = tuple(samples_per_scale)
         self.temperature = temperature
+        self.anchor_copies = anchor_copies
 
     def forward(self, embeddings, labels, anchors, ignore_classes=()):
         """embeddings: per scale (B, d_s, h_s, w_s); labels: (B, H, W); anchors: per scale (K, d_s)."""
@@ -76,9 +78,12 @@ class TextAnchoredContrastiveLoss(nn.Module):
         total = 0.0
         for features, anchor, count in zip(embeddings, anchors, self.samples_per_scale):
             sampled, targets = self.sample(features, labels, count, anchor.shape[0], ignore_classes)
-            classes = torch.arange(anchor.shape[0], device=anchor.device)
-            total = total + self.supervised_contrast(
-                F.normalize(torch.cat([sampled, anchor.to(sampled.dtype)]), dim=1), torch.cat([targets, classes]))
+            classes = torch.arange(anchor.shape[0], device=anchor.device).repeat(self.anchor_copies)
+            anchor = anchor.float().repeat(self.anchor_copies, 1)
+            # In float32 under any autocast: in fp16 a zero feature normalises to NaN and exp() underflows.
+            with torch.autocast(sampled.device.type, enabled=False):
+                total = total + self.supervised_contrast(
+                    F.normalize(torch.cat([sampled.float(), anchor]), dim=1), torch.cat([targets, classes]))
         return total
 
     @staticmethod
@@ -149,7 +154,7 @@ class IMMSegLoss(nn.Module):
         super().__init__()
         self.segmentation = SegmentationLoss(num_classes)
         counts = [int(s * contrast_config.sample_num) for s in contrast_config.samples_per_scale]
-        self.contrast = TextAnchoredContrastiveLoss(counts, contrast_config.temperature)
+        self.contrast = TextAnchoredContrastiveLoss(counts, contrast_config.temperature, contrast_config.anchor_copies)
         self.ignore_classes = tuple(tuple(c) for c in contrast_config.ignore_classes)
 
     def forward(self, output, labels, weights):
@@ -210,8 +215,6 @@ def dice_hd95(prediction, reference, spacing):
     zero distance: both empty -> Dice NaN and HD95 NaN (undefined); exactly one
     empty -> Dice 0 and HD95 NaN (undefined, counted by the summary).
     """
-    from medpy.metric.binary import hd95
-
     prediction, reference = np.asarray(prediction, bool), np.asarray(reference, bool)
     predicted, present = prediction.any(), reference.any()
     if not predicted and not present:
@@ -221,6 +224,8 @@ def dice_hd95(prediction, reference, spacing):
     dice = 2.0 * np.logical_and(prediction, reference).sum() / (prediction.sum() + reference.sum())
     if spacing is None:
         return float(dice), math.nan
+    from medpy.metric.binary import hd95  # only HD95 needs medpy (not training-time validation)
+
     return float(dice), float(hd95(prediction, reference, voxelspacing=tuple(float(s) for s in spacing)))
 
 
@@ -228,6 +233,54 @@ def case_metrics(prediction, reference, spacing):
     """{structure: (dice, hd95)} for label volumes with classes 0-3 (no HD95 when ``spacing`` is None)."""
     return {name: dice_hd95(np.isin(prediction, classes), np.isin(reference, classes), spacing)
             for name, classes in STRUCTURES.items()}
+
+
+# The review release's evaluation (its test.py), behind the paper's tables: see released_dice_hd95.
+RELEASED_EMPTY_PREDICTION_BELOW = 200
+RELEASED_EMPTY_REFERENCE_AT_MOST = 200
+RELEASED_RULES = ("both_present", "empty_scored_1", "empty_scored_0")
+
+
+class ReleasedScore(NamedTuple):
+    dice: float
+    hd95: float
+    rule: str  # one of RELEASED_RULES
+
+
+def released_dice_hd95(prediction, reference):
+    """Dice and HD95 of two binary volumes as the review release's test.py computes them.
+
+    Both present: Dice, and HD95 in voxels (unit spacing along all three axes, so
+    neighbouring slices are one voxel apart). Otherwise (either or both empty):
+    Dice 1 and HD95 0 when the prediction has fewer than 200 voxels and the
+    reference at most 200, else Dice 0 and HD95 0. A missed small structure or a
+    small false positive thus scores as perfect, and no value is undefined.
+    """
+    prediction, reference = np.asarray(prediction, bool), np.asarray(reference, bool)
+    if prediction.any() and reference.any():
+        return ReleasedScore(*dice_hd95(prediction, reference, (1.0, 1.0, 1.0)), "both_present")
+    if prediction.sum() < RELEASED_EMPTY_PREDICTION_BELOW and reference.sum() <= RELEASED_EMPTY_REFERENCE_AT_MOST:
+        return ReleasedScore(1.0, 0.0, "empty_scored_1")
+    return ReleasedScore(0.0, 0.0, "empty_scored_0")
+
+
+def released_case_metrics(prediction, reference):
+    """{structure: ReleasedScore} for label volumes with classes 0-3, in the processed grid."""
+    return {name: released_dice_hd95(np.isin(prediction, classes), np.isin(reference, classes))
+            for name, classes in STRUCTURES.items()}
+
+
+def summarise_released(per_case):
+    """The release's averages: plain means over all cases (no value is undefined), with std and rule counts."""
+    summary = {}
+    for name in STRUCTURES:
+        scores = [metrics[name] for metrics in per_case]
+        dice = np.array([score.dice for score in scores], dtype=np.float64)
+        hd = np.array([score.hd95 for score in scores], dtype=np.float64)
+        summary[name] = {"dice": float(dice.mean()), "dice_std": float(dice.std()), "hd95_px": float(hd.mean()),
+                         "hd95_px_std": float(hd.std()), "n": len(scores),
+                         **{f"n_{rule}": sum(score.rule == rule for score in scores) for rule in RELEASED_RULES}}
+    return summary
 
 
 def summarise(per_case):

@@ -8,6 +8,7 @@ own. ``train_step_s`` is the median over timed steps (after warm-up) of forward,
 backward and optimiser step with all loss terms of the fused stage;
 ``infer_slice_s`` is the median time per slice when a volume of ``--slices``
 slices is predicted in batches of ``--batch_slices`` (the path test.py uses).
+On CUDA, ``peak_cuda_mb`` is torch.cuda.max_memory_allocated over both.
 With ``--reference_dir`` (a checkout of the I_MMSeg review release with its
 ``text_features/*.pth``), its model is timed the way its own scripts run it:
 the same training step, and inference one slice at a time.
@@ -136,13 +137,17 @@ def measure_ours(args):
     return figures
 
 
-def _import_reference(torch, reference_dir, device):
-    """The released model, imported under a private package name; its GPU transfers are redirected to ``device``."""
+def check_reference_text_features(reference_dir):
     features = reference_dir / "text_features"
     for name in ("embedding_MRI_information.pth", "embedding_class_information.pth"):
         if not (features / name).is_file():
             raise FileNotFoundError(f"{features / name} is missing: the released model loads its text "
                                     "features there at construction (3 x 512 and 4 x 512 tensors)")
+
+
+def import_reference(torch, reference_dir, device):
+    """The released model's module, imported under a private package name; its GPU transfers are redirected
+    to ``device``."""
     package = types.ModuleType("released_networks")
     package.__path__ = [str(reference_dir / "networks")]
     sys.modules["released_networks"] = package
@@ -157,7 +162,8 @@ def measure_reference(args):
     from networks.vit_seg_modeling import SegmentationOutput
     from utils import IMMSegLoss
 
-    released = _import_reference(torch, args.reference_dir, args.device)
+    check_reference_text_features(args.reference_dir)
+    released = import_reference(torch, args.reference_dir, args.device)
     config = released.CONFIGS["R50-ViT-B_16"]
     config.n_classes, config.n_skip = 4, 3
     config.patches.grid = (args.img_size // 16, args.img_size // 16)
@@ -207,10 +213,12 @@ def main(argv=None):
         results["train_speedup"] = reference["train_step_s"] / results["train_step_s"]
         results["infer_speedup"] = reference["infer_slice_s"] / results["infer_slice_s"]
         rows.append(reference)
-    logger.info("%-28s %12s %14s %15s %12s", "model", "params", "train_step_s", "infer_slice_s", "peak_rss_mb")
+    cuda = args.device == "cuda"
+    logger.info("%-28s %12s %14s %15s %12s%s", "model", "params", "train_step_s", "infer_slice_s", "peak_rss_mb",
+                f" {'peak_cuda_mb':>13}" if cuda else "")
     for row in rows:
-        logger.info("%-28s %12d %14.3f %15.4f %12.0f", row["model"], row["params"], row["train_step_s"],
-                    row["infer_slice_s"], row["peak_rss_mb"])
+        logger.info("%-28s %12d %14.3f %15.4f %12.0f%s", row["model"], row["params"], row["train_step_s"],
+                    row["infer_slice_s"], row["peak_rss_mb"], f" {row['peak_cuda_mb']:13.0f}" if cuda else "")
     if "reference" in results:
         logger.info("ours vs released: training step %.2fx faster, inference per slice %.2fx faster",
                     results["train_speedup"], results["infer_speedup"])

@@ -16,9 +16,9 @@ import torch
 from scipy import ndimage
 from torch.utils.data import Dataset
 
-from networks.vit_seg_configs import MODALITIES
-
 from .geometry import CaseGeometry
+from .layouts import DataError
+from .vocabulary import CLASS_NAMES, MODALITIES
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +36,9 @@ class MyoPSDataset(Dataset):
 
     base_dir holds ``bSSFP/``, ``LGE/``, ``T2w/`` and, unless ``list_dir`` says
     otherwise, the list files ``train.txt``, ``val.txt`` and ``test_vol.txt``.
+    The review release's ``Processed_data`` has the same layout and file names and
+    is read as it is, with ``list_dir`` its ``list/`` folder: float32 labels are
+    accepted when they hold whole class indices, and its volumes carry no geometry.
     """
 
     def __init__(self, base_dir, list_dir=None, split="train", transform=None):
@@ -65,9 +68,13 @@ class MyoPSDataset(Dataset):
             if not path.is_file():
                 raise FileNotFoundError(f"slice {name}: missing {path}")
             with np.load(path) as data:
+                missing = {"image", "label"} - set(data.files)
+                if missing:
+                    raise DataError(f"slice {name}: {path} has no array {', '.join(sorted(missing))} "
+                                    f"(expected 'image' and 'label', has {data.files})")
                 images.append(data["image"].astype(np.float32))
                 if label is None:
-                    label = data["label"].astype(np.int64)
+                    label = _class_indices(data["label"], path)
         sample = {"image": np.stack(images), "label": label}
         if self.transform is not None:
             sample = self.transform(sample)
@@ -83,13 +90,27 @@ class MyoPSDataset(Dataset):
             if not path.is_file():
                 raise FileNotFoundError(f"volume {name}: missing {path}")
             with h5py.File(path, "r") as handle:
+                missing = {"image", "label"} - set(handle.keys())
+                if missing:
+                    raise DataError(f"volume {name}: {path} has no dataset {', '.join(sorted(missing))} "
+                                    f"(expected 'image' and 'label', has {sorted(handle.keys())})")
                 images.append(handle["image"][:].astype(np.float32))
                 if label is None:
-                    label = handle["label"][:].astype(np.int64)
+                    label = _class_indices(handle["label"][:], path)
                     meta = {key: _plain(value) for key, value in handle.attrs.items()}
         geometry = CaseGeometry.from_attrs(meta) if "geometry" in meta else None
         return {"image": torch.from_numpy(np.stack(images)), "label": torch.from_numpy(label), "case_name": name,
                 "geometry": geometry, "meta": meta}
+
+
+def _class_indices(label, path):
+    """The label as int64 class indices; stored as any dtype (the release writes float32) holding whole 0-3."""
+    classes = label.astype(np.int64)
+    if not np.array_equal(classes, label) or classes.min() < 0 or classes.max() >= len(CLASS_NAMES):
+        values = np.unique(label)
+        raise DataError(f"{path}: label values must be whole numbers in 0-{len(CLASS_NAMES) - 1}, found "
+                        f"{values[:10].tolist()}{' ...' if values.size > 10 else ''}")
+    return classes
 
 
 def _plain(value):

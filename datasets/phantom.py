@@ -2,7 +2,8 @@
 
     python -m datasets.phantom --out data/phantom --cases 20 --seed 0
 
-writes, for case ids case0001 .. caseNNNN,
+writes, for case ids case0001 .. caseNNNN (files of these cases that exist already are replaced only
+with --overwrite),
 
     OUT/Raw_data/{bSSFP,LGE,T2w}/caseNNNN.nii.gz   float32 images at raw-scanner-like scales
     OUT/Raw_data/label/caseNNNN_gt.nii.gz           uint8: 0 background, 1 normal myocardium, 2 scar, 3 edema
@@ -30,7 +31,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from networks.vit_seg_configs import MODALITIES
+from datasets.vocabulary import MODALITIES
 
 logger = logging.getLogger("datasets.phantom")
 
@@ -439,11 +440,20 @@ def _describe(case):
     return f"{sizes} voxels of {spacing} mm, {pathology}"
 
 
-def write_phantom(out_dir, cases: int = DEFAULT_CASES, seed: int = DEFAULT_SEED) -> list[str]:
-    """Write cases 1 .. ``cases`` in the MyoPS380 raw layout under ``out_dir``; returns their ids."""
+def write_phantom(out_dir, cases: int = DEFAULT_CASES, seed: int = DEFAULT_SEED, overwrite: bool = False) -> list[str]:
+    """Write cases 1 .. ``cases`` in the MyoPS380 raw layout under ``out_dir``; returns their ids.
+
+    Files of those cases that already exist are an error unless ``overwrite``.
+    """
     if cases < 1 or seed < 0:
         raise ValueError(f"need at least one case and a non-negative seed, got {cases} cases and seed {seed}")
     raw = Path(out_dir) / RAW_DIR
+    existing = [path for index in range(1, cases + 1) for path in
+                [raw / sequence / f"{case_name(index)}.nii.gz" for sequence in MODALITIES]
+                + [raw / LABEL_DIR / f"{case_name(index)}_gt.nii.gz"] if path.exists()]
+    if existing and not overwrite:
+        raise FileExistsError(f"{raw} already holds {len(existing)} of the files to write (first {existing[0]}): "
+                              "pass --overwrite to replace them, or choose another --out")
     for folder in (*MODALITIES, LABEL_DIR):
         (raw / folder).mkdir(parents=True, exist_ok=True)
     start, case_ids, pathological = time.perf_counter(), [], 0
@@ -467,6 +477,7 @@ def parse_args(argv=None):
     parser.add_argument("--out", type=Path, required=True, help="dataset folder; Raw_data/ is written in it")
     parser.add_argument("--cases", type=int, default=DEFAULT_CASES, help=f"number of cases (default {DEFAULT_CASES})")
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"random seed (default {DEFAULT_SEED})")
+    parser.add_argument("--overwrite", action="store_true", help="replace cases that already exist in --out")
     return parser.parse_args(argv)
 
 
@@ -474,8 +485,8 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
     try:
-        write_phantom(args.out, args.cases, args.seed)
-    except ValueError as error:
+        write_phantom(args.out, args.cases, args.seed, args.overwrite)
+    except (ValueError, FileExistsError) as error:
         logger.error("%s", error)
         return 1
     return 0

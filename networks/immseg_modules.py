@@ -9,18 +9,28 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-class Mlp(nn.Module):
-    """Linear -> activation -> Linear, with an optional output activation."""
+OUTPUT_ACTIVATIONS = {
+    "none": nn.Identity,
+    "sigmoid": nn.Sigmoid,
+    "gelu_sigmoid": lambda: nn.Sequential(nn.GELU(), nn.Sigmoid()),  # the released review code's MLP ending
+}
 
-    def __init__(self, in_features, hidden_features, out_features, act_layer=nn.GELU, out_act_layer=None):
+
+class Mlp(nn.Module):
+    """Linear -> GELU -> Linear, then the output activation ``output`` (a key of OUTPUT_ACTIVATIONS) and dropout."""
+
+    def __init__(self, in_features, hidden_features, out_features, output="none", dropout=0.0):
         super().__init__()
+        if output not in OUTPUT_ACTIVATIONS:
+            raise ValueError(f"unknown MLP output {output!r}; expected one of {sorted(OUTPUT_ACTIVATIONS)}")
         self.fc1 = nn.Linear(in_features, hidden_features)
-        self.act = act_layer()
+        self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden_features, out_features)
-        self.out_act = out_act_layer() if out_act_layer is not None else nn.Identity()
+        self.out_act = OUTPUT_ACTIVATIONS[output]()
+        self.dropout = nn.Dropout(dropout)
 
     def forward(self, x):
-        return self.out_act(self.fc2(self.act(self.fc1(x))))
+        return self.dropout(self.out_act(self.fc2(self.act(self.fc1(x)))))
 
 
 class ConcatFusion(nn.Sequential):
@@ -44,15 +54,17 @@ class CrossModalFeatureEnhancement(nn.Module):
     w_m = sigmoid-MLP([ReLU(Linear(T_m)), Conv1x1(GAP(F_m))]) gives one weight per
     position; M_m = F_m * w_m; for each other modality o, A = softmax_j |cos(M_m[:, i],
     M_o[:, j])| and E_{m<-o} = M_m A^T; F^_m = ReLU(BN(Conv1x1([F_m, E_{m<-a}, E_{m<-b}]))).
+    ``cfg`` (config.cmfe) gives the widths and the gate MLP's output activation and dropout.
     """
 
-    def __init__(self, channels, num_positions, text_dim, prior_dim, gate_hidden, num_modalities=3):
+    def __init__(self, channels, num_positions, text_dim, cfg, num_modalities=3):
         super().__init__()
         self.num_positions = num_positions
-        self.prior_proj = nn.Sequential(nn.Linear(text_dim, prior_dim), nn.ReLU(inplace=True))
-        self.visual_proj = nn.ModuleList(nn.Conv2d(channels, prior_dim, kernel_size=1)
+        self.prior_proj = nn.Sequential(nn.Linear(text_dim, cfg.prior_dim), nn.ReLU(inplace=True))
+        self.visual_proj = nn.ModuleList(nn.Conv2d(channels, cfg.prior_dim, kernel_size=1)
                                          for _ in range(num_modalities))
-        self.gates = nn.ModuleList(Mlp(2 * prior_dim, gate_hidden, num_positions, out_act_layer=nn.Sigmoid)
+        self.gates = nn.ModuleList(Mlp(2 * cfg.prior_dim, cfg.gate_hidden, num_positions, cfg.gate_output,
+                                       cfg.gate_dropout)
                                    for _ in range(num_modalities))
         self.fuse = nn.ModuleList(ConcatFusion(num_modalities * channels, channels) for _ in range(num_modalities))
 
@@ -102,18 +114,21 @@ class ClassFeatureModulation(nn.Module):
     r_m = MLP(T_m); v_m = GAP(Conv1x1(CBAM(F^_m))); s_m = MLP([r_m, v_m]);
     (gamma_k, beta_k) = Linear(s_m); Q_m[k] = Q[k] * (1 + gamma_k) + beta_k.
     Each sample is modulated by its own features, so a slice's output never
-    depends on the other slices of its batch.
+    depends on the other slices of its batch, unless ``cfg.average_visual_over_batch``
+    (the released review code) replaces v_m by its mean over the batch.
     """
 
     def __init__(self, channels, text_dim, num_classes, cfg, num_modalities=3):
         super().__init__()
         self.num_classes = num_classes
-        self.prior_mlp = Mlp(text_dim, cfg.prior_hidden, cfg.prior_dim)
+        self.average_visual_over_batch = cfg.average_visual_over_batch
+        self.prior_mlp = Mlp(text_dim, cfg.prior_hidden, cfg.prior_dim, cfg.mlp_output, cfg.mlp_dropout)
         self.visual = nn.ModuleList(
             nn.Sequential(CBAM(channels, cfg.cbam_reduction), nn.Conv2d(channels, cfg.visual_dim, 1, bias=False),
                           nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
             for _ in range(num_modalities))
-        self.style = nn.ModuleList(Mlp(cfg.prior_dim + cfg.visual_dim, cfg.style_hidden, cfg.style_dim)
+        self.style = nn.ModuleList(Mlp(cfg.prior_dim + cfg.visual_dim, cfg.style_hidden, cfg.style_dim,
+                                       cfg.mlp_output, cfg.mlp_dropout)
                                    for _ in range(num_modalities))
         self.film = nn.ModuleList(nn.Linear(cfg.style_dim, 2 * num_classes) for _ in range(num_modalities))
 
@@ -123,6 +138,8 @@ class ClassFeatureModulation(nn.Module):
         modulated = []
         for m, feature in enumerate(features):
             visual = self.visual[m](feature)
+            if self.average_visual_over_batch:
+                visual = visual.mean(dim=0, keepdim=True).expand_as(visual)
             style = self.style[m](torch.cat([priors[m].expand(feature.shape[0], -1), visual], dim=1))
             gamma, beta = self.film[m](style).view(-1, self.num_classes, 2, 1).unbind(dim=2)
             modulated.append(class_features * (1 + gamma) + beta)

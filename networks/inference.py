@@ -10,9 +10,10 @@ from .vit_seg_modeling_resnet_skip import StdConv2d
 
 
 def _standardised_conv(conv):
-    """A plain Conv2d holding the standardised kernel of a StdConv2d."""
-    plain = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-                      conv.dilation, conv.groups, bias=conv.bias is not None)
+    """A plain Conv2d holding the standardised kernel of a StdConv2d, on the source's device and in its dtype."""
+    plain = nn.utils.skip_init(nn.Conv2d, conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
+                               conv.padding, conv.dilation, conv.groups, bias=conv.bias is not None,
+                               padding_mode=conv.padding_mode, device=conv.weight.device, dtype=conv.weight.dtype)
     var, mean = torch.var_mean(conv.weight, dim=(1, 2, 3), keepdim=True, unbiased=False)
     plain.weight.data.copy_((conv.weight - mean) / (var + conv.eps).sqrt())
     if conv.bias is not None:
@@ -35,7 +36,8 @@ def fuse_for_inference(model, channels_last=True):
     Weight-standardised kernels are standardised once, BatchNorm layers that
     follow a convolution inside an ``nn.Sequential`` are folded into it, and
     (optionally) tensors use the channels-last layout that oneDNN and cuDNN
-    convolutions prefer. The model passed in is left unchanged.
+    convolutions prefer. The model passed in is left unchanged, and every tensor of
+    the copy keeps the device and dtype of the tensor it was made from.
     """
     fused = copy.deepcopy(model).eval()
     for module in list(fused.modules()):

@@ -7,14 +7,65 @@ Every size the networks build comes from here. The factories return a fresh
 - ``R50-ViT-B_16``: the paper's encoder, shapes of Google's ImageNet-21k release.
 - ``R50-only``: the same ResNet without transformer layers, as in the released
   review code (bottleneck of 1024 channels at H/16).
+- ``R50-only-release``: ``R50-only`` with the switches of ``RELEASE_SWITCHES`` on, so
+  that it computes the released review code's function (``networks.convert_release``
+  maps the release's checkpoint onto it).
 - ``compact``: a narrow, shallow variant for CPU experiments.
-- ``testing``: a tiny variant for unit tests.
+- ``testing``: a tiny variant for unit tests; ``testing-release`` adds the release's switches.
 """
 import ml_collections
 
-MODALITIES = ("bSSFP", "LGE", "T2w")
-CLASS_NAMES = ("background", "myocardium", "scar", "edema")
+from datasets.vocabulary import CLASS_NAMES, MODALITIES
 DEFAULT_PRETRAINED_PATH = "model/vit_checkpoint/imagenet21k/R50-ViT-B_16.npz"
+
+
+# Switches between this repository's function (the values here, which every configuration gets) and the
+# released review code's. A configuration saved before a switch existed (a checkpoint's spec) is completed
+# with these values by ``with_switch_defaults``: they are the behaviour such checkpoints were trained with.
+SWITCH_DEFAULTS = {
+    "resnet.input_repeat": 1,  # each one-channel input is repeated this many times before the stem
+    "resnet.pool_padding": 1,  # stem max pool padding; 0: TransUNet's pool, stage-1 skip zero-padded to H/4
+    "resnet.projection_norm": "group",  # residual projection norm: "group" as gn1-3, "per_channel" GroupNorm(C, C)
+    "resnet.output_dropout": 0.0,  # dropout on the ResNet's output map (training only)
+    "cmfe.gate_output": "sigmoid",  # output of the CMFE gate MLP: "sigmoid" or "gelu_sigmoid"
+    "cmfe.gate_dropout": 0.0,  # dropout on the gate values (training only)
+    "cfm.mlp_output": "none",  # output of CFM's prior and style MLPs: "none" or "gelu_sigmoid"
+    "cfm.mlp_dropout": 0.0,  # dropout after those MLPs (training only)
+    "cfm.average_visual_over_batch": False,  # v_m averaged over the batch (only the training-time modality heads)
+    "contrast.anchor_copies": 1,  # times each class anchor enters the contrastive loss
+}
+
+# What the released review code does (read from its networks/ and utils.py; see README).
+RELEASE_SWITCHES = {
+    "resnet.input_repeat": 3,
+    "resnet.pool_padding": 0,
+    "resnet.projection_norm": "per_channel",
+    "resnet.output_dropout": 0.1,
+    "cmfe.gate_output": "gelu_sigmoid",
+    "cmfe.gate_dropout": 0.1,
+    "cfm.mlp_output": "gelu_sigmoid",
+    "cfm.mlp_dropout": 0.1,
+    "cfm.average_visual_over_batch": True,
+    "contrast.anchor_copies": 2,  # its anchors, computed on each of its two DataParallel GPUs, are gathered
+}
+
+
+def _set_switches(config, switches, only_missing=False):
+    for dotted, value in switches.items():
+        *groups, name = dotted.split(".")
+        node = config
+        for group in groups:
+            node = node[group]
+        if not only_missing or name not in node:
+            node[name] = value
+    return config
+
+
+def with_switch_defaults(config):
+    """A copy of ``config`` (a ConfigDict, or a checkpoint spec's plain dict) with absent switches set to
+    ``SWITCH_DEFAULTS``."""
+    return _set_switches(ml_collections.ConfigDict(config).copy_and_resolve_references(), SWITCH_DEFAULTS,
+                         only_missing=True)
 
 
 def _method_config():
@@ -79,7 +130,7 @@ def get_r50_b16_config():
     config.resnet.norm_groups = 32
     config.classifier = "seg"
     config.pretrained_path = DEFAULT_PRETRAINED_PATH
-    return config
+    return _set_switches(config, SWITCH_DEFAULTS)
 
 
 def get_r50_only_config():
@@ -87,6 +138,13 @@ def get_r50_only_config():
     config = get_r50_b16_config()
     config.name = "R50-only"
     config.transformer.num_layers = 0
+    return config
+
+
+def get_r50_only_release_config():
+    """``R50-only`` computing the released review code's function: the target of ``networks.convert_release``."""
+    config = _set_switches(get_r50_only_config(), RELEASE_SWITCHES)
+    config.name = "R50-only-release"
     return config
 
 
@@ -148,11 +206,21 @@ def get_testing():
     return config
 
 
+def get_testing_release():
+    """``testing`` without transformer layers and with the released review code's switches (conversion tests)."""
+    config = _set_switches(get_testing(), RELEASE_SWITCHES)
+    config.name = "testing-release"
+    config.transformer.num_layers = 0
+    return config
+
+
 CONFIG_FACTORIES = {
     "R50-ViT-B_16": get_r50_b16_config,
     "R50-only": get_r50_only_config,
+    "R50-only-release": get_r50_only_release_config,
     "compact": get_compact_config,
     "testing": get_testing,
+    "testing-release": get_testing_release,
 }
 
 

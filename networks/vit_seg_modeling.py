@@ -15,6 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from datasets.vocabulary import MODALITIES
+
 from . import vit_seg_configs as configs
 from .immseg_modules import (ClassFeatureModulation, ConcatFusion, ContrastProjection, CrossModalFeatureEnhancement,
                              DynamicClassHead)
@@ -126,8 +128,10 @@ class Transformer(nn.Module):
         super().__init__()
         if img_size % 16:
             raise ValueError(f"img_size must be a multiple of 16 (the encoder downsamples by 16), got {img_size}")
-        self.hybrid_model = ResNetV2(config.resnet.num_layers, config.resnet.width_factor, in_channels,
-                                     config.resnet.norm_groups)
+        resnet = config.resnet
+        self.hybrid_model = ResNetV2(resnet.num_layers, resnet.width_factor, in_channels, resnet.norm_groups,
+                                     resnet.input_repeat, resnet.pool_padding, resnet.projection_norm)
+        self.output_dropout = nn.Dropout(resnet.output_dropout)
         self.grid_size = (img_size // 16, img_size // 16)
         self.skip_channels = self.hybrid_model.skip_channels
         self.num_layers = config.transformer.num_layers
@@ -145,6 +149,7 @@ class Transformer(nn.Module):
 
     def forward(self, x):
         x, skips = self.hybrid_model(x)
+        x = self.output_dropout(x)
         if self.num_layers:
             x = self.patch_embeddings(x)
             height, width = x.shape[-2:]
@@ -239,8 +244,7 @@ class VisionTransformer(nn.Module):
         encoder = self.transformers[0]
         bottleneck, skips = encoder.out_channels, encoder.skip_channels
         num_positions = encoder.grid_size[0] * encoder.grid_size[1]
-        self.cmfe = (CrossModalFeatureEnhancement(bottleneck, num_positions, text_dim, config.cmfe.prior_dim,
-                                                  config.cmfe.gate_hidden, num_modalities)
+        self.cmfe = (CrossModalFeatureEnhancement(bottleneck, num_positions, text_dim, config.cmfe, num_modalities)
                      if config.use_cmfe else None)
         self.decoders = nn.ModuleList(DecoderCup(config, bottleneck, skips) for _ in range(num_modalities))
         decoder_out = self.decoders[0].out_channels
@@ -360,7 +364,7 @@ class TransUNet(nn.Module):
 def _check_images(images, num_modalities, img_size):
     if images.dim() != 4 or images.shape[1] != num_modalities:
         raise ValueError(f"expected images of shape (B, {num_modalities}, H, W) with the sequences "
-                         f"{configs.MODALITIES} as channels, got {tuple(images.shape)}")
+                         f"{MODALITIES} as channels, got {tuple(images.shape)}")
     if tuple(images.shape[-2:]) != (img_size, img_size):
         raise ValueError(f"the model was built for img_size {img_size}, got slices of "
                          f"{images.shape[-2]}x{images.shape[-1]}: resize them first")
@@ -373,13 +377,15 @@ MODEL_NAMES = ("immseg", "transunet_single", "transunet_early")
 def build_model(name, config, img_size=128, num_classes=4, intensity_priors=None, class_embeddings=None,
                 modality="LGE"):
     """I-MMSeg (``immseg``) or a TransUNet baseline on one sequence (``transunet_single``, see ``modality``)
-    or on the three stacked as channels (``transunet_early``)."""
+    or on the three stacked as channels (``transunet_early``). Switches absent from ``config`` (a checkpoint
+    written before they existed) take their defaults."""
+    config = configs.with_switch_defaults(config)
     if name == "immseg":
         return VisionTransformer(config, img_size, num_classes, intensity_priors, class_embeddings)
     if name == "transunet_single":
-        if modality not in configs.MODALITIES:
-            raise ValueError(f"unknown modality {modality!r}; expected one of {configs.MODALITIES}")
-        return TransUNet(config, img_size, num_classes, (configs.MODALITIES.index(modality),))
+        if modality not in MODALITIES:
+            raise ValueError(f"unknown modality {modality!r}; expected one of {MODALITIES}")
+        return TransUNet(config, img_size, num_classes, (MODALITIES.index(modality),))
     if name == "transunet_early":
         return TransUNet(config, img_size, num_classes, tuple(range(config.n_modalities)))
     raise ValueError(f"unknown model {name!r}; expected one of {MODEL_NAMES}")

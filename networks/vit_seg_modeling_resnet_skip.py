@@ -32,13 +32,23 @@ def conv1x1(cin, cout, stride=1):
     return StdConv2d(cin, cout, kernel_size=1, stride=stride, bias=False)
 
 
+def projection_group_norm(kind, norm_groups, channels):
+    if kind == "group":
+        return nn.GroupNorm(norm_groups, channels, eps=GN_EPS)
+    if kind == "per_channel":
+        return nn.GroupNorm(channels, channels)
+    raise ValueError(f"unknown resnet.projection_norm {kind!r}; expected 'group' or 'per_channel'")
+
+
 class Bottleneck(nn.Module):
     """The hybrid's residual unit: 1x1 -> 3x3 (strided) -> 1x1, GroupNorm after each conv.
 
-    A projection (1x1 conv + GroupNorm) joins the residual when the shape changes.
+    A projection (1x1 conv + GroupNorm) joins the residual when the shape changes; its
+    norm is ``projection_norm``: "group" (as gn1-3) or "per_channel" (GroupNorm(C, C),
+    eps 1e-5, as in the released review code).
     """
 
-    def __init__(self, cin, cout, cmid, stride=1, norm_groups=32):
+    def __init__(self, cin, cout, cmid, stride=1, norm_groups=32, projection_norm="group"):
         super().__init__()
         self.conv1 = conv1x1(cin, cmid)
         self.gn1 = nn.GroupNorm(norm_groups, cmid, eps=GN_EPS)
@@ -49,7 +59,7 @@ class Bottleneck(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         if stride != 1 or cin != cout:
             self.downsample = conv1x1(cin, cout, stride)
-            self.gn_proj = nn.GroupNorm(norm_groups, cout, eps=GN_EPS)
+            self.gn_proj = projection_group_norm(projection_norm, norm_groups, cout)
         else:
             self.downsample = None
 
@@ -78,18 +88,25 @@ class ResNetV2(nn.Module):
 
     ``forward`` returns the stage-3 map (16 * width channels at H/16) and the skip
     features, coarsest first: stage 2 (8w at H/8), stage 1 (4w at H/4), root (w at H/2).
+
+    ``input_repeat`` repeats the input channels before the stem (whose kernel then
+    takes ``in_channels * input_repeat``). With ``pool_padding`` 0 (TransUNet's pool)
+    the stage-1 map is one pixel short of H/4: the skips are zero-padded at the bottom
+    and right to H/4 and H/8, while the stages themselves run on the unpadded maps.
     """
 
-    def __init__(self, block_units, width_factor, in_channels=1, norm_groups=32):
+    def __init__(self, block_units, width_factor, in_channels=1, norm_groups=32, input_repeat=1, pool_padding=1,
+                 projection_norm="group"):
         super().__init__()
         width = int(64 * width_factor)
         self.width = width
+        self.input_repeat = input_repeat
         self.root = nn.Sequential(OrderedDict([
-            ("conv", StdConv2d(in_channels, width, kernel_size=7, stride=2, padding=3, bias=False)),
+            ("conv", StdConv2d(in_channels * input_repeat, width, kernel_size=7, stride=2, padding=3, bias=False)),
             ("gn", nn.GroupNorm(norm_groups, width, eps=GN_EPS)),
             ("relu", nn.ReLU(inplace=True)),
         ]))
-        self.pool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        self.pool = nn.MaxPool2d(kernel_size=3, stride=2, padding=pool_padding)
         stages = []
         stage_channels = []
         cin = width
@@ -98,7 +115,7 @@ class ResNetV2(nn.Module):
             cout = cmid * 4
             stride = 1 if index == 0 else 2
             blocks = [(f"unit{u + 1}", Bottleneck(cin if u == 0 else cout, cout, cmid, stride if u == 0 else 1,
-                                                  norm_groups)) for u in range(units)]
+                                                  norm_groups, projection_norm)) for u in range(units)]
             stages.append((f"block{index + 1}", nn.Sequential(OrderedDict(blocks))))
             stage_channels.append(cout)
             cin = cout
@@ -107,12 +124,16 @@ class ResNetV2(nn.Module):
         self.skip_channels = tuple(stage_channels[-2::-1]) + (width,)
 
     def forward(self, x):
+        if self.input_repeat != 1:
+            x = x.repeat(1, self.input_repeat, 1, 1)
         root = self.root(x)
         x = self.pool(root)
         skips = [root]
         for stage in list(self.body)[:-1]:
             x = stage(x)
-            skips.append(x)
+            height, width = (n // 2 ** len(skips) for n in root.shape[-2:])
+            short_rows, short_columns = height - x.shape[-2], width - x.shape[-1]
+            skips.append(F.pad(x, (0, short_columns, 0, short_rows)) if short_rows or short_columns else x)
         x = self.body[-1](x)
         return x, skips[::-1]
 

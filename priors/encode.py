@@ -37,6 +37,8 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.show is None and args.out is None:
         parser.error("--out is required (or use --show FILE)")
+    if args.out is not None and args.out.is_dir():
+        parser.error(f"--out {args.out} is a folder; give the prior file's name, such as {args.out / 'priors.pt'}")
     return args
 
 

@@ -1,12 +1,13 @@
 """Prior files: the intensity priors (M x Dt), the class embeddings (K x Dt) and where they came from."""
 import datetime
+import hashlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from networks.vit_seg_configs import CLASS_NAMES, MODALITIES
+from datasets.vocabulary import CLASS_NAMES, MODALITIES
 from utils import atomic_torch_save
 
 from .encoders import package_versions, get_encoder
@@ -85,6 +86,9 @@ def import_embeddings(path, origin, encoder_id="imported", prompts=None):
     if not isinstance(data, dict) or not {"modality", "class"} <= set(data):
         keys = sorted(data) if isinstance(data, dict) else type(data).__name__
         raise PriorFileError(f"{path}: expected a dict with 'modality' and 'class' tensors, got {keys}")
+    for key in ("modality", "class"):
+        if not torch.is_tensor(data[key]):
+            raise PriorFileError(f"{path}: '{key}' must be a tensor, got {type(data[key]).__name__}")
     provenance = _provenance(encoder_id, None, prompts, data["modality"].shape[-1], package_versions("torch"),
                              origin=f"imported from {path.resolve()}: {origin}")
     return PriorEmbeddings(data["modality"].float().clone(), data["class"].float().clone(),
@@ -93,9 +97,19 @@ def import_embeddings(path, origin, encoder_id="imported", prompts=None):
 
 def save_priors(priors, path):
     """Write atomically: a crash never leaves a half-written prior file."""
+    if Path(path).is_dir():
+        raise PriorFileError(f"{path} is a folder; give the prior file's name, such as {Path(path) / 'priors.pt'}")
     priors.validate()
     atomic_torch_save({"format": FORMAT, "intensity": priors.intensity, "classes": priors.classes,
                        "provenance": priors.provenance}, path)
+
+
+def embeddings_sha256(intensity, classes):
+    """SHA-256 of the priors' float32 values: identifies the embeddings whatever file holds them."""
+    digest = hashlib.sha256()
+    for tensor in (intensity, classes):
+        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def load_priors(path):

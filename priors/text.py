@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict
 
-from networks.vit_seg_configs import CLASS_NAMES, MODALITIES
+from datasets.vocabulary import CLASS_NAMES, MODALITIES
 
 PROMPT_DIR = Path(__file__).resolve().parent / "prompts"
 DEFAULT_PROMPTS = PROMPT_DIR / "intensity.json"

@@ -9,8 +9,9 @@ import pytest
 import preprocess_data
 from datasets.dataset_myops import MyoPSDataset, RandomGenerator
 from datasets.geometry import plan_geometry, probabilities_to_original, to_original, to_processed
-from datasets.layouts import LABEL_MAPS, DataError, find_myops2020_cases, map_labels
+from datasets.layouts import DataError, find_myops2020_cases, map_labels
 from datasets.phantom import write_phantom
+from datasets.vocabulary import LABEL_MAPS
 
 
 def dice(a, b):
@@ -39,10 +40,10 @@ def phantom_processed(phantom_raw, tmp_path_factory):
 def test_phantom_round_trip_through_preprocessing_and_datasets(phantom_processed):
     info = json.loads((phantom_processed / "dataset.json").read_text())
     split = info["split"]
-    assert split["test"] == ["case0005"] and len(split["val"]) == 1
-    assert sorted(split["train"] + split["val"]) == ["case0001", "case0002", "case0003", "case0004"]
+    assert split["test"] == ["case0001"] and len(split["val"]) == 1
+    assert sorted(split["train"] + split["val"]) == ["case0002", "case0003", "case0004", "case0005"]
     assert (phantom_processed / "val.txt").read_text() == f"{split['val'][0]}\n"
-    assert (phantom_processed / "test_vol.txt").read_text() == "case0005\n"
+    assert (phantom_processed / "test_vol.txt").read_text() == "case0001\n"
     train = MyoPSDataset(phantom_processed, split="train")
     assert len(train) == info["summary"]["slices"]["train"] > 0
     item = train[0]
@@ -239,7 +240,7 @@ def test_rerun_gives_identical_files(phantom_raw, phantom_processed, tmp_path):
 def test_split_rules(tmp_path):
     cases = [f"c{i:02d}" for i in range(1, 11)]
     split = preprocess_data.split_cases(cases, test_every=5)
-    assert split["test"] == ["c05", "c10"] and split["val"] == [] and len(split["train"]) == 8
+    assert split["test"] == ["c01", "c06"] and split["val"] == [] and len(split["train"]) == 8
     with_val = preprocess_data.split_cases(cases, test_every=5, val_fraction=0.25, seed=7)
     assert len(with_val["val"]) == 2 and with_val == preprocess_data.split_cases(cases, 5, 0.25, 7)
     split_file = tmp_path / "split.json"

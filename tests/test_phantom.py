@@ -10,7 +10,7 @@ from scipy import ndimage
 from conftest import ROOT
 from datasets import phantom
 from datasets.phantom import generate_case, write_phantom
-from networks.vit_seg_configs import MODALITIES
+from datasets.vocabulary import MODALITIES
 
 RUN_CASES = 20
 MIN_REGION_PX_AT_1_4_MM = 30

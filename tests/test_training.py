@@ -98,11 +98,11 @@ def test_test_script_writes_metrics_predictions_and_overlays(workspace):
     assert len(rows) == 5 and {row["space"] for row in rows} == {"original"}
     info = json.loads((out / "test_info.json").read_text())
     assert info["checkpoint"].endswith("best.pth")
-    prediction = __import__("nibabel").load(str(out / "case0006_pred.nii.gz"))
-    source = __import__("nibabel").load(str(workspace / "raw" / "Raw_data" / "label" / "case0006_gt.nii.gz"))
+    prediction = __import__("nibabel").load(str(out / "case0001_pred.nii.gz"))
+    source = __import__("nibabel").load(str(workspace / "raw" / "Raw_data" / "label" / "case0001_gt.nii.gz"))
     assert prediction.shape == source.shape and np.allclose(prediction.affine, source.affine)
     assert set(np.unique(np.asarray(prediction.dataobj))) <= {0, 1, 2, 3}
-    assert (out / "case0006.png").is_file()
+    assert (out / "case0001.png").is_file()
 
 
 def test_test_script_refuses_contradicting_flags(workspace, caplog):

@@ -1,0 +1,182 @@
+#!/usr/bin/env bash
+# The first thing to run on a machine with GPUs: does this repository train, resume, test and run fast there?
+#
+#     bash benchmarks/gpu_check.sh [OUTPUT_DIR]        (default: gpu_check_output in the repository)
+#
+# On every GPU that PyTorch sees (CUDA_VISIBLE_DEVICES selects them), with a small phantom dataset and
+# offline text priors made here: a few epochs of train.py under torchrun (NCCL) with --amp bf16 and with
+# --amp fp16 (R50-only, no pretrained file, the fused stage reached), a run resumed from a checkpoint the
+# first one wrote, test.py on CUDA, and benchmarks/speed.py --device cuda for R50-ViT-B_16 and R50-only.
+# Every step is run even when an earlier independent one failed; the table at the end (also written to
+# OUTPUT_DIR/gpu_check.md) says what passed, with seconds per step and peak GPU memory; each step's
+# output is in OUTPUT_DIR/logs/. Exit status: 0 when every step passed, 1 otherwise, 2 without a GPU or
+# when OUTPUT_DIR holds anything but an earlier check's output (which is replaced).
+# Environment: PYTHON (interpreter; default: the active environment's python, else .venv/bin/python),
+# SPEED_BATCH (speed.py training batch, default 24), SPEED_AMP (default bf16).
+set -euo pipefail
+
+OUT=$(realpath -m "${1:-$(dirname "$0")/../gpu_check_output}")
+cd "$(dirname "$0")/.."
+if [ -z "${PYTHON:-}" ]; then
+  if [ -n "${VIRTUAL_ENV:-}${CONDA_PREFIX:-}" ] || [ ! -x .venv/bin/python ]; then
+    PYTHON=python
+  else
+    PYTHON=.venv/bin/python
+  fi
+fi
+SPEED_BATCH=${SPEED_BATCH:-24}
+SPEED_AMP=${SPEED_AMP:-bf16}
+
+if ! gpus=$("$PYTHON" -c 'import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)'); then
+  echo "gpu_check: '$PYTHON' cannot import torch; set PYTHON to the interpreter of the environment with PyTorch" >&2
+  exit 2
+fi
+if [ "$gpus" -lt 1 ]; then
+  echo "gpu_check: no CUDA GPU is visible to PyTorch ($PYTHON, CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES-unset});" \
+       "nothing was checked. Run this on a machine with NVIDIA GPUs and a CUDA build of PyTorch." >&2
+  exit 2
+fi
+
+STEPS="$OUT/steps.tsv"
+if [ -f "$STEPS" ]; then
+  rm -rf "$OUT"  # a previous check's output: start afresh
+elif [ -e "$OUT" ] && [ -n "$(ls -A "$OUT")" ]; then
+  echo "gpu_check: $OUT exists and is not the output of an earlier check; give a new or empty folder" >&2
+  exit 2
+fi
+mkdir -p "$OUT/logs"
+: > "$STEPS"
+"$PYTHON" -c 'import torch; print("PyTorch", torch.__version__, "CUDA", torch.version.cuda, "cuDNN",
+    torch.backends.cudnn.version()); [print(f"GPU {i}: {torch.cuda.get_device_name(i)}")
+    for i in range(torch.cuda.device_count())]' | tee "$OUT/logs/environment.log"
+
+# step NAME COMMAND...: run it, log its output to logs/NAME.log, record pass or fail and its seconds.
+step() {
+  local name=$1 start status
+  shift
+  echo "== $name: $*"
+  start=$(date +%s)
+  if "$@" > "$OUT/logs/$name.log" 2>&1; then status=pass; else status=FAIL; fi
+  printf '%s\t%s\t%s\n' "$name" "$status" "$(( $(date +%s) - start ))" >> "$STEPS"
+  echo "   $status ($(( $(date +%s) - start )) s)"
+  [ "$status" = pass ]
+}
+
+# skip NAME REASON: record a step that could not run.
+skip() {
+  printf '%s\tskipped (%s)\t\n' "$1" "$2" >> "$STEPS"
+  echo "== $1: skipped ($2)"
+}
+
+# checkpoint_epoch PATH EPOCHS: the checkpoint exists and has completed EPOCHS epochs.
+checkpoint_epoch() {
+  "$PYTHON" -c 'import sys; from trainer import load_checkpoint
+state = load_checkpoint(sys.argv[1])["train_state"]; print(sys.argv[1], state)
+sys.exit(state["epoch"] != int(sys.argv[2]))' "$1" "$2"
+}
+
+# Three epochs on every GPU: modality heads and contrast, then two of the fused stage (validated, best.pth).
+TRAIN=(-m torch.distributed.run --standalone --nproc_per_node "$gpus" train.py --dataset Phantom
+       --root_path "$OUT/data" --vit_name R50-only --no_pretrain --prior_encoder offline
+       --prior_embeddings "$OUT/priors_offline_intensity.pt" --batch_size 4 --max_epochs 3
+       --start_contrast_epoch 0 --region_fusion_start_epoch 1 --val_every 1 --save_every 1 --progress 0)
+
+# train_run AMP: a run to its end, with the fused head validated.
+train_run() {
+  "$PYTHON" "${TRAIN[@]}" --amp "$1" --output_dir "$OUT/run_$1" && checkpoint_epoch "$OUT/run_$1/last.pth" 3 &&
+    [ -f "$OUT/run_$1/best.pth" ]
+}
+
+# resume_run: the bf16 run continued from its epoch_1.pth in a new folder; logs how far its weights end up
+# from the uninterrupted run's (0 when every kernel is deterministic).
+resume_run() {
+  "$PYTHON" "${TRAIN[@]}" --amp bf16 --output_dir "$OUT/run_bf16_resumed" --resume "$OUT/run_bf16/epoch_1.pth" &&
+    checkpoint_epoch "$OUT/run_bf16_resumed/last.pth" 3 &&
+    "$PYTHON" -c 'import sys; from trainer import load_checkpoint
+first, second = (load_checkpoint(path)["model"] for path in sys.argv[1:])
+print("max weight difference to the uninterrupted run:",
+      max((first[k].double() - second[k].double()).abs().max().item() for k in first))' \
+      "$OUT/run_bf16/last.pth" "$OUT/run_bf16_resumed/last.pth"
+}
+
+data_ok=true
+step data "$PYTHON" preprocess_data.py --dataset Phantom --src_path "$OUT/phantom_raw" --dst_path "$OUT/data" \
+  --phantom_cases 16 --val_fraction 0.2 || data_ok=false
+step priors "$PYTHON" -m priors.encode --encoder offline --out "$OUT/priors_offline_intensity.pt" || data_ok=false
+
+for amp in bf16 fp16; do
+  if $data_ok; then
+    step "train_$amp" train_run "$amp" || true
+  else
+    skip "train_$amp" "no data or priors"
+  fi
+done
+
+if [ -f "$OUT/run_bf16/epoch_1.pth" ]; then
+  step resume_bf16 resume_run || true
+else
+  skip resume_bf16 "train_bf16 wrote no epoch_1.pth"
+fi
+
+for amp in bf16 fp16; do
+  if [ -f "$OUT/run_$amp/last.pth" ]; then
+    step "test_$amp" "$PYTHON" test.py --output_dir "$OUT/run_$amp" --device cuda --amp "$amp" \
+      --test_save_dir "$OUT/test_$amp" --save_png || true
+  else
+    skip "test_$amp" "train_$amp wrote no checkpoint"
+  fi
+done
+
+for model in R50-ViT-B_16 R50-only; do
+  step "speed_$model" "$PYTHON" benchmarks/speed.py --vit_name "$model" --device cuda --amp "$SPEED_AMP" \
+    --batch_size "$SPEED_BATCH" --json "$OUT/speed_$model.json" || true
+done
+
+"$PYTHON" - "$OUT" "$gpus" <<'EOF'
+"""The table of the steps, with the figures each one left: seconds per step and peak GPU memory."""
+import json
+import re
+import sys
+from pathlib import Path
+
+out, gpus = Path(sys.argv[1]), int(sys.argv[2])
+
+
+def training_figures(run, step_log):
+    """Seconds per iteration over the whole run (rank 0, with loading, validation and saving), peak memory."""
+    log = out / run / "log.txt"
+    pattern = r"([\d.]+) s per iteration.*?peak GPU memory (\d+) MiB"
+    found = re.findall(pattern, log.read_text()) if log.is_file() else []
+    if not found:
+        return "", ""
+    difference = re.findall(r"max weight difference to the uninterrupted run: (\S+)", step_log.read_text())
+    note = f"; max weight difference to the uninterrupted run {float(difference[-1]):.3g}" if difference else ""
+    return f"{found[-1][0]} s / iteration (whole run){note}", found[-1][1]
+
+
+def speed_figures(name):
+    path = out / f"speed_{name}.json"
+    if not path.is_file():
+        return "", ""
+    figures = json.loads(path.read_text())
+    return (f"{figures['train_step_s']:.3f} s / training step, {figures['infer_slice_s'] * 1000:.2f} ms / slice",
+            f"{figures.get('peak_cuda_mb', 0):.0f}")
+
+
+rows = []
+for line in (out / "steps.tsv").read_text().splitlines():
+    name, status, seconds = line.split("\t")
+    figures = ("", "")
+    if name.startswith(("train_", "resume_")):
+        run = name.replace("train_", "run_").replace("resume_bf16", "run_bf16_resumed")
+        figures = training_figures(run, out / "logs" / f"{name}.log")
+    elif name.startswith("speed_"):
+        figures = speed_figures(name[len("speed_"):])
+    rows.append((name, status, seconds, *figures))
+table = [f"{gpus} GPU(s); logs in {out / 'logs'}", "",
+         "| step | result | wall time (s) | seconds per step | peak GPU memory (MiB) |", "|---|---|---|---|---|"]
+table += [f"| {' | '.join(row)} |" for row in rows]
+(out / "gpu_check.md").write_text("\n".join(table) + "\n")
+print("\n".join(table))
+sys.exit(0 if all(row[1] == "pass" for row in rows) else 1)
+EOF

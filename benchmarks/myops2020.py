@@ -1,0 +1,621 @@
+"""Cross-validated MyoPS 2020 benchmark: I-MMSeg, its ablations and the TransUNet baselines at equal compute.
+
+    python benchmarks/myops2020.py split --src ../shared/data/myops2020 --split_file data/myops2020_split.json
+    python benchmarks/myops2020.py prepare --src ../shared/data/myops2020 --split_file data/myops2020_split.json \
+        --data data/myops2020_1mm_176
+    python benchmarks/myops2020.py run --data data/myops2020_1mm_176 --out runs/myops2020_benchmark \
+        --variant immseg --fold 0 --budget_minutes 42 --biomedclip_priors priors/embeddings/biomedclip_released.pt
+    python benchmarks/myops2020.py report --out runs/myops2020_benchmark
+
+split: seeded k-fold cross-validation over the case ids, written once and reused.
+prepare: preprocess_data.py once per fold (the fold's held-out cases are its test set) into a folder named
+by the user; one folder per input setting (spacing, crop size, further preprocess_data.py flags after --).
+run: one variant on one fold. In --mode time, the variant's own training step (loader included, at the
+recipe's batch size, each stage of its schedule) is timed first, and the wall-clock budget becomes
+iterations; --mode iterations takes a fixed --iterations. The schedule is fitted to those iterations
+(epochs, the poly learning rate's end, the contrastive and fused stages at the paper's 20/300 and
+100/300 of the run), train.py trains, test.py scores the fold's test cases in the original image space,
+and the per-case results are appended to <out>/results.jsonl. A (variant, fold) already in the results
+for the same input and budget is skipped; an interrupted one resumes from its last checkpoint.
+report: one Markdown table over all cases of all folds, with paired differences against a reference variant.
+"""
+import argparse
+import contextlib
+import csv
+import datetime
+import gc
+import json
+import logging
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import preprocess_data  # noqa: E402
+import test as test_script  # noqa: E402
+import train as train_script  # noqa: E402
+from priors import EncoderUnavailableError  # noqa: E402
+from trainer import Trainer, configure_logging, git_commit, seed_everything, setup_distributed  # noqa: E402
+from utils import STRUCTURES, atomic_path, summarise  # noqa: E402
+
+logger = logging.getLogger("benchmark")
+
+SPLIT_FORMAT = "immseg-cv-split/1"
+INPUT_FORMAT = "immseg-cv-input/1"
+DATASETS = ("MyoPS2020", "Phantom")  # preprocess_data.py's names whose train.py --dataset is the same
+# README's run C: compact, 1.0 mm, 176 px (the input, from `prepare`), strong augmentation, batch 8, no npz.
+RECIPE_INPUT = {"spacing": 1.0, "crop_size": 176}
+RECIPE_FLAGS = {"vit_name": "compact", "batch_size": 8}
+RECIPE_SWITCHES = ("--augmentation", "strong", "--no_pretrain")
+PROMPTS = ROOT / "priors" / "prompts"
+STRUCTURE_NAMES = {"myocardium": "normal myocardium", "scar": "scar", "edema": "edema",
+                   "scar_edema": "scar+edema", "whole_myocardium": "whole myocardium"}
+
+
+class BenchmarkError(ValueError):
+    """Bad benchmark input or state; the message names the file and what was expected."""
+
+
+@dataclass(frozen=True)
+class Variant:
+    description: str
+    flags: tuple = ()
+    priors: str = None  # "biomedclip" (--biomedclip_priors), "offline" (the offline encoder), None (no text)
+    prompts: str = "intensity.json"
+
+
+VARIANTS = {
+    "immseg": Variant("I-MMSeg, full", (), "biomedclip"),
+    "no_cmfe": Variant("I-MMSeg without CMFE", ("--no_cmfe",), "biomedclip"),
+    "no_cfm": Variant("I-MMSeg without CFM", ("--no_cfm",), "biomedclip"),
+    "no_contrast": Variant("I-MMSeg without the contrastive loss", ("--no_contrast",), "biomedclip"),
+    "names_only": Variant("I-MMSeg, intensity-free prompts (names only)", (), "offline", "names_only.json"),
+    "offline_priors": Variant("I-MMSeg, priors of the offline encoder", (), "offline"),
+    "transunet_early": Variant("TransUNet, early fusion", ("--model", "transunet_early")),
+    "transunet_single_lge": Variant("TransUNet, LGE only", ("--model", "transunet_single", "--modality", "LGE")),
+    "transunet_single_t2w": Variant("TransUNet, T2w only", ("--model", "transunet_single", "--modality", "T2w")),
+}
+
+
+# ---------------------------------------------------------------------------------------------- pure functions
+def make_folds(case_ids, folds=3, seed=1234):
+    """Test cases of each fold: a seeded permutation of the sorted ids dealt out in turn, each fold sorted."""
+    case_ids = sorted(case_ids)
+    if len(case_ids) < folds:
+        raise BenchmarkError(f"{len(case_ids)} cases cannot be split into {folds} folds")
+    order = np.random.default_rng(seed).permutation(len(case_ids))
+    return [sorted(case_ids[i] for i in order[k::folds]) for k in range(folds)]
+
+
+def stage_fractions(start_contrast_epoch, region_fusion_start_epoch, max_epochs):
+    """[(first epoch, fraction of the run)] of the schedule's stages (modality heads, + contrast, fused)."""
+    bounds = [0, min(start_contrast_epoch, region_fusion_start_epoch), region_fusion_start_epoch, max_epochs]
+    return [(low, (high - low) / max_epochs) for low, high in zip(bounds, bounds[1:]) if high > low]
+
+
+def budget_to_iterations(budget_minutes, seconds_per_step):
+    """Training iterations that fit in the wall-clock budget (at least one)."""
+    if budget_minutes <= 0 or seconds_per_step <= 0:
+        raise BenchmarkError(f"budget {budget_minutes} min and {seconds_per_step} s per step must be positive")
+    return max(1, int(budget_minutes * 60.0 // seconds_per_step))
+
+
+def _round_half_up(value):
+    return int(math.floor(value + 0.5))
+
+
+def fit_schedule(iterations, iterations_per_epoch, paper_epochs=300, paper_contrast=20, paper_fusion=100):
+    """train.py's schedule flags for a run of exactly ``iterations``: its epochs, and the contrastive and fused
+    stages at the paper's fractions of the run (20/300, 100/300), the fused stage always reached."""
+    if iterations < 1 or iterations_per_epoch < 1:
+        raise BenchmarkError(f"{iterations} iterations at {iterations_per_epoch} per epoch: both must be positive")
+    max_epochs = math.ceil(iterations / iterations_per_epoch)
+    fusion = min(_round_half_up(max_epochs * paper_fusion / paper_epochs), max_epochs - 1)
+    contrast = min(_round_half_up(max_epochs * paper_contrast / paper_epochs), fusion)
+    return {"max_epochs": max_epochs, "max_iterations": iterations, "start_contrast_epoch": contrast,
+            "region_fusion_start_epoch": fusion}
+
+
+def setting_label(mode, budget_minutes=None, iterations=None):
+    """The budget as recorded and shown: 'time 42 min' or 'iterations 930'."""
+    if mode == "time":
+        return f"time {budget_minutes:g} min"
+    return f"iterations {iterations}"
+
+
+# ---------------------------------------------------------------------------------------------- files
+def _read_json(path, what):
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise BenchmarkError(f"{what} {path} is not readable JSON: {error}") from None
+
+
+def _write_json(path, content):
+    with atomic_path(path) as temporary:
+        temporary.write_text(json.dumps(content, indent=2) + "\n")
+
+
+@contextlib.contextmanager
+def _locked(path, timeout_s=120):
+    """Exclusive access to ``path`` among invocations (a lock folder beside it: mkdir is atomic everywhere)."""
+    lock = path.with_name(f".{path.name}.lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            lock.mkdir()
+            break
+        except FileExistsError:
+            if time.monotonic() > deadline:
+                raise BenchmarkError(f"{lock} has been held for {timeout_s} s: another invocation is writing "
+                                     f"{path}, or one died while writing (then remove {lock})") from None
+            time.sleep(0.2)
+    try:
+        yield
+    finally:
+        lock.rmdir()
+
+
+def read_results(path):
+    """All records of a results file (JSON lines); absent file: none."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as error:
+                raise BenchmarkError(f"{path}, line {number}: not a JSON record ({error})") from None
+    return records
+
+
+def run_key(record):
+    return record["input"], record["variant"], record["setting"], record["fold"]
+
+
+def append_results(path, records):
+    """Add records to the results file; the file is replaced atomically, under a lock."""
+    path = Path(path)
+    with _locked(path):
+        existing = path.read_text() if path.is_file() else ""
+        if existing and not existing.endswith("\n"):
+            existing += "\n"
+        lines = "".join(json.dumps(record, allow_nan=False) + "\n" for record in records)
+        with atomic_path(path) as temporary:
+            temporary.write_text(existing + lines)
+
+
+# ---------------------------------------------------------------------------------------------- split, prepare
+def find_cases(dataset, src):
+    finder = preprocess_data.DATASETS[dataset][0]
+    return [case.case_id for case in finder(src)]
+
+
+def write_split(dataset, src, split_file, folds, seed):
+    """The split file; an existing one is reused when it holds the same folds, refused otherwise."""
+    split = {"format": SPLIT_FORMAT, "dataset": dataset, "source": str(Path(src).resolve()), "seed": seed,
+             "folds": make_folds(find_cases(dataset, src), folds, seed)}
+    split_file = Path(split_file)
+    if split_file.exists():
+        existing = _read_json(split_file, "split file")
+        if existing.get("folds") != split["folds"]:
+            raise BenchmarkError(f"{split_file} holds another split ({len(existing.get('folds') or [])} folds, "
+                                 f"seed {existing.get('seed')}); results made with it would no longer match: "
+                                 "choose another --split_file")
+        logger.info("%s already holds this split: reused", split_file)
+        return existing
+    _write_json(split_file, split)
+    logger.info("%d cases in %d folds (seed %d) -> %s", sum(map(len, split["folds"])), folds, seed, split_file)
+    return split
+
+
+def read_split(split_file):
+    split = _read_json(split_file, "split file")
+    if split.get("format") != SPLIT_FORMAT or not split.get("folds"):
+        raise BenchmarkError(f"{split_file} is not a split file of this benchmark (format {SPLIT_FORMAT})")
+    return split
+
+
+def prepare(src, split_file, data, spacing, crop_size, extra_flags=()):
+    """preprocess_data.py once per fold into <data>/fold<k>, the fold's cases as its test set."""
+    split = read_split(split_file)
+    cases = find_cases(split["dataset"], src)
+    in_split = sorted(c for fold in split["folds"] for c in fold)
+    if sorted(cases) != in_split:
+        raise BenchmarkError(f"the cases under {src} ({len(cases)}) are not those of {split_file} "
+                             f"({len(in_split)}): missing {sorted(set(in_split) - set(cases))}, "
+                             f"extra {sorted(set(cases) - set(in_split))}")
+    data = Path(data)
+    setting = {"format": INPUT_FORMAT, "dataset": split["dataset"], "source": str(Path(src).resolve()),
+               "folds": split["folds"], "preprocess_flags": ["--spacing", f"{spacing:g}", "--crop_size",
+                                                             str(crop_size), *extra_flags]}
+    marker = data / "benchmark_input.json"
+    if marker.exists() and _read_json(marker, "input description") != setting:
+        raise BenchmarkError(f"{data} was prepared from another split or with other settings ({marker}); "
+                             "name another --data folder for this input setting")
+    if not marker.exists():
+        if data.exists() and any(data.iterdir()):
+            raise BenchmarkError(f"{data} exists and is not a folder made by this benchmark's prepare step")
+        _write_json(marker, setting)
+    for fold, test_cases in enumerate(split["folds"]):
+        fold_dir = data / f"fold{fold}"
+        if (fold_dir / "dataset.json").is_file():
+            logger.info("%s already prepared", fold_dir)
+            continue
+        fold_split = data / "splits" / f"fold{fold}.json"
+        _write_json(fold_split, {"test": test_cases, "val": []})
+        code = preprocess_data.main(["--dataset", split["dataset"], "--src_path", str(Path(src).resolve()),
+                                     "--dst_path", str(fold_dir), "--split_file", str(fold_split),
+                                     *setting["preprocess_flags"]])
+        if code != 0:
+            raise BenchmarkError(f"preprocess_data.py failed for fold {fold} (exit {code})")
+    return setting
+
+
+def read_input(data, fold):
+    marker = Path(data) / "benchmark_input.json"
+    setting = _read_json(marker, "input description")
+    if setting.get("format") != INPUT_FORMAT:
+        raise BenchmarkError(f"{marker} is not an input description of this benchmark; run prepare first")
+    if not 0 <= fold < len(setting["folds"]):
+        raise BenchmarkError(f"--fold {fold}: {data} has folds 0 to {len(setting['folds']) - 1}")
+    fold_dir = Path(data) / f"fold{fold}"
+    dataset = _read_json(fold_dir / "dataset.json", "preprocessed fold")
+    if sorted(dataset["split"]["test"]) != sorted(setting["folds"][fold]):
+        raise BenchmarkError(f"{fold_dir}'s test cases are not fold {fold} of {marker}; prepare it again")
+    return setting, fold_dir, dataset
+
+
+# ---------------------------------------------------------------------------------------------- run
+def recipe_flags(variant_name, fold_dir, crop_size, options, out):
+    """train.py flags of a variant before the schedule: the recipe, the variant's own, its priors."""
+    variant = VARIANTS[variant_name]
+    flags = ["--dataset", options.dataset, "--root_path", str(fold_dir.resolve()), "--img_size", str(crop_size),
+             "--vit_name", options.vit_name, "--batch_size", str(options.batch_size), "--device", options.device,
+             *RECIPE_SWITCHES, *variant.flags]
+    if options.num_workers is not None:
+        flags += ["--num_workers", str(options.num_workers)]
+    prompts = PROMPTS / variant.prompts
+    if variant.priors == "biomedclip":
+        if options.biomedclip_priors is None:
+            raise BenchmarkError(f"variant {variant_name} needs --biomedclip_priors (a prior file made with "
+                                 "python -m priors.encode)")
+        flags += ["--prior_embeddings", str(options.biomedclip_priors.resolve()), "--prompts", str(prompts)]
+    elif variant.priors == "offline":
+        if variant_name == "names_only" and options.names_only_priors is not None:
+            flags += ["--prior_embeddings", str(options.names_only_priors.resolve()), "--prompts", str(prompts)]
+        else:
+            prior_file = Path(out).resolve() / "priors" / f"offline_{prompts.stem}.pt"
+            flags += ["--prior_encoder", "offline", "--prior_embeddings", str(prior_file), "--prompts", str(prompts)]
+    return flags
+
+
+def paper_schedule():
+    """The paper's schedule, as train.py's defaults: (epochs, contrast start, fused start)."""
+    defaults = train_script.parse_args([])
+    return defaults.max_epochs, defaults.start_contrast_epoch, defaults.region_fusion_start_epoch
+
+
+def _endless(loader):
+    while True:
+        yield from loader
+
+
+def _train_steps(trainer, batches, weights, count):
+    """``count`` real training steps, the next batch included; returns once the device has finished them."""
+    for _ in range(count):
+        trainer.train_step(trainer.model, next(batches), weights)
+    if trainer.ctx.device.type == "cuda":
+        torch.cuda.synchronize(trainer.ctx.device)
+
+
+def time_training_step(train_flags, warmup_steps, timed_steps):
+    """Seconds per iteration of the variant's real training step (next batch from the loader, forward, losses,
+    backward, optimizer), averaged over the stages of the paper's schedule weighted by their share of the run.
+
+    Returns (seconds per step, {"fused 1, modality 0.5, contrast 0.05": seconds, ...}, iterations per epoch)."""
+    args = train_script.parse_args(list(train_flags))
+    ctx = setup_distributed(args.device)
+    if args.num_workers is None:
+        args.num_workers = 4 if ctx.device.type == "cuda" else 2  # train.py's default
+    seed_everything(args.seed, args.deterministic)
+    model, spec, _ = train_script.build(args, ctx)
+    trainer = Trainer(args, ctx, model, spec, Path(args.output_dir))  # saves nothing: no provenance needed
+    batches = _endless(trainer.loader)
+    trainer.model.train()
+    per_stage = {}
+    stages = stage_fractions(args.start_contrast_epoch, args.region_fusion_start_epoch, args.max_epochs)
+    for first_epoch, _ in stages:
+        weights = trainer.weights_for(first_epoch)
+        if weights in per_stage:
+            continue
+        _train_steps(trainer, batches, weights, warmup_steps)
+        start = time.perf_counter()
+        _train_steps(trainer, batches, weights, timed_steps)
+        per_stage[weights] = (time.perf_counter() - start) / timed_steps
+    seconds = sum(fraction * per_stage[trainer.weights_for(epoch)] for epoch, fraction in stages)
+    iterations_per_epoch = len(trainer.loader)
+    del batches, trainer, model
+    gc.collect()
+    described = {", ".join(f"{name} {value:g}" for name, value in weights._asdict().items()): stage_seconds
+                 for weights, stage_seconds in per_stage.items()}
+    return seconds, described, iterations_per_epoch
+
+
+def plan_run(options, base_flags, run_dir):
+    """Time the step (both modes, recorded), then iterations and the fitted schedule; reused from plan.json."""
+    plan_file = run_dir / "plan.json"
+    if plan_file.exists():
+        plan = _read_json(plan_file, "run plan")
+        if plan.get("base_flags") != base_flags:
+            raise BenchmarkError(f"{plan_file} was planned with other train.py flags; remove {run_dir} to start over")
+        logger.info("reusing the plan in %s: %d iterations", plan_file, plan["iterations"])
+        return plan
+    logger.info("timing the training step: %d warm-up and %d timed steps per stage", options.warmup_steps,
+                options.timed_steps)
+    seconds, per_stage, per_epoch = time_training_step(base_flags + ["--output_dir", str(run_dir)],
+                                                        options.warmup_steps, options.timed_steps)
+    configure_logging()
+    iterations = (budget_to_iterations(options.budget_minutes, seconds) if options.mode == "time"
+                  else options.iterations)
+    paper_epochs, paper_contrast, paper_fusion = paper_schedule()
+    schedule = fit_schedule(iterations, per_epoch, paper_epochs, paper_contrast, paper_fusion)
+    plan = {"base_flags": base_flags, "seconds_per_step": seconds, "seconds_per_stage": per_stage,
+            "iterations_per_epoch": per_epoch, "iterations": iterations, "schedule": schedule,
+            "timed": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    _write_json(plan_file, plan)
+    logger.info("%.3f s per step -> %d iterations (%d per epoch): %s", seconds, iterations, per_epoch, schedule)
+    return plan
+
+
+def schedule_flags(schedule):
+    return [flag for name, value in schedule.items() for flag in (f"--{name}", str(value))]
+
+
+def read_metrics(path, test_cases):
+    """test.py's metrics.csv: {case: {structure: (dice, hd95)}}; every test case scored in the original space."""
+    with open(path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    not_original = sorted({row["case"] for row in rows if row["space"] != "original"})
+    if not_original:
+        raise BenchmarkError(f"{path}: cases {not_original} were not scored in the original image space (is the "
+                             "raw data still where prepare read it?)")
+    metrics = {}
+    for row in rows:
+        metrics.setdefault(row["case"], {})[row["structure"]] = (float(row["dice"]), float(row["hd95"]))
+    if sorted(metrics) != sorted(test_cases):
+        raise BenchmarkError(f"{path} scores cases {sorted(metrics)}, expected the fold's {sorted(test_cases)}")
+    return metrics
+
+
+def _flag_value(flags, name):
+    return flags[flags.index(name) + 1] if name in flags else None
+
+
+def _defined(value):
+    return None if math.isnan(value) else value
+
+
+def run(options):
+    """Plan, train, test and record one variant on one fold; skipped if the results already hold it."""
+    setting, fold_dir, dataset = read_input(options.data, options.fold)
+    if options.mode == "time" and options.budget_minutes is None:
+        raise BenchmarkError("--mode time needs --budget_minutes")
+    if options.mode == "iterations" and options.iterations is None:
+        raise BenchmarkError("--mode iterations needs --iterations")
+    if (options.mode == "time" and options.iterations is not None) or (
+            options.mode == "iterations" and options.budget_minutes is not None):
+        raise BenchmarkError("--budget_minutes goes with --mode time, --iterations with --mode iterations")
+    if options.timed_steps < 1 or options.warmup_steps < 0:
+        raise BenchmarkError(f"--timed_steps {options.timed_steps} must be at least 1 and --warmup_steps "
+                             f"{options.warmup_steps} not negative")
+    label = setting_label(options.mode, options.budget_minutes, options.iterations)
+    input_name = Path(options.data).resolve().name
+    out = Path(options.out)
+    results = out / "results.jsonl"
+    key = (input_name, options.variant, label, options.fold)
+    if any(run_key(record) == key for record in read_results(results)):
+        logger.info("%s fold %d (%s, input %s) is already in %s: skipped", options.variant, options.fold, label,
+                    input_name, results)
+        return 0
+    options.dataset = setting["dataset"]
+    run_dir = (out / "runs" / input_name / options.variant / label.replace(" ", "_") / f"fold{options.fold}").resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    base_flags = recipe_flags(options.variant, fold_dir, dataset["settings"]["crop_size"], options, out)
+    plan = plan_run(options, base_flags, run_dir)
+    schedule = plan["schedule"]
+    start = time.perf_counter()
+    code = train_script.main(base_flags + schedule_flags(schedule) + [
+        "--output_dir", str(run_dir), "--save_every", str(schedule["max_epochs"]), "--resume", "auto"])
+    train_seconds = time.perf_counter() - start
+    configure_logging()
+    if code != 0:
+        raise BenchmarkError(f"train.py failed for {options.variant} fold {options.fold} (exit {code}); "
+                             f"see {run_dir / 'log.txt'}")
+    test_dir = run_dir / "test_last"
+    code = test_script.main(["--output_dir", str(run_dir), "--root_path", str(fold_dir.resolve()), "--checkpoint",
+                             "last", "--test_save_dir", str(test_dir), "--no_save_nii", "--device", options.device])
+    if code != 0:
+        raise BenchmarkError(f"test.py failed for {options.variant} fold {options.fold} (exit {code})")
+    metrics = read_metrics(test_dir / "metrics.csv", dataset["split"]["test"])
+    common = {"input": input_name, "variant": options.variant, "setting": label, "fold": options.fold,
+              "mode": options.mode, "budget_minutes": options.budget_minutes, "iterations": schedule["max_iterations"],
+              "seconds_per_step": plan["seconds_per_step"], "train_seconds": round(train_seconds, 1),
+              **{name: schedule[name] for name in ("max_epochs", "start_contrast_epoch", "region_fusion_start_epoch")},
+              "vit_name": options.vit_name, "batch_size": options.batch_size,
+              "priors": _flag_value(base_flags, "--prior_embeddings"),
+              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "git_commit": git_commit()}
+    records = [{**common, "case": case, "structure": structure, "dice": _defined(dice), "hd95": _defined(hd95)}
+               for case, per_structure in sorted(metrics.items()) for structure, (dice, hd95) in per_structure.items()]
+    append_results(results, records)
+    logger.info("%s fold %d: %d cases, %d iterations in %.0f s of training (budget: %s) -> %s", options.variant,
+                options.fold, len(metrics), schedule["max_iterations"], train_seconds, label, results)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- report
+def _mean_std(entry, key, scale):
+    mean, std = entry[key], entry[f"{key}_std"]
+    return "n/a" if mean is None else f"{mean * scale:.2f} ± {std * scale:.2f}"
+
+
+def _span(values, fmt):
+    low, high = min(values), max(values)
+    return fmt.format(low) if low == high else f"{fmt.format(low)}-{fmt.format(high)}"
+
+
+def paired_difference(records, reference_records, structure, metric):
+    """Mean per-case difference (variant - reference) over cases where both are defined, cases where the variant
+    is better (higher Dice, lower HD95), and the number of pairs."""
+    reference = {(r["fold"], r["case"]): r[metric] for r in reference_records if r["structure"] == structure}
+    differences = [r[metric] - reference[(r["fold"], r["case"])] for r in records if r["structure"] == structure
+                   and r[metric] is not None and reference.get((r["fold"], r["case"])) is not None]
+    if not differences:
+        return None, 0, 0
+    better = sum(d > 0 for d in differences) if metric == "dice" else sum(d < 0 for d in differences)
+    return float(np.mean(differences)), better, len(differences)
+
+
+def report_table(records, reference="immseg"):
+    """The Markdown table: one row per (input, budget, variant) and structure."""
+    groups = {}
+    for record in records:
+        groups.setdefault((record["input"], record["setting"], record["variant"]), []).append(record)
+    order = list(VARIANTS)
+    keys = sorted(groups, key=lambda k: (k[0], k[1], order.index(k[2]) if k[2] in order else len(order), k[2]))
+    lines = [f"| variant | input | budget | folds | structure | cases | Dice (%) | HD95 (mm) | iterations | s / step "
+             f"| Δ Dice vs {reference} | better Dice | Δ HD95 vs {reference} |",
+             "|" + " --- |" * 13]
+    for key in keys:
+        group = groups[key]
+        reference_group = groups.get((key[0], key[1], reference))
+        per_case = {}
+        for record in group:
+            per_case.setdefault((record["fold"], record["case"]), dict.fromkeys(STRUCTURES, (math.nan, math.nan)))[
+                record["structure"]] = (
+                math.nan if record["dice"] is None else record["dice"],
+                math.nan if record["hd95"] is None else record["hd95"])
+        summary = summarise(list(per_case.values()))
+        folds = sorted({r["fold"] for r in group})
+        runs = {r["fold"]: r for r in group}
+        iterations = _span([runs[f]["iterations"] for f in folds], "{:d}")
+        seconds = _span([runs[f]["seconds_per_step"] for f in folds], "{:.3f}")
+        for structure in STRUCTURES:
+            cells = ["", "", ""]
+            if reference_group is not None and key[2] != reference:
+                dice, better, pairs = paired_difference(group, reference_group, structure, "dice")
+                hd, _, _ = paired_difference(group, reference_group, structure, "hd95")
+                cells = ["n/a" if dice is None else f"{dice * 100:+.2f}", f"{better}/{pairs}",
+                         "n/a" if hd is None else f"{hd:+.2f}"]
+            entry = summary[structure]
+            lines.append(f"| {key[2]} | {key[0]} | {key[1]} | {','.join(map(str, folds))} | "
+                         f"{STRUCTURE_NAMES[structure]} | {entry['n']} | {_mean_std(entry, 'dice', 100)} | "
+                         f"{_mean_std(entry, 'hd95', 1)} | {iterations} | {seconds} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def report(out, reference="immseg", path=None):
+    results = Path(out) / "results.jsonl"
+    records = read_results(results)
+    if not records:
+        raise BenchmarkError(f"{results} holds no results yet: run the benchmark first")
+    commits = sorted({r["git_commit"] or "unknown" for r in records})
+    dates = sorted(r["date"] for r in records)
+    text = "\n".join([
+        f"# MyoPS 2020 benchmark ({results})", "",
+        f"Runs from {dates[0]} to {dates[-1]}, commit(s) {', '.join(commits)}. Mean ± standard deviation over all "
+        "cases of all folds, undefined values left out (`cases` counts all). Δ: mean per-case paired difference "
+        f"against {reference} at the same input and budget (Dice in points); better Dice: cases where the variant's "
+        "Dice is higher, of the cases where both are defined.", "",
+        report_table(records, reference), ""])
+    path = Path(path) if path else Path(out) / "report.md"
+    with atomic_path(path) as temporary:
+        temporary.write_text(text)
+    sys.stdout.write(text)
+    logger.info("report written to %s", path)
+    return text
+
+
+# ---------------------------------------------------------------------------------------------- command line
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    split = commands.add_parser("split", help="seeded k-fold split of the cases, written once and reused")
+    split.add_argument("--src", type=Path, required=True, help="raw MyoPS 2020 folder")
+    split.add_argument("--dataset", default="MyoPS2020", choices=DATASETS, help="raw layout (Phantom: MyoPS380's)")
+    split.add_argument("--split_file", type=Path, required=True)
+    split.add_argument("--folds", type=int, default=3)
+    split.add_argument("--seed", type=int, default=1234)
+
+    prep = commands.add_parser("prepare", help="preprocess every fold (flags after -- go to preprocess_data.py)")
+    prep.add_argument("--src", type=Path, required=True, help="raw folder the split was made from")
+    prep.add_argument("--split_file", type=Path, required=True)
+    prep.add_argument("--data", type=Path, required=True, help="output folder for this input setting")
+    prep.add_argument("--spacing", type=float, default=RECIPE_INPUT["spacing"], help="in-plane mm (recipe: 1.0)")
+    prep.add_argument("--crop_size", type=int, default=RECIPE_INPUT["crop_size"], help="pixels (recipe: 176)")
+
+    go = commands.add_parser("run", help="time, train, test and record one variant on one fold")
+    go.add_argument("--data", type=Path, required=True, help="folder written by prepare")
+    go.add_argument("--out", type=Path, required=True, help="benchmark folder: results.jsonl, runs/, priors/")
+    go.add_argument("--variant", required=True, choices=list(VARIANTS),
+                    help="; ".join(f"{name}: {variant.description}" for name, variant in VARIANTS.items()))
+    go.add_argument("--fold", type=int, required=True)
+    go.add_argument("--mode", default="time", choices=["time", "iterations"],
+                    help="time: --budget_minutes of training; iterations: a fixed --iterations")
+    go.add_argument("--budget_minutes", type=float, default=None)
+    go.add_argument("--iterations", type=int, default=None)
+    go.add_argument("--biomedclip_priors", type=Path, default=None,
+                    help="BiomedCLIP prior file (python -m priors.encode) for the I-MMSeg variants")
+    go.add_argument("--names_only_priors", type=Path, default=None,
+                    help="prior file of priors/prompts/names_only.json (default: encoded by the offline encoder)")
+    go.add_argument("--vit_name", default=RECIPE_FLAGS["vit_name"], help="configuration (recipe: compact)")
+    go.add_argument("--batch_size", type=int, default=RECIPE_FLAGS["batch_size"], help="recipe: 8")
+    go.add_argument("--num_workers", type=int, default=None, help="train.py's loader processes (its default)")
+    go.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
+    go.add_argument("--warmup_steps", type=int, default=2, help="untimed steps per stage before timing")
+    go.add_argument("--timed_steps", type=int, default=5, help="timed steps per stage")
+
+    rep = commands.add_parser("report", help="the Markdown table of <out>/results.jsonl")
+    rep.add_argument("--out", type=Path, required=True)
+    rep.add_argument("--reference", default="immseg", help="variant the paired differences are taken against")
+    rep.add_argument("--report_file", type=Path, default=None, help="default: <out>/report.md")
+
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "prepare":
+        parser.error(f"unrecognised arguments: {' '.join(extra)}")
+    args.preprocess_flags = [flag for flag in extra if flag != "--"]
+    return args
+
+
+def main(argv=None):
+    configure_logging()
+    args = parse_args(argv)
+    try:
+        if args.command == "split":
+            write_split(args.dataset, args.src, args.split_file, args.folds, args.seed)
+        elif args.command == "prepare":
+            prepare(args.src, args.split_file, args.data, args.spacing, args.crop_size, args.preprocess_flags)
+        elif args.command == "run":
+            return run(args)
+        else:
+            report(args.out, args.reference, args.report_file)
+    except (ValueError, FileNotFoundError, EncoderUnavailableError) as error:  # the project's errors name the cause
+        logger.error("%s", error)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

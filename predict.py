@@ -1,0 +1,214 @@
+"""Segment new patients: raw three-sequence NIfTI cases in, label volumes in each patient's own geometry out.
+
+    python predict.py --input_dir IN --output_dir OUT --run weights/TU_MyoPS2020128/<run> [--checkpoint best] \
+        [--tta] [--save_png] [--label_values myops2020]
+
+IN holds cases in a layout that preprocess_data.py reads: MyoPS380 (Raw_data/{bSSFP,LGE,T2w}/<case>.nii.gz)
+or MyoPS 2020 (flat myops_training_1XX_{C0,DE,T2}.nii.gz or myops_test_2XX_..., or per case
+<case>/<case>_{C0,LGE or DE,T2}.nii.gz), files ending in .nii or .nii.gz. Labels are not needed and,
+where present, not read. Each case is preprocessed as the run's training data was (the record in the
+checkpoint, or the dataset.json of its training data), its slices are predicted in batches by the
+inference copy of the model, and the class probabilities are mapped back to the original grid
+(resampled linearly, then argmax), as test.py does.
+
+Outputs in OUT: <case>.nii.gz (0 background, 1 normal myocardium, 2 scar, 3 edema, or the challenge's
+200, 2221, 1220 with --label_values myops2020) with the shape, affine and header of the input LGE;
+<case>.png with --save_png (processed grid: LGE, LGE with the prediction); volumes.csv (per case
+the mL of normal myocardium, scar, edema and whole myocardium, scar and edema as % of the whole
+myocardium, the checkpoint). Cases are read, predicted and written one at a time, each file
+atomically. A case that cannot be used (a sequence missing, sequences of different shape or
+orientation, an empty or unreadable file) is reported with the reason and skipped; the exit code
+is then 1.
+"""
+import argparse
+import csv
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from datasets.export import save_nifti, save_overlay
+from datasets.geometry import probabilities_to_original
+from datasets.layouts import DataError, find_cases, load_case
+from datasets.preprocessing import PreprocessingSettings, preprocess_case
+from datasets.vocabulary import LABEL_MAPS, MODALITIES
+from networks.inference import predict_volume
+from trainer import (CheckpointError, configure_logging, inference_model, load_checkpoint, read_preprocessing,
+                     resolve_checkpoint, setup_distributed)
+from utils import STRUCTURES, atomic_path
+
+logger = logging.getLogger("predict")
+
+# class -> value written, per --label_values; the challenge's codes are its label map read backwards
+OUTPUT_LABELS = {"default": {1: 1, 2: 2, 3: 3},
+                 "myops2020": {target: code for code, target in LABEL_MAPS["MyoPS2020"].items() if target}}
+# volumes.csv column -> the classes it counts (utils.STRUCTURES: "myocardium" is the normal myocardium)
+VOLUME_STRUCTURES = {"normal_myocardium_ml": "myocardium", "scar_ml": "scar", "edema_ml": "edema",
+                     "whole_myocardium_ml": "whole_myocardium"}
+VOLUME_COLUMNS = ["case", *VOLUME_STRUCTURES, "scar_percent", "edema_percent", "checkpoint"]
+PREDICTION_PATTERNS = ("*.nii.gz", "*.nii", "volumes.csv")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--input_dir", type=Path, required=True, help="folder of raw cases (see above)")
+    parser.add_argument("--output_dir", type=Path, required=True, help="folder for the predictions and volumes.csv")
+    parser.add_argument("--run", type=Path, required=True, help="run folder of train.py")
+    parser.add_argument("--checkpoint", default=None,
+                        help="checkpoint file, or a name in the run folder (best, last, epoch_N); "
+                             "default: best.pth if present, else last.pth")
+    parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
+    parser.add_argument("--amp", default="none", choices=["none", "fp16", "bf16"], help="mixed precision on GPUs")
+    parser.add_argument("--tta", action="store_true", help="average the predictions over the four flips")
+    parser.add_argument("--save_png", action="store_true", help="write an overlay per case (processed grid)")
+    parser.add_argument("--label_values", default="default", choices=sorted(OUTPUT_LABELS),
+                        help="values written: default 0-3; myops2020: 200 myocardium, 2221 scar, 1220 edema")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="write into an output folder that already holds predictions: those of the cases "
+                             "given are replaced, or removed when the case fails")
+    parser.add_argument("--batch_slices", type=int, default=16, help="slices predicted per batch")
+    return parser.parse_args(argv)
+
+
+def run_preprocessing(checkpoint, checkpoint_path):
+    """(sequence order, settings) of the run's training data: the checkpoint's record, else its dataset.json."""
+    record = checkpoint.get("preprocessing")
+    source = f"checkpoint {checkpoint_path}"
+    if record is None:
+        root = checkpoint.get("args", {}).get("root_path")
+        record = read_preprocessing(root) if root else None
+        source = f"{Path(root) / 'dataset.json'}" if root else source
+        if record is None:
+            raise CheckpointError(
+                f"{checkpoint_path} does not record how its training data was preprocessed (sequence order, "
+                f"spacing, crop size, intensity scaling), and its training data's dataset.json "
+                f"{'(' + source + ') is not there' if root else 'is unknown (no root_path in its arguments)'}; "
+                "copy that dataset.json to this path, or retrain with data written by preprocess_data.py")
+    modalities = list(record["modalities"])
+    if sorted(modalities) != sorted(MODALITIES):
+        raise CheckpointError(f"{source} records the sequences {modalities}; predict.py reads {list(MODALITIES)}")
+    return modalities, PreprocessingSettings.from_dataset_settings(record["settings"], source)
+
+
+def check_output_dir(output_dir, overwrite):
+    """Refuse an output folder that holds predictions, unless --overwrite."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise DataError(f"--output_dir {output_dir} is a file; choose a folder")
+    existing = sorted(p.name for pattern in PREDICTION_PATTERNS for p in output_dir.glob(pattern)) \
+        if output_dir.is_dir() else []
+    if existing and not overwrite:
+        shown = ", ".join(existing[:5]) + (f" and {len(existing) - 5} more" if len(existing) > 5 else "")
+        raise DataError(f"--output_dir {output_dir} already holds predictions ({shown}); choose another folder or "
+                        "pass --overwrite to replace those of the cases given")
+    if existing:
+        logger.warning("--overwrite: the predictions in %s of the cases given are replaced (or removed if the case "
+                       "fails); volumes.csv lists only this run's cases", output_dir)
+
+
+def remove_earlier_outputs(output_dir, case_id):
+    """Delete a failed case's outputs of an earlier run (--overwrite), so that none is taken for this run's."""
+    for path in (output_dir / f"{case_id}.nii.gz", output_dir / f"{case_id}.png"):
+        if path.is_file():
+            path.unlink()
+            logger.warning("%s: removed %s of an earlier run", case_id, path)
+
+
+def output_labels(prediction, label_values):
+    """Classes 0-3 -> the values written (uint8, or uint16 for the challenge's codes)."""
+    mapping = OUTPUT_LABELS[label_values]
+    lookup = np.zeros(len(mapping) + 1, dtype=np.uint16 if max(mapping.values()) > 255 else np.uint8)
+    for target, value in mapping.items():
+        lookup[target] = value
+    return lookup[prediction]
+
+
+def tissue_volumes(prediction, spacing):
+    """mL per structure of a class-0-3 volume, and scar and edema in % of the whole myocardium (NaN if none)."""
+    voxel_ml = float(np.prod(spacing[:3])) / 1000.0
+    volumes = {column: float(np.isin(prediction, STRUCTURES[name]).sum()) * voxel_ml
+               for column, name in VOLUME_STRUCTURES.items()}
+    whole = volumes["whole_myocardium_ml"]
+    for name in ("scar", "edema"):
+        volumes[f"{name}_percent"] = 100.0 * volumes[f"{name}_ml"] / whole if whole > 0 else math.nan
+    return volumes
+
+
+def write_volumes(rows, path):
+    with atomic_path(path) as temporary:
+        with open(temporary, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=VOLUME_COLUMNS)
+            writer.writeheader()
+            writer.writerows(rows)
+
+
+def predict_case(model, volumes, modalities, settings, args, device, img_size):
+    """(labels 0-3 in the original grid, labels in the processed grid, the preprocessed case)."""
+    prepared = preprocess_case(volumes, settings)
+    image = torch.from_numpy(np.stack([prepared.images[m] for m in modalities]))
+    probabilities = predict_volume(model, image, img_size, args.batch_slices, device, args.amp, tta=args.tta)
+    processed = probabilities.argmax(dim=0).numpy().astype(np.uint8)
+    return probabilities_to_original(probabilities.numpy(), prepared.geometry), processed, prepared
+
+
+def predict(args):
+    """Predict every case under --input_dir; returns {case: reason} of the cases that failed."""
+    cases = find_cases(args.input_dir, labelled=False)
+    check_output_dir(args.output_dir, args.overwrite)
+    checkpoint_path = resolve_checkpoint(args.run, args.checkpoint)
+    device = setup_distributed(args.device).device
+    checkpoint = load_checkpoint(checkpoint_path, map_location="cpu")
+    modalities, settings = run_preprocessing(checkpoint, checkpoint_path)
+    model = inference_model(checkpoint, checkpoint_path, device)
+    img_size = checkpoint["spec"]["img_size"]
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    logger.info("checkpoint %s (epoch %d) on %s; preprocessing %s; %d cases from %s -> %s", checkpoint_path,
+                checkpoint["train_state"]["epoch"], device, settings, len(cases), args.input_dir, args.output_dir)
+
+    rows, failures, start = [], {}, time.perf_counter()
+    for case in tqdm(cases, desc="cases", unit="case"):
+        case_start = time.perf_counter()
+        try:
+            volumes = load_case(case)
+        except DataError as error:
+            logger.error("%s: skipped: %s", case.case_id, error)
+            failures[case.case_id] = str(error)
+            remove_earlier_outputs(args.output_dir, case.case_id)
+            continue
+        prediction, processed, prepared = predict_case(model, volumes, modalities, settings, args, device, img_size)
+        lge = volumes.headers["LGE"]
+        written = save_nifti(output_labels(prediction, args.label_values), lge.get_best_affine(),
+                             args.output_dir / f"{case.case_id}.nii.gz", header=lge)
+        if args.save_png:
+            save_overlay(np.stack([prepared.images[m] for m in MODALITIES]), None, processed,
+                         args.output_dir / f"{case.case_id}.png")
+        rows.append({"case": case.case_id, **tissue_volumes(prediction, written.header.get_zooms()),
+                     "checkpoint": str(checkpoint_path)})
+        write_volumes(rows, args.output_dir / "volumes.csv")
+        logger.info("%s: %d slices, %.2f s (read, predicted, written)", case.case_id, prediction.shape[2],
+                    time.perf_counter() - case_start)
+    if failures:
+        logger.error("%d of %d cases failed and have no output:\n  %s", len(failures), len(cases),
+                     "\n  ".join(f"{case}: {reason}" for case, reason in failures.items()))
+    logger.info("%d cases predicted in %.1f s -> %s", len(rows), time.perf_counter() - start, args.output_dir)
+    return failures
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    configure_logging()
+    try:
+        with torch.inference_mode():
+            failures = predict(args)
+    except (CheckpointError, DataError, ValueError) as error:
+        logger.error("%s", error)
+        return 1
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

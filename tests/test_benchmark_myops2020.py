@@ -1,0 +1,194 @@
+"""benchmarks/myops2020.py on a small phantom with the tiny configuration: split, budget, schedule, results, report."""
+import argparse
+import json
+import math
+import random
+
+import pytest
+import torch
+
+from benchmarks import myops2020 as benchmark
+from datasets.phantom import write_phantom
+from priors import import_embeddings, save_priors
+import train as train_script
+from trainer import load_checkpoint
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """The tiny model gains nothing from a second thread, which only spins when other work shares the CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory, single_thread):
+    root = tmp_path_factory.mktemp("benchmark")
+    write_phantom(root / "raw", cases=6, seed=5)
+    assert benchmark.main(["split", "--dataset", "Phantom", "--src", str(root / "raw"), "--split_file",
+                           str(root / "split.json")]) == 0
+    assert benchmark.main(["prepare", "--src", str(root / "raw"), "--split_file", str(root / "split.json"),
+                           "--data", str(root / "data"), "--spacing", "2.0", "--crop_size", "64"]) == 0
+    plain = root / "plain_priors.pt"
+    generator = torch.Generator().manual_seed(0)
+    torch.save({"modality": torch.randn(3, 24, generator=generator),
+                "class": torch.randn(4, 24, generator=generator)}, plain)
+    save_priors(import_embeddings(plain, "random test priors"), root / "priors.pt")
+    return root
+
+
+def run_args(root, variant, fold, *budget):
+    return ["run", "--data", str(root / "data"), "--out", str(root / "out"), "--variant", variant, "--fold",
+            str(fold), *budget, "--biomedclip_priors", str(root / "priors.pt"), "--vit_name", "testing",
+            "--batch_size", "8", "--num_workers", "0", "--device", "cpu", "--warmup_steps", "0", "--timed_steps", "1"]
+
+
+def test_split_is_seeded_reused_and_a_different_one_refused(prepared, caplog):
+    split_file = prepared / "split.json"
+    split = json.loads(split_file.read_text())
+    folds = split["folds"]
+    assert len(folds) == 3 and all(len(fold) == 2 for fold in folds)
+    assert sorted(c for fold in folds for c in fold) == [f"case{i:04d}" for i in range(1, 7)]
+    assert folds == benchmark.make_folds([c for fold in folds for c in fold], 3, 1234)
+    assert benchmark.make_folds(range(30), 3, 1) != benchmark.make_folds(range(30), 3, 2)
+    before = split_file.read_bytes()
+    args = ["split", "--dataset", "Phantom", "--src", str(prepared / "raw"), "--split_file", str(split_file)]
+    assert benchmark.main(args) == 0 and split_file.read_bytes() == before
+    assert benchmark.main(args + ["--seed", "7"]) == 1
+    assert "holds another split" in caplog.text and split_file.read_bytes() == before
+    for fold, test_cases in enumerate(folds):
+        dataset = json.loads((prepared / "data" / f"fold{fold}" / "dataset.json").read_text())
+        assert dataset["split"]["test"] == test_cases and dataset["settings"]["crop_size"] == 64
+        assert sorted(dataset["split"]["train"]) == sorted(set(sum(folds, [])) - set(test_cases))
+    assert benchmark.main(["prepare", "--src", str(prepared / "raw"), "--split_file", str(split_file), "--data",
+                           str(prepared / "data"), "--spacing", "2.0", "--crop_size", "48"]) == 1
+    assert "with other settings" in caplog.text
+
+
+def test_budget_to_iterations_and_schedule_fitting():
+    assert benchmark.budget_to_iterations(42, 2.5) == 1008
+    assert benchmark.budget_to_iterations(1, 61.0) == 1
+    with pytest.raises(benchmark.BenchmarkError):
+        benchmark.budget_to_iterations(42, 0.0)
+    assert benchmark.paper_schedule() == (300, 20, 100)
+    # README's run C: 825 iterations at 11 per epoch were run as 75 epochs, contrast from 5, fused from 25
+    assert benchmark.fit_schedule(825, 11) == {"max_epochs": 75, "max_iterations": 825, "start_contrast_epoch": 5,
+                                               "region_fusion_start_epoch": 25}
+    assert benchmark.fit_schedule(3000, 10) == {"max_epochs": 300, "max_iterations": 3000,
+                                                "start_contrast_epoch": 20, "region_fusion_start_epoch": 100}
+    assert benchmark.fit_schedule(9, 7) == {"max_epochs": 2, "max_iterations": 9, "start_contrast_epoch": 0,
+                                            "region_fusion_start_epoch": 1}
+    generator = random.Random(0)
+    for _ in range(500):
+        iterations, per_epoch = generator.randint(1, 5000), generator.randint(1, 40)
+        schedule = benchmark.fit_schedule(iterations, per_epoch)
+        assert (schedule["max_epochs"] - 1) * per_epoch < iterations <= schedule["max_epochs"] * per_epoch
+        assert schedule["start_contrast_epoch"] <= schedule["region_fusion_start_epoch"] < schedule["max_epochs"]
+        assert schedule["region_fusion_start_epoch"] * per_epoch < iterations, "the fused stage is always reached"
+    stages = benchmark.stage_fractions(20, 100, 300)
+    assert [epoch for epoch, _ in stages] == [0, 20, 100]
+    assert [fraction for _, fraction in stages] == pytest.approx([20 / 300, 80 / 300, 200 / 300])
+    assert benchmark.stage_fractions(0, 1, 2) == [(0, 0.5), (1, 0.5)]
+
+
+def test_every_variant_is_a_set_of_train_py_flags(prepared):
+    options = argparse.Namespace(dataset="Phantom", vit_name="testing", batch_size=8, device="cpu", num_workers=None,
+                                 biomedclip_priors=prepared / "priors.pt", names_only_priors=None)
+    parsed = {}
+    for name in benchmark.VARIANTS:
+        flags = benchmark.recipe_flags(name, prepared / "data" / "fold0", 64, options, prepared / "out")
+        parsed[name] = train_script.parse_args(flags)
+        assert (parsed[name].augmentation, parsed[name].no_pretrain, parsed[name].img_size) == ("strong", True, 64)
+    assert [name for name, args in parsed.items() if args.model == "immseg"] == [
+        "immseg", "no_cmfe", "no_cfm", "no_contrast", "names_only", "offline_priors"]
+    assert parsed["no_cfm"].no_cfm and not parsed["immseg"].no_cfm and parsed["no_contrast"].no_contrast
+    single = parsed["transunet_single_t2w"]
+    assert (single.model, single.modality) == ("transunet_single", "T2w")
+    assert parsed["names_only"].prompts.name == "names_only.json" and parsed["names_only"].prior_encoder == "offline"
+    assert parsed["immseg"].prior_embeddings == (prepared / "priors.pt").resolve()
+    options.biomedclip_priors = None
+    with pytest.raises(benchmark.BenchmarkError, match="needs --biomedclip_priors"):
+        benchmark.recipe_flags("no_cmfe", prepared / "data" / "fold0", 64, options, prepared / "out")
+
+
+def test_run_refuses_contradicting_budget_flags_and_an_unknown_fold(prepared, caplog):
+    assert benchmark.main(run_args(prepared, "immseg", 0, "--budget_minutes", "1", "--iterations", "5")) == 1
+    assert "--budget_minutes goes with --mode time" in caplog.text
+    assert benchmark.main(run_args(prepared, "immseg", 3, "--budget_minutes", "1")) == 1
+    assert "has folds 0 to 2" in caplog.text
+    assert not (prepared / "out" / "runs").exists()
+
+
+def test_run_appends_per_case_results_and_a_rerun_is_skipped(prepared, caplog):
+    results = prepared / "out" / "results.jsonl"
+    assert benchmark.main(run_args(prepared, "immseg", 0, "--mode", "iterations", "--iterations", "5")) == 0
+    records = benchmark.read_results(results)
+    test_cases = json.loads((prepared / "split.json").read_text())["folds"][0]
+    assert sorted({r["case"] for r in records}) == test_cases and len(records) == 2 * 5
+    assert {r["structure"] for r in records} == set(benchmark.STRUCTURE_NAMES)
+    record = records[0]
+    assert (record["variant"], record["fold"], record["mode"], record["setting"]) == (
+        "immseg", 0, "iterations", "iterations 5")
+    assert record["iterations"] == 5 and record["seconds_per_step"] > 0 and record["budget_minutes"] is None
+    assert (record["max_epochs"], record["start_contrast_epoch"], record["region_fusion_start_epoch"]) == (2, 0, 1)
+    assert all(r["dice"] is None or 0 <= r["dice"] <= 1 for r in records)
+    run_dir = prepared / "out" / "runs" / "data" / "immseg" / "iterations_5" / "fold0"
+    last = run_dir / "last.pth"
+    assert load_checkpoint(last)["train_state"]["iteration"] == 5
+    checkpoint_args = load_checkpoint(last)["args"]
+    assert checkpoint_args["region_fusion_start_epoch"] == 1 and checkpoint_args["augmentation"] == "strong"
+
+    before, stamp = results.read_bytes(), last.stat().st_mtime_ns
+    assert benchmark.main(run_args(prepared, "immseg", 0, "--mode", "iterations", "--iterations", "5")) == 0
+    assert "already in" in caplog.text
+    assert results.read_bytes() == before and last.stat().st_mtime_ns == stamp
+
+    results.unlink()  # as if the first invocation had died after training: the plan is reused, training resumed
+    assert benchmark.main(run_args(prepared, "immseg", 0, "--mode", "iterations", "--iterations", "5")) == 0
+    assert "reusing the plan" in caplog.text and load_checkpoint(last)["train_state"]["iteration"] == 5
+    again = benchmark.read_results(results)
+    assert [(r["case"], r["structure"], r["dice"], r["seconds_per_step"]) for r in again] == [
+        (r["case"], r["structure"], r["dice"], r["seconds_per_step"]) for r in records]
+
+    assert benchmark.main(run_args(prepared, "transunet_early", 1, "--budget_minutes", "0.02")) == 0
+    early = [r for r in benchmark.read_results(results) if r["variant"] == "transunet_early"]
+    plan = json.loads((prepared / "out" / "runs" / "data" / "transunet_early" / "time_0.02_min" / "fold1" /
+                       "plan.json").read_text())
+    assert len(plan["seconds_per_stage"]) == 1, "a baseline has one stage"
+    assert early[0]["iterations"] == benchmark.budget_to_iterations(0.02, plan["seconds_per_step"])
+    assert early[0]["setting"] == "time 0.02 min" and early[0]["budget_minutes"] == 0.02
+    assert len(benchmark.read_results(results)) == 20
+
+
+def hand_made(variant, fold, case, scar, edema):
+    return [{"input": "in", "variant": variant, "setting": "time 42 min", "fold": fold, "case": case,
+             "structure": structure, "dice": dice, "hd95": None if dice is None else 10 * (1 - dice),
+             "iterations": 100 + fold, "seconds_per_step": 2.0, "date": "2026-11-29T00:00:00+00:00",
+             "git_commit": "abc"} for structure, dice in (("scar", scar), ("edema", edema))]
+
+
+def test_report_paired_differences_on_a_hand_made_results_file(tmp_path):
+    rows = (hand_made("immseg", 0, "a", 0.60, 0.40) + hand_made("immseg", 0, "b", 0.50, None)
+            + hand_made("immseg", 1, "c", 0.70, 0.30)
+            + hand_made("no_cfm", 0, "a", 0.65, 0.30) + hand_made("no_cfm", 0, "b", 0.40, 0.20)
+            + hand_made("no_cfm", 1, "c", 0.90, 0.30))
+    benchmark.append_results(tmp_path / "results.jsonl", rows[:6])
+    benchmark.append_results(tmp_path / "results.jsonl", rows[6:])
+    assert len(benchmark.read_results(tmp_path / "results.jsonl")) == len(rows)
+    text = benchmark.report(tmp_path)
+    assert (tmp_path / "report.md").read_text() == text
+    table = {(cells[0], cells[4]): cells for cells in
+             ([c.strip() for c in line.strip("|").split("|")] for line in text.splitlines() if line.startswith("| "))}
+    scar = table[("no_cfm", "scar")]
+    # per case: +0.05, -0.10, +0.20 -> mean +0.05 (5 points), better in 2 of 3; HD95 = 10 (1 - Dice)
+    assert scar[6] == "65.00 ± 20.41" and scar[8] == "100-101" and scar[9] == "2.000"
+    assert (scar[10], scar[11], float(scar[12])) == ("+5.00", "2/3", pytest.approx(-0.5))
+    # edema: case b undefined for immseg -> pairs a (-0.10) and c (0.00); no case better
+    edema = table[("no_cfm", "edema")]
+    assert (edema[10], edema[11]) == ("-5.00", "0/2")
+    immseg_edema = table[("immseg", "edema")]
+    assert immseg_edema[5] == "3" and immseg_edema[6] == "35.00 ± 5.00" and immseg_edema[10] == ""
+    assert table[("immseg", "normal myocardium")][6] == "n/a"
+    assert math.isclose(benchmark.paired_difference(rows[6:], rows[:6], "scar", "dice")[0], 0.05)

@@ -1,0 +1,221 @@
+"""Issue 10: inference copies that keep device and dtype, the released split, the schedule, one vocabulary,
+lazy optional imports and the GPU check script (CPU)."""
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import preprocess_data
+import test as test_script
+import train as train_script
+from conftest import ROOT, make_batch, make_model
+from datasets.phantom import write_phantom
+from networks.inference import fuse_for_inference
+from priors import import_embeddings, save_priors
+from trainer import filled, iteration_budget, load_checkpoint, run_directory, tensorboard_writer
+
+PROJECT_PACKAGES = ("networks", "datasets", "priors")
+
+
+def tensors(module):
+    return list(module.named_parameters()) + list(module.named_buffers())
+
+
+# 1. the inference copy ---------------------------------------------------------------------------------------
+def test_inference_copy_of_a_meta_model_stays_on_meta(tiny_config):
+    model = make_model(tiny_config).to("meta")
+    fused = fuse_for_inference(model)
+    misplaced = [name for name, tensor in tensors(fused) if tensor.device.type != "meta"]
+    assert misplaced == []
+    assert all(tensor.device.type == "meta" for _, tensor in tensors(model))
+
+
+def test_inference_copy_of_a_float64_model_keeps_float64_and_its_outputs(tiny_config):
+    model = make_model(tiny_config).double().eval()
+    fused = fuse_for_inference(model)
+    floating = [(name, tensor) for name, tensor in tensors(fused) if tensor.is_floating_point()]
+    assert floating and [name for name, tensor in floating if tensor.dtype != torch.float64] == []
+    images = make_batch(2, seed=3)[0].double()
+    with torch.no_grad():
+        torch.testing.assert_close(fused(images.contiguous(memory_format=torch.channels_last)), model(images),
+                                   rtol=1e-9, atol=1e-9)
+
+
+# 2. the released split ---------------------------------------------------------------------------------------
+def test_test_every_five_gives_the_released_split_of_myops380():
+    case_ids = [f"case{i:04d}" for i in range(380, 0, -1)]
+    split = preprocess_data.split_cases(case_ids, test_every=5)
+    expected = [f"case{i:04d}" for i in (1 + 5 * k for k in range(76))]
+    assert split["test"] == expected
+    assert expected[:3] == ["case0001", "case0006", "case0011"] and expected[-1] == "case0376"
+    assert len(split["train"]) == 304 and not set(split["train"]) & set(split["test"])
+
+
+def test_negative_test_every_is_refused():
+    with pytest.raises(preprocess_data.DataError, match="--test_every"):
+        preprocess_data.split_cases(["a", "b"], test_every=-2)
+
+
+# 3. the schedule -----------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def phantom(tmp_path_factory):
+    root = tmp_path_factory.mktemp("protocol")
+    write_phantom(root / "raw", cases=4, seed=5)
+    assert preprocess_data.main(["--dataset", "Phantom", "--src_path", str(root / "raw"), "--dst_path",
+                                 str(root / "data"), "--spacing", "2.0", "--crop_size", "64"]) == 0
+    generator = torch.Generator().manual_seed(0)
+    torch.save({"modality": torch.randn(3, 16, generator=generator),
+                "class": torch.randn(4, 16, generator=generator)}, root / "plain_priors.pt")
+    save_priors(import_embeddings(root / "plain_priors.pt", "random test priors"), root / "priors.pt")
+    iterations_per_epoch = len((root / "data" / "train.txt").read_text().split()) // 4
+    assert iterations_per_epoch >= 2
+    return root, iterations_per_epoch
+
+
+def train(root, run, *extra):
+    return train_script.main(["--dataset", "Phantom", "--root_path", str(root / "data"), "--vit_name", "testing",
+                              "--img_size", "64", "--no_pretrain", "--prior_embeddings", str(root / "priors.pt"),
+                              "--batch_size", "4", "--start_contrast_epoch", "0", "--num_workers", "0",
+                              "--progress", "0", "--output_dir", str(root / run), *extra])
+
+
+def shortened_messages(caplog):
+    return [r.getMessage() for r in caplog.records if "the run is shortened" in r.getMessage()]
+
+
+def test_by_default_every_epoch_runs(phantom, caplog):
+    root, per_epoch = phantom
+    caplog.set_level(logging.INFO)
+    assert train(root, "default", "--max_epochs", "2", "--region_fusion_start_epoch", "1") == 0
+    checkpoint = load_checkpoint(root / "default" / "last.pth")
+    assert checkpoint["train_state"]["epoch"] == 2 and checkpoint["train_state"]["iteration"] == 2 * per_epoch
+    assert checkpoint["args"]["max_iterations"] is None and shortened_messages(caplog) == []
+
+
+def test_a_cap_that_shortens_the_run_is_logged_once_with_its_last_epoch(phantom, caplog):
+    root, per_epoch = phantom
+    caplog.set_level(logging.INFO)
+    assert train(root, "capped", "--max_epochs", "3", "--region_fusion_start_epoch", "1",
+                 "--max_iterations", str(per_epoch + 1)) == 0
+    messages = shortened_messages(caplog)
+    assert len(messages) == 1
+    assert f"--max_iterations {per_epoch + 1} ends training in epoch 2 of 3 ({per_epoch} iterations per epoch" \
+        in messages[0]
+    state = load_checkpoint(root / "capped" / "last.pth")["train_state"]
+    assert state["epoch"] == 2 and state["iteration"] == per_epoch + 1
+
+
+def test_a_cap_that_ends_before_the_fused_stage_is_refused_with_the_numbers(phantom, caplog):
+    root, per_epoch = phantom
+    assert train(root, "refused", "--max_epochs", "4", "--region_fusion_start_epoch", "2",
+                 "--max_iterations", str(2 * per_epoch)) == 1
+    message = "\n".join(r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR)
+    assert f"ends training in epoch 2 of 4 ({per_epoch} iterations per epoch" in message
+    assert "starts training in epoch 3 (--region_fusion_start_epoch 2" in message
+    assert not list((root / "refused").glob("*.pth"))
+
+
+def test_the_issue_example_is_refused():
+    args = SimpleNamespace(max_epochs=300, max_iterations=30000, region_fusion_start_epoch=100)
+    with pytest.raises(ValueError, match=r"epoch 92 of 300 \(328 iterations per epoch.*epoch 101"):
+        iteration_budget(args, 1970 // 6, "immseg")
+    assert iteration_budget(args, 1970 // 6, "transunet_early") == 30000
+    args.max_iterations = None
+    assert iteration_budget(args, 328, "immseg") == 300 * 328
+
+
+def test_run_folder_names_follow_the_cap_and_test_finds_the_training_folder():
+    released = run_directory(train_script.parse_args([]))
+    assert released.name == "TU_pretrain_R50-ViT-B_16_skip3_epo300_bs24_lr0.001_128"
+    assert run_directory(filled(test_script.parse_args([]))) == released
+    capped = run_directory(train_script.parse_args(["--max_iterations", "20000"]))
+    assert capped.name == "TU_pretrain_R50-ViT-B_16_skip3_20k_epo300_bs24_lr0.001_128"
+    assert run_directory(filled(test_script.parse_args(["--max_iterations", "20000"]))) == capped
+    assert run_directory(train_script.parse_args(["--max_iterations", "1500"])).name.startswith(
+        "TU_pretrain_R50-ViT-B_16_skip3_1500it_")
+
+
+# 4. one vocabulary ---------------------------------------------------------------------------------------------
+def project_modules_after_importing(modules):
+    code = ("import importlib, json, sys\n"
+            f"for name in {modules!r}:\n    importlib.import_module(name)\n"
+            f"print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in {PROJECT_PACKAGES!r})))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    return json.loads(result.stdout)
+
+
+def test_data_and_prior_code_do_not_import_the_model_package():
+    modules = [f"{package}.{path.stem}" for package in ("datasets", "priors")
+               for path in sorted((ROOT / package).glob("*.py")) if path.stem != "__init__"] + ["priors"]
+    assert "datasets.vocabulary" in modules and "priors.store" in modules
+    loaded = project_modules_after_importing(modules)
+    assert [m for m in loaded if m.split(".")[0] == "networks"] == []
+    assert set(modules) <= set(loaded)
+
+
+def test_the_vocabulary_imports_none_of_the_packages():
+    assert project_modules_after_importing(["datasets.vocabulary"]) == ["datasets", "datasets.vocabulary"]
+
+
+def test_networks_datasets_and_priors_share_one_vocabulary():
+    from datasets import layouts, vocabulary
+    from networks import vit_seg_configs
+    from priors import text
+
+    assert vit_seg_configs.MODALITIES is vocabulary.MODALITIES is layouts.MODALITIES is text.MODALITIES
+    assert vit_seg_configs.CLASS_NAMES is vocabulary.CLASS_NAMES is text.CLASS_NAMES
+    assert preprocess_data.DATASETS["MyoPS2020"][1] is vocabulary.LABEL_MAPS["MyoPS2020"]
+
+
+# 5. optional packages and the GPU check ------------------------------------------------------------------------
+def test_train_and_test_import_no_optional_package():
+    code = ("import json, sys\nimport numpy as np\nimport preprocess_data, test, train, utils\n"
+            "labels = np.zeros((8, 8, 2), np.uint8); labels[2:5, 2:5] = 1\n"
+            "utils.case_metrics(labels, labels, spacing=None)\n"
+            "print(json.dumps([m for m in ('open_clip', 'transformers', 'medpy', 'tensorboardX', 'PIL') "
+            "if m in sys.modules]))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert json.loads(result.stdout) == []
+
+
+def test_contrastive_loss_under_fp16_autocast_is_finite_and_equals_float32():
+    from utils import TextAnchoredContrastiveLoss
+
+    labels = torch.zeros(2, 8, 8, dtype=torch.long)
+    labels[:, :, 4:] = 1
+    features = torch.randn(2, 6, 8, 8).half()
+    features[:, :, :, 4:] = 0  # e.g. after a ReLU: zero vectors must not normalise to NaN
+    anchors = [torch.randn(2, 6)]
+    loss = TextAnchoredContrastiveLoss(samples_per_scale=(5,))
+
+    def value(amp):
+        torch.manual_seed(0)
+        with torch.autocast("cpu", dtype=torch.float16, enabled=amp):
+            return loss([features], labels, anchors)
+
+    assert torch.isfinite(value(True)) and value(True).dtype == torch.float32
+    torch.testing.assert_close(value(True), value(False))
+
+
+def test_training_without_tensorboardx_writes_no_events_and_says_so(tmp_path, monkeypatch, caplog):
+    monkeypatch.setitem(sys.modules, "tensorboardX", None)
+    assert tensorboard_writer(tmp_path / "log") is None
+    assert "tensorboardX is not installed" in caplog.text and not (tmp_path / "log").exists()
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_gpu_check_script_parses_and_stops_without_a_gpu(tmp_path):
+    script = ROOT / "benchmarks" / "gpu_check.sh"
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    environment = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHON": sys.executable}
+    result = subprocess.run(["bash", str(script), str(tmp_path / "out")], capture_output=True, text=True,
+                            env=environment, timeout=120)
+    assert result.returncode == 2
+    assert "no CUDA GPU is visible to PyTorch" in result.stderr and "nothing was checked" in result.stderr
+    assert not (tmp_path / "out").exists()

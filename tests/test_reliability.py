@@ -1,0 +1,319 @@
+"""Issue 12: run folders, resume and outputs that never lie (CPU, phantom, `testing` configuration)."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+import preprocess_data
+import test as test_script
+import train as train_script
+import trainer
+from datasets import phantom
+from priors import encode as encode_priors
+from priors import import_embeddings, save_priors
+from conftest import ROOT
+from trainer import load_checkpoint
+
+STEPS_PER_EPOCH = 3  # 28 training slices of the workspace at batch 8
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("reliability")
+    phantom.write_phantom(root / "raw", cases=6, seed=11)
+    assert preprocess_data.main(["--dataset", "Phantom", "--src_path", str(root / "raw"), "--dst_path",
+                                 str(root / "data"), "--spacing", "2.0", "--crop_size", "64", "--test_every", "6",
+                                 "--val_fraction", "0.2"]) == 0
+    for seed, name in ((0, "priors.pt"), (1, "other_priors.pt")):
+        generator = torch.Generator().manual_seed(seed)
+        torch.save({"modality": torch.randn(3, 24, generator=generator),
+                    "class": torch.randn(4, 24, generator=generator)}, root / f"plain_{name}")
+        save_priors(import_embeddings(root / f"plain_{name}", f"random test priors {seed}"), root / name)
+    return root
+
+
+def train_args(workspace, run, *extra):
+    return ["--dataset", "Phantom", "--root_path", str(workspace / "data"), "--vit_name", "testing",
+            "--img_size", "64", "--no_pretrain", "--prior_embeddings", str(workspace / "priors.pt"),
+            "--batch_size", "8", "--start_contrast_epoch", "0", "--region_fusion_start_epoch", "1",
+            "--num_workers", "2", "--progress", "0", "--max_epochs", "2", "--output_dir", str(workspace / run),
+            *extra]
+
+
+@pytest.fixture(scope="module")
+def straight(workspace):
+    """An uninterrupted two-epoch run with two loader workers."""
+    assert train_script.main(train_args(workspace, "straight", "--save_every", "1")) == 0
+    return workspace / "straight"
+
+
+def assert_same_run(expected_dir, found_dir):
+    expected, found = load_checkpoint(expected_dir / "last.pth"), load_checkpoint(found_dir / "last.pth")
+    assert found["train_state"] == expected["train_state"], "same epoch, iteration and best metric"
+    assert found["optimizer"]["param_groups"][0]["lr"] == expected["optimizer"]["param_groups"][0]["lr"]
+    assert expected["model"].keys() == found["model"].keys()
+    differing = [k for k in expected["model"] if not torch.equal(expected["model"][k], found["model"][k])]
+    assert not differing, f"resuming must reproduce the weights exactly; differing: {differing[:5]}"
+
+
+def interrupt_at(monkeypatch, iteration, signal_number):
+    """Send the training process a real signal right after its step number ``iteration``."""
+    original = trainer.Trainer.train_step
+
+    def step_then_signal(self, *args, **kwargs):
+        result = original(self, *args, **kwargs)
+        if self.state.iteration == iteration:
+            os.kill(os.getpid(), signal_number)
+        return result
+
+    monkeypatch.setattr(trainer.Trainer, "train_step", step_then_signal)
+
+
+# Run folders --------------------------------------------------------------------------------------------------
+
+def test_checkpoints_and_config_record_the_training_data_preprocessing(straight):
+    for record in (load_checkpoint(straight / "last.pth")["preprocessing"],
+                   json.loads((straight / "config.json").read_text())["preprocessing"]):
+        assert record["modalities"] == ["bSSFP", "LGE", "T2w"]
+        assert record["settings"]["crop_size"] == 64 and record["settings"]["spacing_mm"] == 2.0
+
+
+def test_a_run_folder_with_checkpoints_is_refused_unless_resume_or_overwrite(workspace, straight, caplog):
+    run = workspace / "reused"
+    shutil.copytree(straight, run)
+    (run / "notes.txt").write_text("my notes")
+    (run / "test_test_vol_best").mkdir()
+    (run / "test_test_vol_best" / "summary.json").write_text("{}")
+    before = {path.name: path.read_bytes() for path in run.glob("*.pth")}
+    assert train_script.main(train_args(workspace, "reused", "--max_epochs", "1")) == 1
+    assert f"run folder {run} already holds checkpoints" in caplog.text
+    assert "--resume auto" in caplog.text and "--overwrite" in caplog.text
+    assert {path.name: path.read_bytes() for path in run.glob("*.pth")} == before, "nothing was touched"
+
+    assert train_script.main(train_args(workspace, "reused", "--max_epochs", "1", "--overwrite")) == 0
+    assert sorted(path.name for path in run.glob("*.pth")) == ["epoch_0.pth", "last.pth"]
+    assert load_checkpoint(run / "last.pth")["train_state"]["epoch"] == 1
+    assert not (run / "test_test_vol_best").exists() and (run / "notes.txt").read_text() == "my notes"
+    assert "epoch 2" not in (run / "log.txt").read_text(), "the earlier run's log was cleared"
+
+
+def test_resume_with_another_prior_file_is_refused(workspace, straight, caplog):
+    code = train_script.main(train_args(workspace, "other_priors", "--resume", str(straight / "epoch_0.pth"),
+                                        "--prior_embeddings", str(workspace / "other_priors.pt")))
+    assert code == 1
+    assert "other text priors" in caplog.text and "embeddings_sha256" in caplog.text
+    assert not (workspace / "other_priors").exists()
+
+
+@pytest.mark.parametrize("root", ["missing", "empty"])
+def test_bad_root_path_leaves_no_run_folder(workspace, root, caplog):
+    (workspace / "empty").mkdir(exist_ok=True)
+    args = train_args(workspace, f"no_data_{root}")
+    args[args.index("--root_path") + 1] = str(workspace / root)
+    assert train_script.main(args) == 1
+    assert str(workspace / root) in caplog.text
+    assert not (workspace / f"no_data_{root}").exists()
+
+
+# Resume -------------------------------------------------------------------------------------------------------
+
+def test_resume_with_loader_workers_reproduces_the_uninterrupted_run(workspace, straight):
+    assert train_script.main(train_args(workspace, "resumed", "--resume", str(straight / "epoch_0.pth"))) == 0
+    assert_same_run(straight, workspace / "resumed")
+
+
+@pytest.mark.parametrize("signal_number, iteration", [(signal.SIGINT, STEPS_PER_EPOCH + 1), (signal.SIGTERM, 2)],
+                         ids=["SIGINT in epoch 2", "SIGTERM in epoch 1"])
+def test_a_signal_mid_epoch_saves_the_position_and_resume_matches_the_uninterrupted_run(
+        workspace, straight, monkeypatch, signal_number, iteration):
+    name = f"stopped_{signal.Signals(signal_number).name}"
+
+    def unhandled(number, frame):
+        raise RuntimeError(f"{signal.Signals(number).name} reached the test: train.py does not handle it")
+
+    previous = signal.signal(signal_number, unhandled)
+    try:
+        with monkeypatch.context() as patch:
+            interrupt_at(patch, iteration, signal_number)
+            assert train_script.main(train_args(workspace, name)) == 128 + signal_number
+    finally:
+        signal.signal(signal_number, previous)
+    checkpoint = load_checkpoint(workspace / name / "last.pth")
+    assert checkpoint["interrupted"] and checkpoint["train_state"]["iteration"] == iteration
+    assert checkpoint["train_state"]["epoch_iteration"] == iteration % STEPS_PER_EPOCH
+    assert train_script.main(train_args(workspace, name, "--resume", "auto")) == 0
+    assert_same_run(straight, workspace / name)
+
+
+SIGTERM_ON_RANK_1 = """
+import os, signal, sys
+sys.path.insert(0, {root!r})
+import train, trainer
+
+original = trainer.Trainer.train_step
+
+
+def step_then_signal(self, *args, **kwargs):
+    result = original(self, *args, **kwargs)
+    if self.ctx.rank == 1 and self.state.iteration == 2:
+        os.kill(os.getpid(), signal.SIGTERM)
+    return result
+
+
+trainer.Trainer.train_step = step_then_signal
+sys.exit(train.main(sys.argv[1:]))
+"""
+
+
+def test_sigterm_on_one_rank_stops_every_rank_at_the_same_step(workspace, tmp_path):
+    script = tmp_path / "sigterm_on_rank_1.py"
+    script.write_text(SIGTERM_ON_RANK_1.format(root=str(ROOT)))
+    args = train_args(workspace, "ddp_stopped", "--batch_size", "4", "--num_workers", "0")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+               str(30500 + os.getpid() % 1000), str(script), *args]
+    result = subprocess.run(command, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode != 0
+    checkpoint = load_checkpoint(workspace / "ddp_stopped" / "last.pth")
+    assert checkpoint["interrupted"] and checkpoint["train_state"]["iteration"] == 2, result.stderr[-3000:]
+    assert len(checkpoint["rng"]) == 2, "both ranks took part in the save"
+    assert "SIGTERM: stopped in epoch 1 after 2 of its 3 steps" in (workspace / "ddp_stopped" / "log.txt").read_text()
+
+
+def test_a_corrupt_last_checkpoint_names_an_older_one(workspace, straight, caplog):
+    run = workspace / "corrupt"
+    shutil.copytree(straight, run)
+    (run / "last.pth").write_bytes((run / "last.pth").read_bytes()[:1000])
+    assert train_script.main(train_args(workspace, "corrupt", "--max_epochs", "3", "--resume", "auto")) == 1
+    assert "not readable" in caplog.text and f"--resume {run / 'epoch_1.pth'}" in caplog.text
+
+
+# test.py ------------------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def evaluation_data(tmp_path):
+    """Two test-only phantom cases preprocessed as the workspace's training data."""
+    def make(*extra):
+        phantom.write_phantom(tmp_path / "raw", cases=2, seed=5)
+        assert preprocess_data.main(["--dataset", "Phantom", "--src_path", str(tmp_path / "raw"), "--dst_path",
+                                     str(tmp_path / "data"), "--spacing", "2.0", "--crop_size", "64",
+                                     "--test_every", "1", *extra]) == 0
+        return tmp_path
+    return make
+
+
+def test_predictions_are_written_in_the_original_geometry_without_a_readable_label(straight, evaluation_data):
+    root = evaluation_data()
+    labels = root / "raw" / "Raw_data" / "label"
+    (labels / "case0001_gt.nii.gz").unlink()
+    (labels / "case0002_gt.nii.gz").write_bytes(b"not a NIfTI file")
+    out = root / "out"
+    assert test_script.main(["--output_dir", str(straight), "--root_path", str(root / "data"),
+                             "--test_save_dir", str(out)]) == 0
+    for case in ("case0001", "case0002"):
+        source = nib.load(str(root / "raw" / "Raw_data" / "LGE" / f"{case}.nii.gz"))
+        prediction = nib.load(str(out / f"{case}_pred.nii.gz"))
+        assert prediction.shape == source.shape and np.allclose(prediction.affine, source.affine)
+    summary = json.loads((out / "summary.json").read_text())
+    assert {entry["space"] for entry in summary.values()} == {"processed"}
+
+
+def test_a_source_label_of_another_shape_is_an_error_naming_case_and_file(straight, evaluation_data, caplog):
+    root = evaluation_data()
+    label = root / "raw" / "Raw_data" / "label" / "case0002_gt.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((5, 6, 7), np.uint8), np.eye(4)), str(label))
+    assert test_script.main(["--output_dir", str(straight), "--root_path", str(root / "data"),
+                             "--test_save_dir", str(root / "out")]) == 1
+    assert f"case0002: source label {label} has shape (5, 6, 7)" in caplog.text
+
+
+def test_test_data_preprocessed_otherwise_is_refused_unless_allowed(straight, evaluation_data, caplog):
+    root = evaluation_data("--percentiles", "1", "99")
+    command = ["--output_dir", str(straight), "--root_path", str(root / "data"), "--test_save_dir", str(root / "out"),
+               "--no_save_nii"]
+    assert test_script.main(command) == 1
+    assert "percentiles: [0.5, 99.5] in the training data, [1.0, 99.0] here" in caplog.text
+    assert not (root / "out" / "summary.json").exists()
+    assert test_script.main(command + ["--allow_preprocessing_mismatch"]) == 0
+    assert (root / "out" / "summary.json").is_file()
+
+
+def test_split_val_without_validation_cases_is_an_error(straight, evaluation_data, caplog):
+    root = evaluation_data()
+    assert test_script.main(["--output_dir", str(straight), "--root_path", str(root / "data"), "--split", "val",
+                             "--test_save_dir", str(root / "out")]) == 1
+    assert "the val list" in caplog.text and "names no volumes" in caplog.text
+
+
+# Data folders -------------------------------------------------------------------------------------------------
+
+def preprocess(source, destination, *extra):
+    return preprocess_data.main(["--dataset", "Phantom", "--src_path", str(source), "--dst_path", str(destination),
+                                 "--spacing", "2.0", "--crop_size", "32", "--test_every", "2", *extra])
+
+
+def test_preprocessing_refuses_to_delete_what_it_did_not_write(workspace, tmp_path, caplog):
+    destination = tmp_path / "data"
+    assert preprocess(workspace / "raw", destination) == 0
+    assert preprocess(workspace / "raw", destination) == 0, "a previous output alone is replaced"
+    (destination / "notes.txt").write_text("keep me")
+    split_file = destination / "split.json"
+    split_file.write_text(json.dumps({"test": ["case0001"]}))
+    assert preprocess(workspace / "raw", destination, "--split_file", str(split_file)) == 1
+    assert "notes.txt" in caplog.text and "split.json" in caplog.text
+    assert (destination / "notes.txt").read_text() == "keep me" and split_file.is_file()
+
+
+def test_preprocessing_into_a_file_is_a_clear_error(workspace, tmp_path, caplog):
+    target = tmp_path / "data"
+    target.write_text("a file")
+    assert preprocess(workspace / "raw", target) == 1
+    assert f"--dst_path {target} is a file" in caplog.text
+
+
+def test_stale_staging_folders_of_dead_processes_are_removed(workspace, tmp_path):
+    finished = subprocess.Popen([sys.executable, "-c", "pass"])
+    finished.wait()
+    running = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        stale, live = tmp_path / f".data.staging-{finished.pid}", tmp_path / f".data.staging-{running.pid}"
+        for folder in (stale, live):
+            (folder / "LGE").mkdir(parents=True)
+            (folder / "LGE" / "half.npz").write_bytes(b"half written")
+        assert preprocess(workspace / "raw", tmp_path / "data") == 0
+        assert not stale.exists() and live.is_dir()
+    finally:
+        running.kill()
+        running.wait()
+
+
+def test_phantom_refuses_to_overwrite_cases_unless_asked(tmp_path, caplog):
+    assert phantom.main(["--out", str(tmp_path), "--cases", "1", "--seed", "1"]) == 0
+    label = tmp_path / "Raw_data" / "label" / "case0001_gt.nii.gz"
+    before = label.read_bytes()
+    assert phantom.main(["--out", str(tmp_path), "--cases", "1", "--seed", "2"]) == 1
+    assert "--overwrite" in caplog.text and label.read_bytes() == before
+    assert phantom.main(["--out", str(tmp_path), "--cases", "1", "--seed", "2", "--overwrite"]) == 0
+    assert label.read_bytes() != before
+
+
+def test_prior_import_of_a_non_tensor_entry_is_a_clear_error(tmp_path, caplog):
+    source = tmp_path / "plain.pt"
+    torch.save({"modality": [[0.0] * 8] * 3, "class": torch.zeros(4, 8)}, source)
+    assert encode_priors.main(["--import", str(source), "--out", str(tmp_path / "priors.pt")]) == 1
+    assert "'modality' must be a tensor, got list" in caplog.text
+    assert not (tmp_path / "priors.pt").exists()
+
+
+def test_prior_output_pointing_at_a_folder_is_a_clear_error(workspace, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        encode_priors.main(["--import", str(workspace / "plain_priors.pt"), "--out", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert f"--out {tmp_path} is a folder" in capsys.readouterr().err
