@@ -589,6 +589,7 @@ class Trainer:
         if differences:
             raise CheckpointError(f"{path} was trained with another configuration:\n  " + "\n  ".join(differences))
         self.check_priors(checkpoint, path)
+        self.check_epoch_position(checkpoint, path)
         load_model_state(self.model, checkpoint["model"], path)
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         self.scaler.load_state_dict(checkpoint["scaler"])
@@ -602,6 +603,18 @@ class Trainer:
         logger.info("resumed from %s at epoch %d, iteration %d%s", path, self.state.epoch, self.state.iteration,
                     f" (interrupted after step {self.state.epoch_iteration} of epoch {self.state.epoch + 1}: "
                     "it continues from there)" if checkpoint["interrupted"] else "")
+
+    def check_epoch_position(self, checkpoint, path):
+        """A checkpoint saved mid-epoch counts its position in steps of its own global batch: continuing it with
+        another batch size or number of processes would skip or repeat samples."""
+        steps = checkpoint["train_state"].get("epoch_iteration", 0)
+        saved = (checkpoint["args"].get("batch_size"), len(checkpoint["rng"]))
+        here = (self.args.batch_size, self.ctx.world_size)
+        if steps and saved != here:
+            raise CheckpointError(
+                f"{path} was interrupted after step {steps} of an epoch at --batch_size {saved[0]} on {saved[1]} "
+                f"process(es); this run has --batch_size {here[0]} on {here[1]}: resume it with the same batch size "
+                "and processes, or from the last end-of-epoch checkpoint (epoch_N.pth)")
 
     def check_priors(self, checkpoint, path):
         """The prior file in use must hold the checkpoint's embeddings, encoded from the same prompts.

@@ -148,6 +148,9 @@ def test_a_signal_mid_epoch_saves_the_position_and_resume_matches_the_uninterrup
     checkpoint = load_checkpoint(workspace / name / "last.pth")
     assert checkpoint["interrupted"] and checkpoint["train_state"]["iteration"] == iteration
     assert checkpoint["train_state"]["epoch_iteration"] == iteration % STEPS_PER_EPOCH
+    other_batch = train_args(workspace, name, "--resume", "auto") + ["--batch_size", "4"]
+    assert train_script.main(other_batch) == 1, "a mid-epoch position counted in batches of 8 cannot go on at 4"
+    assert load_checkpoint(workspace / name / "last.pth")["train_state"] == checkpoint["train_state"]
     assert train_script.main(train_args(workspace, name, "--resume", "auto")) == 0
     assert_same_run(straight, workspace / name)
 
