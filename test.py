@@ -188,10 +188,13 @@ def evaluate(args):
     spec = checkpoint["spec"]
     check_flags_against(spec, args)
     model = inference_model(checkpoint, args.checkpoint_path, ctx.device)
-    root = args.root_path or Path(checkpoint["args"]["root_path"])
-    dataset = MyoPSDataset(root, args.list_dir or root, args.split)
+    # Without --root_path, the training run's data and list folder (the release's lists live apart from its data).
+    trained_with = checkpoint["args"]
+    root = args.root_path or Path(trained_with["root_path"])
+    list_dir = args.list_dir or (root if args.root_path else Path(trained_with.get("list_dir") or root))
+    dataset = MyoPSDataset(root, list_dir, args.split)
     if len(dataset) == 0:
-        raise DataError(f"the {args.split} list in {args.list_dir or root} names no volumes: nothing to score "
+        raise DataError(f"the {args.split} list in {list_dir} names no volumes: nothing to score "
                         "(preprocess_data.py writes validation cases with --val_fraction or --split_file)")
     check_preprocessing(checkpoint.get("preprocessing"), read_preprocessing(root), root,
                         args.allow_preprocessing_mismatch)

@@ -513,7 +513,9 @@ def mean_pathology_dice(model, dataset, args, device):
                                        channels_last=False)
         prediction = probabilities.argmax(dim=0).numpy()
         metrics = case_metrics(prediction, volume["label"].numpy(), spacing=None)
-        scores.append(np.nanmean([metrics[name][0] for name in PATHOLOGY]))
+        dice = np.asarray([metrics[name][0] for name in PATHOLOGY], dtype=np.float64)
+        # a volume without scar and edema in reference and prediction has no defined pathology Dice
+        scores.append(dice[np.isfinite(dice)].mean() if np.isfinite(dice).any() else math.nan)
     scores = np.asarray(scores, dtype=np.float64)
     return float(np.nanmean(scores)) if np.isfinite(scores).any() else 0.0
 

@@ -201,9 +201,8 @@ def test_train_and_test_on_the_release_layout_with_both_protocols(release_layout
     for name, entry in summarise_released(list(per_case.values())).items():
         assert released["structures"][name] == pytest.approx(entry)
 
-    ours_only = release_layout / "ours_only"
-    assert test_script.main(["--output_dir", str(run), "--root_path", str(data), "--list_dir", str(lists),
-                             "--test_save_dir", str(ours_only), "--no_save_nii"]) == 0
+    ours_only = release_layout / "ours_only"  # without --root_path and --list_dir: the run's, lists apart
+    assert test_script.main(["--output_dir", str(run), "--test_save_dir", str(ours_only), "--no_save_nii"]) == 0
     assert json.loads((ours_only / "summary.json").read_text()) == summary
     assert not list(ours_only.glob("*released_protocol*")), "--protocol ours is the default"
 
