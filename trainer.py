@@ -36,7 +36,7 @@ from tqdm import tqdm
 from datasets.dataset_myops import MyoPSDataset, RandomGenerator
 from datasets.vocabulary import MODALITIES
 from networks.inference import autocast_context, fuse_for_inference, predict_volume
-from networks.vit_seg_configs import DEFAULT_PRETRAINED_PATH, get_config, with_switch_defaults
+from networks.vit_seg_configs import get_config, with_switch_defaults
 from networks.vit_seg_modeling import MODEL_NAMES, build_model
 from priors.store import embeddings_sha256
 from utils import (BASELINE_WEIGHTS, PATHOLOGY, IMMSegLoss, atomic_path, atomic_torch_save, case_metrics,
@@ -635,7 +635,7 @@ class Trainer:
             raise CheckpointError(
                 f"{path} was trained with other text priors ({recorded.get('origin', 'origin not recorded')}) than "
                 f"--prior_embeddings {self.args.prior_embeddings}:\n  " + "\n  ".join(differences)
-                + f"\nResume with the run's prior file (config.json: args.prior_embeddings), or start a new run")
+                + "\nResume with the run's prior file (config.json: args.prior_embeddings), or start a new run")
 
     # training ----------------------------------------------------------------------------------------------
     def weights_for(self, epoch):

@@ -39,3 +39,15 @@ def make_batch(batch=2, img_size=IMG_SIZE, seed=0):
     images = torch.rand(batch, 3, img_size, img_size, generator=generator)
     labels = torch.randint(0, 4, (batch, img_size, img_size), generator=generator)
     return images, labels
+
+
+def write_test_priors(folder, name="priors.pt", seed=0, dim=24):
+    """A prior file of random embeddings (``folder/name``), imported from ``folder/plain_<name>`` as a user would."""
+    from priors import import_embeddings, save_priors
+
+    generator = torch.Generator().manual_seed(seed)
+    plain = Path(folder) / f"plain_{name}"
+    torch.save({"modality": torch.randn(3, dim, generator=generator),
+                "class": torch.randn(4, dim, generator=generator)}, plain)
+    save_priors(import_embeddings(plain, "random test priors"), Path(folder) / name)
+    return Path(folder) / name

@@ -9,7 +9,7 @@ import torch
 
 from benchmarks import myops2020 as benchmark
 from datasets.phantom import write_phantom
-from priors import import_embeddings, save_priors
+from conftest import write_test_priors
 import train as train_script
 from trainer import load_checkpoint
 
@@ -31,11 +31,7 @@ def prepared(tmp_path_factory, single_thread):
                            str(root / "split.json")]) == 0
     assert benchmark.main(["prepare", "--src", str(root / "raw"), "--split_file", str(root / "split.json"),
                            "--data", str(root / "data"), "--spacing", "2.0", "--crop_size", "64"]) == 0
-    plain = root / "plain_priors.pt"
-    generator = torch.Generator().manual_seed(0)
-    torch.save({"modality": torch.randn(3, 24, generator=generator),
-                "class": torch.randn(4, 24, generator=generator)}, plain)
-    save_priors(import_embeddings(plain, "random test priors"), root / "priors.pt")
+    write_test_priors(root)
     return root
 
 

@@ -15,7 +15,7 @@ import test as test_script
 import train as train_script
 from datasets.layouts import DataError, find_cases
 from datasets.phantom import write_phantom
-from priors import import_embeddings, save_priors
+from conftest import write_test_priors
 from trainer import load_checkpoint
 
 
@@ -30,11 +30,7 @@ def trained(tmp_path_factory):
             shutil.copy(path, root / "training_raw" / "Raw_data" / folder)
     assert preprocess_data.main(["--dataset", "Phantom", "--src_path", str(root / "training_raw"), "--dst_path",
                                  str(root / "data"), "--spacing", "2.0", "--crop_size", "64", "--test_every", "3"]) == 0
-    plain = root / "plain_priors.pt"
-    generator = torch.Generator().manual_seed(0)
-    torch.save({"modality": torch.randn(3, 24, generator=generator),
-                "class": torch.randn(4, 24, generator=generator)}, plain)
-    save_priors(import_embeddings(plain, "random test priors"), root / "priors.pt")
+    write_test_priors(root)
     assert train_script.main(["--dataset", "Phantom", "--root_path", str(root / "data"), "--vit_name", "testing",
                               "--img_size", "64", "--no_pretrain", "--prior_embeddings", str(root / "priors.pt"),
                               "--batch_size", "4", "--max_epochs", "1", "--start_contrast_epoch", "0",

@@ -14,10 +14,9 @@ import torch
 import preprocess_data
 import test as test_script
 import train as train_script
-from conftest import ROOT, make_batch, make_model
+from conftest import ROOT, make_batch, make_model, write_test_priors
 from datasets.phantom import write_phantom
 from networks.inference import fuse_for_inference
-from priors import import_embeddings, save_priors
 from trainer import filled, iteration_budget, load_checkpoint, run_directory, tensorboard_writer
 
 PROJECT_PACKAGES = ("networks", "datasets", "priors")
@@ -69,10 +68,7 @@ def phantom(tmp_path_factory):
     write_phantom(root / "raw", cases=4, seed=5)
     assert preprocess_data.main(["--dataset", "Phantom", "--src_path", str(root / "raw"), "--dst_path",
                                  str(root / "data"), "--spacing", "2.0", "--crop_size", "64"]) == 0
-    generator = torch.Generator().manual_seed(0)
-    torch.save({"modality": torch.randn(3, 16, generator=generator),
-                "class": torch.randn(4, 16, generator=generator)}, root / "plain_priors.pt")
-    save_priors(import_embeddings(root / "plain_priors.pt", "random test priors"), root / "priors.pt")
+    write_test_priors(root, dim=16)
     iterations_per_epoch = len((root / "data" / "train.txt").read_text().split()) // 4
     assert iterations_per_epoch >= 2
     return root, iterations_per_epoch

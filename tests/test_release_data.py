@@ -16,7 +16,7 @@ from datasets.dataset_myops import MyoPSDataset
 from datasets.layouts import DataError
 from datasets.preprocessing import scale_like_release
 from datasets.vocabulary import MODALITIES
-from priors import import_embeddings, save_priors
+from conftest import write_test_priors
 from utils import dice_hd95, released_case_metrics, released_dice_hd95, summarise_released
 
 SIZE, DEPTH = 64, 3
@@ -165,11 +165,7 @@ def test_bad_release_files_are_named(tmp_path):
 def test_train_and_test_on_the_release_layout_with_both_protocols(release_layout, caplog):
     data, lists = release_layout / "MyoPS380_dataset" / "Processed_data", release_layout / "list"
     run = release_layout / "run"
-    plain = release_layout / "plain_priors.pt"
-    generator = torch.Generator().manual_seed(0)
-    torch.save({"modality": torch.randn(3, 24, generator=generator),
-                "class": torch.randn(4, 24, generator=generator)}, plain)
-    save_priors(import_embeddings(plain, "random test priors"), release_layout / "priors.pt")
+    write_test_priors(release_layout)
     assert train_script.main(["--root_path", str(data), "--list_dir", str(lists), "--vit_name", "testing",
                               "--img_size", str(SIZE), "--no_pretrain", "--prior_embeddings",
                               str(release_layout / "priors.pt"), "--batch_size", "4", "--max_epochs", "1",

@@ -17,8 +17,7 @@ import train as train_script
 import trainer
 from datasets import phantom
 from priors import encode as encode_priors
-from priors import import_embeddings, save_priors
-from conftest import ROOT
+from conftest import ROOT, write_test_priors
 from trainer import load_checkpoint
 
 STEPS_PER_EPOCH = 3  # 28 training slices of the workspace at batch 8
@@ -32,10 +31,7 @@ def workspace(tmp_path_factory):
                                  str(root / "data"), "--spacing", "2.0", "--crop_size", "64", "--test_every", "6",
                                  "--val_fraction", "0.2"]) == 0
     for seed, name in ((0, "priors.pt"), (1, "other_priors.pt")):
-        generator = torch.Generator().manual_seed(seed)
-        torch.save({"modality": torch.randn(3, 24, generator=generator),
-                    "class": torch.randn(4, 24, generator=generator)}, root / f"plain_{name}")
-        save_priors(import_embeddings(root / f"plain_{name}", f"random test priors {seed}"), root / name)
+        write_test_priors(root, name, seed)
     return root
 
 

@@ -13,9 +13,8 @@ import torch
 import preprocess_data
 import test as test_script
 import train as train_script
-from conftest import ROOT
+from conftest import ROOT, write_test_priors
 from datasets.phantom import write_phantom
-from priors import import_embeddings, save_priors
 from trainer import load_checkpoint
 from utils import case_metrics, dice_hd95, summarise
 
@@ -27,11 +26,7 @@ def workspace(tmp_path_factory):
     assert preprocess_data.main(["--dataset", "Phantom", "--src_path", str(root / "raw"), "--dst_path",
                                  str(root / "data"), "--spacing", "2.0", "--crop_size", "64", "--test_every", "6",
                                  "--val_fraction", "0.2"]) == 0
-    plain = root / "plain_priors.pt"
-    generator = torch.Generator().manual_seed(0)
-    torch.save({"modality": torch.randn(3, 24, generator=generator),
-                "class": torch.randn(4, 24, generator=generator)}, plain)
-    save_priors(import_embeddings(plain, "random test priors"), root / "priors.pt")
+    write_test_priors(root)
     return root
 
 
