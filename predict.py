@@ -1,7 +1,8 @@
 """Segment new patients: raw three-sequence NIfTI cases in, label volumes in each patient's own geometry out.
 
     python predict.py --input_dir IN --output_dir OUT --run weights/TU_MyoPS2020128/<run> [--checkpoint best] \
-        [--tta] [--save_png] [--label_values myops2020]
+        [--tta] [--postprocess] [--save_png] [--label_values myops2020]
+    python predict.py --input_dir IN --output_dir OUT --run <fold_0> <fold_1> <fold_2> ...    # an ensemble
 
 IN holds cases in a layout that preprocess_data.py reads: MyoPS380 (Raw_data/{bSSFP,LGE,T2w}/<case>.nii.gz)
 or MyoPS 2020 (flat myops_training_1XX_{C0,DE,T2}.nii.gz or myops_test_2XX_..., or per case
@@ -9,24 +10,31 @@ or MyoPS 2020 (flat myops_training_1XX_{C0,DE,T2}.nii.gz or myops_test_2XX_..., 
 where present, not read. Each case is preprocessed as the run's training data was (the record in the
 checkpoint, or the dataset.json of its training data), its slices are predicted in batches by the
 inference copy of the model, and the class probabilities are mapped back to the original grid
-(resampled linearly, then argmax), as test.py does.
+(resampled linearly, then argmax), as test.py does. A run trained on heart-centred crops
+(preprocess_data.py --crop_centre heart) needs --locator_run, a coarse run that finds the heart
+first (locate_heart.py); its crop is then placed around that centre. Several runs (--run A B C) form
+an ensemble: their class probabilities (each after its flip TTA with --tta) are averaged before the
+argmax; they must share the preprocessing record, the sequence order and img_size. --postprocess keeps
+only the largest connected myocardium in the final labels.
 
 Outputs in OUT: <case>.nii.gz (0 background, 1 normal myocardium, 2 scar, 3 edema, or the challenge's
 200, 2221, 1220 with --label_values myops2020) with the shape, affine and header of the input LGE;
 <case>.png with --save_png (processed grid: LGE, LGE with the prediction); volumes.csv (per case
 the mL of normal myocardium, scar, edema and whole myocardium, scar and edema as % of the whole
-myocardium, the checkpoint). Cases are read, predicted and written one at a time, each file
-atomically. A case that cannot be used (a sequence missing, sequences of different shape or
-orientation, an empty or unreadable file) is reported with the reason and skipped; the exit code
-is then 1.
+myocardium, the checkpoint or the ensemble's checkpoints, separated by ';'). Cases are read,
+predicted and written one at a time, each file atomically. A case that cannot be used (a sequence
+missing, sequences of different shape or orientation, an empty or unreadable file) is reported with
+the reason and skipped; the exit code is then 1.
 """
 import argparse
 import csv
+import dataclasses
 import logging
 import math
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -35,7 +43,9 @@ from tqdm import tqdm
 from datasets.export import save_nifti, save_overlay
 from datasets.geometry import probabilities_to_original
 from datasets.layouts import DataError, find_cases, load_case
+from datasets.postprocessing import keep_largest_myocardium
 from datasets.preprocessing import PreprocessingSettings, preprocess_case
+from datasets.roi import heart_centre
 from datasets.vocabulary import LABEL_MAPS, MODALITIES
 from networks.inference import predict_volume
 from trainer import (CheckpointError, configure_logging, inference_model, load_checkpoint, read_preprocessing,
@@ -58,13 +68,19 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input_dir", type=Path, required=True, help="folder of raw cases (see above)")
     parser.add_argument("--output_dir", type=Path, required=True, help="folder for the predictions and volumes.csv")
-    parser.add_argument("--run", type=Path, required=True, help="run folder of train.py")
+    parser.add_argument("--run", type=Path, nargs="+", required=True,
+                        help="run folder of train.py; several: an ensemble, their probabilities averaged")
+    parser.add_argument("--locator_run", type=Path, default=None,
+                        help="coarse run that locates the heart, for a run trained on heart-centred crops")
     parser.add_argument("--checkpoint", default=None,
                         help="checkpoint file, or a name in the run folder (best, last, epoch_N); "
                              "default: best.pth if present, else last.pth")
     parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     parser.add_argument("--amp", default="none", choices=["none", "fp16", "bf16"], help="mixed precision on GPUs")
     parser.add_argument("--tta", action="store_true", help="average the predictions over the four flips")
+    parser.add_argument("--postprocess", action="store_true",
+                        help="keep only the largest 3-D connected component of the whole myocardium (scar and "
+                             "edema outside it become background), in the written labels and the overlays")
     parser.add_argument("--save_png", action="store_true", help="write an overlay per case (processed grid)")
     parser.add_argument("--label_values", default="default", choices=sorted(OUTPUT_LABELS),
                         help="values written: default 0-3; myops2020: 200 myocardium, 2221 scar, 1220 edema")
@@ -146,28 +162,112 @@ def write_volumes(rows, path):
             writer.writerows(rows)
 
 
-def predict_case(model, volumes, modalities, settings, args, device, img_size):
-    """(labels 0-3 in the original grid, labels in the processed grid, the preprocessed case)."""
-    prepared = preprocess_case(volumes, settings)
+def predict_case(models, volumes, modalities, settings, args, device, img_size, centre=None):
+    """(labels 0-3 in the original grid, labels in the processed grid, the preprocessed case); the class
+    probabilities of several models (an ensemble, each with its flip TTA) are averaged before the argmax."""
+    prepared = preprocess_case(volumes, settings, centre)
     image = torch.from_numpy(np.stack([prepared.images[m] for m in modalities]))
-    probabilities = predict_volume(model, image, img_size, args.batch_slices, device, args.amp, tta=args.tta)
+    probabilities = sum(predict_volume(model, image, img_size, args.batch_slices, device, args.amp, tta=args.tta)
+                        for model in models) / len(models)
     processed = probabilities.argmax(dim=0).numpy().astype(np.uint8)
     return probabilities_to_original(probabilities.numpy(), prepared.geometry), processed, prepared
+
+
+class HeartLocator:
+    """A coarse run's model that returns the heart centre of a loaded case (None if it finds no myocardium)."""
+
+    def __init__(self, run, checkpoint=None, device="auto", batch_slices=16):
+        self.checkpoint_path = resolve_checkpoint(run, checkpoint)
+        self.device = setup_distributed(device).device
+        checkpoint = load_checkpoint(self.checkpoint_path, map_location="cpu")
+        self.modalities, self.settings = run_preprocessing(checkpoint, self.checkpoint_path)
+        if self.settings.crop_centre != "image":
+            raise CheckpointError(f"{self.checkpoint_path} was trained on heart-centred crops; a locator must see "
+                                  "the whole image (a run on data preprocessed with --crop_centre image)")
+        self.model = inference_model(checkpoint, self.checkpoint_path, self.device)
+        self.img_size = checkpoint["spec"]["img_size"]
+        self.options = argparse.Namespace(batch_slices=batch_slices, amp="none", tta=False)
+
+    def __call__(self, volumes):
+        with torch.inference_mode():
+            prediction, _, _ = predict_case([self.model], volumes, self.modalities, self.settings, self.options,
+                                            self.device, self.img_size)
+        return heart_centre(prediction, largest_component=True)
+
+
+def heart_locator(settings, args, checkpoint_path):
+    """The coarse model placing a heart-centred run's crop (None for an image-centred run)."""
+    if settings.crop_centre == "image":
+        if args.locator_run is not None:
+            raise CheckpointError(f"--locator_run: {checkpoint_path} was trained on image-centred crops and needs "
+                                  "no heart locator")
+        return None
+    if args.locator_run is None:
+        raise CheckpointError(f"{checkpoint_path} was trained on crops around the heart: give --locator_run, the "
+                              "coarse run that finds the heart (see locate_heart.py)")
+    return HeartLocator(args.locator_run, device=args.device, batch_slices=args.batch_slices)
+
+
+class EnsembleMember(NamedTuple):
+    checkpoint_path: Path
+    epoch: int
+    modalities: list
+    settings: PreprocessingSettings
+    img_size: int
+    model: torch.nn.Module
+
+
+def load_member(run, checkpoint_name, device):
+    checkpoint_path = resolve_checkpoint(run, checkpoint_name)
+    checkpoint = load_checkpoint(checkpoint_path, map_location="cpu")
+    modalities, settings = run_preprocessing(checkpoint, checkpoint_path)
+    return EnsembleMember(checkpoint_path, checkpoint["train_state"]["epoch"], modalities, settings,
+                          checkpoint["spec"]["img_size"], inference_model(checkpoint, checkpoint_path, device))
+
+
+def member_input(member):
+    """What members must share for their probabilities to lie on one grid: the preprocessing and img_size."""
+    return {"sequence order": member.modalities, "img_size": member.img_size, **dataclasses.asdict(member.settings)}
+
+
+def load_ensemble(runs, checkpoint_name, device):
+    """The model of each run of --run (one, or several for an ensemble), all held on ``device`` at once."""
+    paths = [resolve_checkpoint(run, checkpoint_name).resolve() for run in runs]
+    repeated = sorted({str(path) for path in paths if paths.count(path) > 1})
+    if repeated:
+        raise CheckpointError(f"--run {' '.join(map(str, runs))}: the checkpoint {', '.join(repeated)} would enter "
+                              "the ensemble more than once; give different runs, and with several runs a checkpoint "
+                              "name (best, last, epoch_N) rather than a file")
+    members = []
+    for run in runs:
+        member = load_member(run, checkpoint_name, device)
+        if members:
+            first, other = member_input(members[0]), member_input(member)
+            differences = [f"{key} {first[key]!r} in {members[0].checkpoint_path}, {other[key]!r} in "
+                           f"{member.checkpoint_path}" for key in first if first[key] != other[key]]
+            if differences:
+                raise CheckpointError(
+                    f"the runs {runs[0]} and {run} cannot be averaged: their models see differently prepared "
+                    "input (" + "; ".join(differences) + "). Ensemble members must be trained on data "
+                    "preprocessed alike (all heart-centred or none), with the same sequence order and img_size")
+        members.append(member)
+    return members
 
 
 def predict(args):
     """Predict every case under --input_dir; returns {case: reason} of the cases that failed."""
     cases = find_cases(args.input_dir, labelled=False)
     check_output_dir(args.output_dir, args.overwrite)
-    checkpoint_path = resolve_checkpoint(args.run, args.checkpoint)
     device = setup_distributed(args.device).device
-    checkpoint = load_checkpoint(checkpoint_path, map_location="cpu")
-    modalities, settings = run_preprocessing(checkpoint, checkpoint_path)
-    model = inference_model(checkpoint, checkpoint_path, device)
-    img_size = checkpoint["spec"]["img_size"]
+    members = load_ensemble(args.run, args.checkpoint, device)
+    models = [member.model for member in members]
+    modalities, settings, img_size = members[0].modalities, members[0].settings, members[0].img_size
+    checkpoints = ";".join(str(member.checkpoint_path) for member in members)
+    locator = heart_locator(settings, args, checkpoints)
     args.output_dir.mkdir(parents=True, exist_ok=True)
-    logger.info("checkpoint %s (epoch %d) on %s; preprocessing %s; %d cases from %s -> %s", checkpoint_path,
-                checkpoint["train_state"]["epoch"], device, settings, len(cases), args.input_dir, args.output_dir)
+    logger.info("%s on %s; preprocessing %s; tta %s, postprocess %s; %d cases from %s -> %s",
+                ", ".join(f"checkpoint {member.checkpoint_path} (epoch {member.epoch})" for member in members),
+                device, settings, args.tta, args.postprocess, len(cases), args.input_dir, args.output_dir)
 
     rows, failures, start = [], {}, time.perf_counter()
     for case in tqdm(cases, desc="cases", unit="case"):
@@ -179,7 +279,17 @@ def predict(args):
             failures[case.case_id] = str(error)
             remove_earlier_outputs(args.output_dir, case.case_id)
             continue
-        prediction, processed, prepared = predict_case(model, volumes, modalities, settings, args, device, img_size)
+        centre = locator(volumes) if locator is not None else None
+        if locator is not None and centre is None:
+            reason = f"the locator {locator.checkpoint_path} finds no myocardium to centre the crop on"
+            logger.error("%s: skipped: %s", case.case_id, reason)
+            failures[case.case_id] = reason
+            remove_earlier_outputs(args.output_dir, case.case_id)
+            continue
+        prediction, processed, prepared = predict_case(models, volumes, modalities, settings, args, device,
+                                                       img_size, centre)
+        if args.postprocess:
+            prediction, processed = keep_largest_myocardium(prediction), keep_largest_myocardium(processed)
         lge = volumes.headers["LGE"]
         written = save_nifti(output_labels(prediction, args.label_values), lge.get_best_affine(),
                              args.output_dir / f"{case.case_id}.nii.gz", header=lge)
@@ -187,7 +297,7 @@ def predict(args):
             save_overlay(np.stack([prepared.images[m] for m in MODALITIES]), None, processed,
                          args.output_dir / f"{case.case_id}.png")
         rows.append({"case": case.case_id, **tissue_volumes(prediction, written.header.get_zooms()),
-                     "checkpoint": str(checkpoint_path)})
+                     "checkpoint": checkpoints})
         write_volumes(rows, args.output_dir / "volumes.csv")
         logger.info("%s: %d slices, %.2f s (read, predicted, written)", case.case_id, prediction.shape[2],
                     time.perf_counter() - case_start)

@@ -7,8 +7,11 @@
 Per case: check that the three sequences and the label share shape and geometry,
 map the labels to 0-3, resample in-plane to --spacing (images cubic, labels
 nearest), crop or pad to --crop_size around the image centre (the same at training
-and test time), and map each sequence to [0, 1] by the percentiles of its field of
-view (padding excluded): they vary less between cases than whole-volume ones.
+and test time) or, with --crop_centre heart, around the heart (a region of interest:
+training cases centred on their label, validation and test cases on the centres that
+locate_heart.py found with a coarse model, never on their own label), and map each
+sequence to [0, 1] by the percentiles of its field of view (padding excluded): they
+vary less between cases than whole-volume ones.
 With --intensity released, intensities are instead clipped to [0, 255] and divided
 by 255, as the review release does for its MyoPS380 volumes (already in [0, 255]).
 
@@ -39,6 +42,7 @@ from tqdm import tqdm
 
 from datasets.layouts import DataError, find_myops2020_cases, find_myops380_cases, load_case
 from datasets.preprocessing import PreprocessingSettings, preprocess_case
+from datasets.roi import CROP_CENTRES, heart_centre, read_centres
 from datasets.vocabulary import CLASS_NAMES, LABEL_MAPS, MODALITIES
 
 logger = logging.getLogger("preprocess")
@@ -61,6 +65,12 @@ def parse_args(argv=None):
                         help="in-plane target spacing in mm (default: 1.0 for MyoPS380 and Phantom, 1.4 for "
                              "MyoPS2020, whose myocardium reaches 84 mm from the image centre); 0 keeps the spacing")
     parser.add_argument("--crop_size", type=int, default=128, help="field of view in pixels after resampling")
+    parser.add_argument("--crop_centre", default="image", choices=list(CROP_CENTRES),
+                        help="image (default): crop around the image centre; heart: around the heart, for a fine "
+                             "region of interest (training cases: their label's; others: --heart_centres)")
+    parser.add_argument("--heart_centres", type=Path, default=None,
+                        help="with --crop_centre heart: centres file of locate_heart.py; required for every "
+                             "validation and test case, used for training cases listed in it")
     parser.add_argument("--intensity", default="percentile", choices=["percentile", "released"],
                         help="percentile (default): map --percentiles of each sequence's field of view to 0 and 1, "
                              "for raw scanner ranges; released: clip to [0, 255] and divide by 255, as the review "
@@ -135,10 +145,32 @@ def write_volume(path, image, label, attrs):
             handle.attrs[key] = value
 
 
-def process_case(case, label_map, args, spacing, role, staging):
-    """Write one case's slices (training) or volumes (validation / test); return its counts."""
-    settings = PreprocessingSettings(spacing, args.crop_size, tuple(args.percentiles), args.intensity)
-    prepared = preprocess_case(load_case(case, label_map), settings)
+def crop_centre_of(volumes, role, centres, args):
+    """(centre, where it comes from) of a case's crop: none for the image centre; with the heart crop centre the
+    centres file's, else (training cases only) the label's."""
+    if args.crop_centre == "image":
+        return None, "image centre"
+    if volumes.case_id in centres:
+        centre, shape = centres[volumes.case_id], next(iter(volumes.images.values())).shape
+        if not all(0 <= centre[a] <= shape[a] - 1 for a in range(2)):
+            raise DataError(f"{volumes.case_id}: its centre {list(centre)} in {args.heart_centres} lies outside the "
+                            f"image ({shape[0]} x {shape[1]} voxels); was the file written for other images?")
+        return centre, str(args.heart_centres)
+    centre = heart_centre(volumes.label) if role == "train" else None
+    if centre is None:
+        reason = "its label has no myocardium" if role == "train" else "it is not in --heart_centres"
+        raise DataError(f"{volumes.case_id} ({role}) has no heart centre: {reason}; "
+                        "give it in a centres file of locate_heart.py")
+    return centre, "label"
+
+
+def process_case(case, label_map, args, spacing, role, staging, centres):
+    """Write one case's slices (training) or volumes (validation / test); return its counts and crop centre."""
+    settings = PreprocessingSettings(spacing, args.crop_size, tuple(args.percentiles), args.intensity,
+                                     args.crop_centre)
+    volumes = load_case(case, label_map)
+    centre, centre_source = crop_centre_of(volumes, role, centres, args)
+    prepared = preprocess_case(volumes, settings, centre)
     processed, label, geometry, ranges = prepared.images, prepared.label, prepared.geometry, prepared.intensity_ranges
     for modality in MODALITIES:
         if role == "train":
@@ -149,10 +181,12 @@ def process_case(case, label_map, args, spacing, role, staging):
         else:
             attrs = {"case": case.case_id, "modality": modality, "source_image": str(case.images[modality]),
                      "source_label": str(case.label), "intensity_range": np.asarray(ranges[modality]),
-                     "label_map": json.dumps(label_map), **intensity_settings(args), **geometry.to_attrs()}
+                     "label_map": json.dumps(label_map), "crop_centre_source": centre_source,
+                     **intensity_settings(args), **geometry.to_attrs()}
             write_volume(staging / modality / "test_vol_h5" / f"{case.case_id}.npy.h5",
                          processed[modality], label, attrs)
-    return label.shape[2], np.bincount(label.ravel(), minlength=len(CLASS_NAMES))
+    return label.shape[2], np.bincount(label.ravel(), minlength=len(CLASS_NAMES)), {
+        "centre": None if centre is None else [round(v, 2) for v in centre], "source": centre_source}
 
 
 def _previous_output(dst, record):
@@ -221,6 +255,22 @@ def _replace_directory(staging, dst):
     shutil.rmtree(old, ignore_errors=True)
 
 
+def read_heart_centres(args, split):
+    """The centres file of a heart-centred crop, checked before any case is processed: every validation and
+    test case needs its centre there (their own labels are never used to place their crop)."""
+    if args.crop_centre == "image":
+        if args.heart_centres is not None:
+            raise DataError("--heart_centres goes with --crop_centre heart")
+        return {}
+    centres = read_centres(args.heart_centres) if args.heart_centres is not None else {}
+    missing = sorted(set(split["val"] + split["test"]) - set(centres))
+    if missing:
+        raise DataError(f"--crop_centre heart: the validation and test cases {missing} have no centre in "
+                        f"{args.heart_centres or '(no --heart_centres given)'}; locate them with locate_heart.py "
+                        "(a coarse model's prediction), never with their own labels")
+    return centres
+
+
 def run(args):
     start = time.time()
     finder, label_map, default_spacing = DATASETS[args.dataset]
@@ -233,6 +283,7 @@ def run(args):
     cases = finder(args.src_path)
     split = split_cases([c.case_id for c in cases], args.test_every, args.val_fraction, args.seed, args.split_file)
     role_of = {case: role for role, ids in split.items() for case in ids}
+    centres = read_heart_centres(args, split)
     dst = args.dst_path.resolve()
     _prepare_destination(dst)
     _remove_stale_staging(dst)
@@ -244,10 +295,11 @@ def run(args):
             (staging / modality / "test_vol_h5").mkdir(parents=True)
         voxels = np.zeros(len(CLASS_NAMES), dtype=np.int64)
         slices = {"train": 0, "val": 0, "test": 0}
-        train_slices = []
+        train_slices, crop_centres = [], {}
         for case in tqdm(cases, desc="cases", unit="case"):
             role = role_of[case.case_id]
-            depth, counts = process_case(case, label_map, args, spacing, role, staging)
+            depth, counts, crop_centres[case.case_id] = process_case(case, label_map, args, spacing, role, staging,
+                                                                     centres)
             slices[role] += depth
             voxels += counts
             if role == "train":
@@ -257,12 +309,14 @@ def run(args):
         summary = {"cases": {role: len(ids) for role, ids in split.items()}, "slices": slices,
                    "voxels_per_class": dict(zip(CLASS_NAMES, voxels.tolist()))}
         settings = {"dataset": args.dataset, "src_path": str(args.src_path.resolve()), "spacing_mm": spacing,
-                    "crop_size": args.crop_size, **intensity_settings(args),
+                    "crop_size": args.crop_size, "crop_centre": args.crop_centre,
+                    "heart_centres": str(args.heart_centres.resolve()) if args.heart_centres else None,
+                    **intensity_settings(args),
                     "test_every": args.test_every, "val_fraction": args.val_fraction, "seed": args.seed,
                     "split_file": str(args.split_file) if args.split_file else None}
         (staging / "dataset.json").write_text(json.dumps(
             {"format": FORMAT, "modalities": list(MODALITIES), "classes": list(CLASS_NAMES), "settings": settings,
-             "split": split, "summary": summary}, indent=2) + "\n")
+             "split": split, "summary": summary, "crop_centres": crop_centres}, indent=2) + "\n")
         _replace_directory(staging, dst)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -36,6 +36,7 @@ from datasets.dataset_myops import MyoPSDataset
 from datasets.export import save_nifti, save_overlay
 from datasets.geometry import probabilities_to_original
 from datasets.layouts import DataError, map_labels
+from datasets.postprocessing import keep_largest_myocardium
 from networks.inference import predict_volume
 from trainer import (ABLATIONS, CheckpointError, add_run_arguments, configure_logging, filled, inference_model,
                      load_checkpoint, preprocessing_differences, read_preprocessing, resolve_checkpoint,
@@ -64,6 +65,11 @@ def parse_args(argv=None):
     parser.add_argument("--test_save_dir", type=Path, default=None, help="output folder")
     parser.add_argument("--batch_slices", type=int, default=16, help="slices predicted per batch")
     parser.add_argument("--tta", action="store_true", help="average the predictions over the four flips")
+    parser.add_argument("--postprocess", action="store_true",
+                        help="keep only the largest 3-D connected component of the whole myocardium (scar and "
+                             "edema outside it become background), in every label volume scored or written: the "
+                             "original-grid prediction and the processed-grid one (scored without a readable "
+                             "source label, by --protocol released, and drawn by --save_png)")
     parser.add_argument("--allow_preprocessing_mismatch", action="store_true",
                         help="score test data preprocessed with other settings than the training data (spacing, "
                              "crop size, intensity scaling, sequence order), with a warning instead of an error")
@@ -154,7 +160,7 @@ def format_table(summary):
     return "\n".join(lines)
 
 
-def write_released_protocol(per_case, out_dir):
+def write_released_protocol(per_case, out_dir, made_with):
     """Write the release's metrics (summary_released_protocol.json, metrics_released_protocol.csv) and log them."""
     summary = summarise_released(list(per_case.values()))
     with atomic_path(out_dir / "metrics_released_protocol.csv") as temporary:
@@ -169,7 +175,7 @@ def write_released_protocol(per_case, out_dir):
               "empty_rule": "a structure absent from prediction or reference scores Dice 1 and HD95 0 when the "
                             "prediction has < 200 voxels and the reference <= 200, else Dice 0 and HD95 0",
               "average": "plain mean over cases; std is the population standard deviation",
-              "structures": summary}
+              **made_with, "structures": summary}
     with atomic_path(out_dir / "summary_released_protocol.json") as temporary:
         temporary.write_text(json.dumps(report, indent=2) + "\n")
     lines = [f"{TABLE_NAMES[name]:<18}{entry['dice'] * 100:>9.2f} ± {entry['dice_std'] * 100:5.2f}"
@@ -179,6 +185,11 @@ def write_released_protocol(per_case, out_dir):
                 "slices counted one pixel apart; an empty structure scores Dice 1 / HD95 0 (prediction < 200 and "
                 "reference <= 200 voxels) or Dice 0 / HD95 0\n%-18s%17s%17s%10s%10s\n%s",
                 "Structure", "Dice (%)", "HD95 (px)", "empty->1", "empty->0", "\n".join(lines))
+
+
+def postprocessed(labels, args):
+    """``labels`` with only the largest connected myocardium kept (--postprocess), else as they are."""
+    return keep_largest_myocardium(labels) if args.postprocess else labels
 
 
 def evaluate(args):
@@ -210,13 +221,14 @@ def evaluate(args):
         case = volume["case_name"]
         probabilities = predict_volume(model, volume["image"], spec["img_size"], args.batch_slices, ctx.device,
                                        args.amp, tta=args.tta)
-        processed_prediction = probabilities.argmax(dim=0).numpy().astype(np.uint8)
+        processed_prediction = postprocessed(probabilities.argmax(dim=0).numpy().astype(np.uint8), args)
         if args.protocol == "released":
             released[case] = released_case_metrics(processed_prediction, volume["label"].numpy())
         reference = reference_in_original_space(volume)
         geometry = volume["geometry"]
         # The exported prediction lies in the patient's geometry whenever the volume records it, label or not.
-        exported, affine = ((probabilities_to_original(probabilities.numpy(), geometry), geometry.affine_array)
+        exported, affine = ((postprocessed(probabilities_to_original(probabilities.numpy(), geometry), args),
+                             geometry.affine_array)
                             if geometry is not None else (processed_prediction, np.eye(4)))
         if reference is not None:
             prediction, spacing, space = exported, geometry.original_spacing, "original"
@@ -240,7 +252,8 @@ def evaluate(args):
     summary = summarise(per_case)
     for entry in summary.values():
         entry.update(space="/".join(sorted(set(spaces.values()))),
-                     hd95_unit="/".join(sorted({HD95_UNITS[space] for space in spaces.values()})))
+                     hd95_unit="/".join(sorted({HD95_UNITS[space] for space in spaces.values()})),
+                     tta=args.tta, postprocess=args.postprocess)
     with atomic_path(out_dir / "metrics.csv") as temporary:
         with open(temporary, "w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=["case", "structure", "dice", "hd95", "space"])
@@ -249,14 +262,16 @@ def evaluate(args):
     with atomic_path(out_dir / "summary.json") as temporary:
         temporary.write_text(json.dumps(summary, indent=2) + "\n")
     info = {"checkpoint": str(args.checkpoint_path), "epoch": checkpoint["train_state"]["epoch"],
-            "split": args.split, "tta": args.tta, "protocol": args.protocol, "root_path": str(root), "space": spaces,
+            "split": args.split, "tta": args.tta, "postprocess": args.postprocess, "protocol": args.protocol,
+            "root_path": str(root), "space": spaces,
             "spec": spec, "seconds": round(time.time() - start, 2),
             "structures": {k: list(v) for k, v in STRUCTURES.items()}}
     with atomic_path(out_dir / "test_info.json") as temporary:
         temporary.write_text(json.dumps(info, indent=2, default=str) + "\n")
-    logger.info("scored in the %s space\n%s", "/".join(sorted(set(spaces.values()))), format_table(summary))
+    logger.info("scored in the %s space (tta %s, postprocess %s)\n%s", "/".join(sorted(set(spaces.values()))),
+                args.tta, args.postprocess, format_table(summary))
     if args.protocol == "released":
-        write_released_protocol(released, out_dir)
+        write_released_protocol(released, out_dir, {"tta": args.tta, "postprocess": args.postprocess})
     return summary
 
 

@@ -268,7 +268,7 @@ def clear_run_folder(run_dir):
 
 
 # What the model sees of preprocessing: test data must have been written with the training data's values.
-PREPROCESSING_KEYS = ("spacing_mm", "crop_size", "intensity", "percentiles")
+PREPROCESSING_KEYS = ("spacing_mm", "crop_size", "intensity", "percentiles", "crop_centre")
 
 
 def read_preprocessing(root_path):
@@ -295,6 +295,7 @@ def preprocessing_differences(trained, tested):
         values = {"sequence order": record["modalities"],
                   **{key: record["settings"].get(key) for key in PREPROCESSING_KEYS}}
         values["intensity"] = values["intensity"] or "percentile"  # records from before --intensity existed
+        values["crop_centre"] = values["crop_centre"] or "image"  # records from before --crop_centre existed
         return values
 
     trained, tested = comparable(trained), comparable(tested)

@@ -38,6 +38,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import locate_heart  # noqa: E402
 import preprocess_data  # noqa: E402
 import test as test_script  # noqa: E402
 import train as train_script  # noqa: E402
@@ -226,8 +227,28 @@ def read_split(split_file):
     return split
 
 
-def prepare(src, split_file, data, spacing, crop_size, extra_flags=()):
-    """preprocess_data.py once per fold into <data>/fold<k>, the fold's cases as its test set."""
+def locate_test_hearts(locator, fold, src, test_cases, centres_file):
+    """The fold's test cases located by the fold's coarse run (<locator>/fold<k>), written to ``centres_file``."""
+    run_dir = Path(locator) / f"fold{fold}"
+    if not run_dir.is_dir():
+        raise BenchmarkError(f"--locator {locator} has no run of fold {fold} ({run_dir}): run the coarse variant on "
+                             "every fold first")
+    config = _read_json(run_dir / "config.json", "locator run configuration")
+    training_data = Path(config["args"]["root_path"]) / "dataset.json"
+    seen = sorted(set(_read_json(training_data, "locator training data")["split"]["train"]) & set(test_cases))
+    if seen:
+        raise BenchmarkError(f"the locator {run_dir} was trained on fold {fold}'s test cases {seen} "
+                             f"({training_data}): it must be the coarse run of the same fold")
+    code = locate_heart.main(["--input_dir", str(Path(src).resolve()), "--run", str(run_dir), "--checkpoint", "last",
+                              "--output", str(centres_file), "--cases", *test_cases])
+    if code != 0:
+        raise BenchmarkError(f"locate_heart.py failed for fold {fold} (exit {code}); see the log above")
+
+
+def prepare(src, split_file, data, spacing, crop_size, extra_flags=(), locator=None):
+    """preprocess_data.py once per fold into <data>/fold<k>, the fold's cases as its test set. With ``locator``
+    (a folder of one coarse run per fold), crops are centred on the heart: training cases on their label, each
+    fold's test cases on the centre its coarse run finds."""
     split = read_split(split_file)
     cases = find_cases(split["dataset"], src)
     in_split = sorted(c for fold in split["folds"] for c in fold)
@@ -239,6 +260,9 @@ def prepare(src, split_file, data, spacing, crop_size, extra_flags=()):
     setting = {"format": INPUT_FORMAT, "dataset": split["dataset"], "source": str(Path(src).resolve()),
                "folds": split["folds"], "preprocess_flags": ["--spacing", f"{spacing:g}", "--crop_size",
                                                              str(crop_size), *extra_flags]}
+    if locator is not None:
+        setting["locator"] = str(Path(locator).resolve())
+        setting["preprocess_flags"] += ["--crop_centre", "heart"]
     marker = data / "benchmark_input.json"
     if marker.exists() and _read_json(marker, "input description") != setting:
         raise BenchmarkError(f"{data} was prepared from another split or with other settings ({marker}); "
@@ -254,9 +278,14 @@ def prepare(src, split_file, data, spacing, crop_size, extra_flags=()):
             continue
         fold_split = data / "splits" / f"fold{fold}.json"
         _write_json(fold_split, {"test": test_cases, "val": []})
+        fold_flags = list(setting["preprocess_flags"])
+        if locator is not None:
+            centres_file = data / "centres" / f"fold{fold}.json"
+            centres_file.parent.mkdir(parents=True, exist_ok=True)
+            locate_test_hearts(locator, fold, src, test_cases, centres_file)
+            fold_flags += ["--heart_centres", str(centres_file)]
         code = preprocess_data.main(["--dataset", split["dataset"], "--src_path", str(Path(src).resolve()),
-                                     "--dst_path", str(fold_dir), "--split_file", str(fold_split),
-                                     *setting["preprocess_flags"]])
+                                     "--dst_path", str(fold_dir), "--split_file", str(fold_split), *fold_flags])
         if code != 0:
             raise BenchmarkError(f"preprocess_data.py failed for fold {fold} (exit {code})")
     return setting
@@ -312,16 +341,22 @@ def _endless(loader):
 
 
 def _train_steps(trainer, batches, weights, count):
-    """``count`` real training steps, the next batch included; returns once the device has finished them."""
+    """Seconds of each of ``count`` real training steps, the next batch included, each finished on the device."""
+    seconds = []
     for _ in range(count):
+        start = time.perf_counter()
         trainer.train_step(trainer.model, next(batches), weights)
-    if trainer.ctx.device.type == "cuda":
-        torch.cuda.synchronize(trainer.ctx.device)
+        if trainer.ctx.device.type == "cuda":
+            torch.cuda.synchronize(trainer.ctx.device)
+        seconds.append(time.perf_counter() - start)
+    return seconds
 
 
 def time_training_step(train_flags, warmup_steps, timed_steps):
     """Seconds per iteration of the variant's real training step (next batch from the loader, forward, losses,
-    backward, optimizer), averaged over the stages of the paper's schedule weighted by their share of the run.
+    backward, optimizer): per stage of the paper's schedule the median step (robust to a moment of other work on the
+machine; the loader's prefetching makes single steps uneven, so use enough timed steps), the stages weighted by
+their share of the run.
 
     Returns (seconds per step, {"fused 1, modality 0.5, contrast 0.05": seconds, ...}, iterations per epoch)."""
     args = train_script.parse_args(list(train_flags))
@@ -340,9 +375,7 @@ def time_training_step(train_flags, warmup_steps, timed_steps):
         if weights in per_stage:
             continue
         _train_steps(trainer, batches, weights, warmup_steps)
-        start = time.perf_counter()
-        _train_steps(trainer, batches, weights, timed_steps)
-        per_stage[weights] = (time.perf_counter() - start) / timed_steps
+        per_stage[weights] = float(np.median(_train_steps(trainer, batches, weights, timed_steps)))
     seconds = sum(fraction * per_stage[trainer.weights_for(epoch)] for epoch, fraction in stages)
     iterations_per_epoch = len(trainer.loader)
     del batches, trainer, model
@@ -495,8 +528,8 @@ def report_table(records, reference="immseg"):
     order = list(VARIANTS)
     keys = sorted(groups, key=lambda k: (k[0], k[1], order.index(k[2]) if k[2] in order else len(order), k[2]))
     lines = [f"| variant | input | budget | folds | structure | cases | Dice (%) | HD95 (mm) | iterations | s / step "
-             f"| Δ Dice vs {reference} | better Dice | Δ HD95 vs {reference} |",
-             "|" + " --- |" * 13]
+             f"| training min | Δ Dice vs {reference} | better Dice | Δ HD95 vs {reference} |",
+             "|" + " --- |" * 14]
     for key in keys:
         group = groups[key]
         reference_group = groups.get((key[0], key[1], reference))
@@ -511,6 +544,7 @@ def report_table(records, reference="immseg"):
         runs = {r["fold"]: r for r in group}
         iterations = _span([runs[f]["iterations"] for f in folds], "{:d}")
         seconds = _span([runs[f]["seconds_per_step"] for f in folds], "{:.3f}")
+        minutes = _span([runs[f]["train_seconds"] / 60 for f in folds], "{:.1f}")
         for structure in STRUCTURES:
             cells = ["", "", ""]
             if reference_group is not None and key[2] != reference:
@@ -521,7 +555,7 @@ def report_table(records, reference="immseg"):
             entry = summary[structure]
             lines.append(f"| {key[2]} | {key[0]} | {key[1]} | {','.join(map(str, folds))} | "
                          f"{STRUCTURE_NAMES[structure]} | {entry['n']} | {_mean_std(entry, 'dice', 100)} | "
-                         f"{_mean_std(entry, 'hd95', 1)} | {iterations} | {seconds} | " + " | ".join(cells) + " |")
+                         f"{_mean_std(entry, 'hd95', 1)} | {iterations} | {seconds} | {minutes} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -565,6 +599,9 @@ def parse_args(argv=None):
     prep.add_argument("--data", type=Path, required=True, help="output folder for this input setting")
     prep.add_argument("--spacing", type=float, default=RECIPE_INPUT["spacing"], help="in-plane mm (recipe: 1.0)")
     prep.add_argument("--crop_size", type=int, default=RECIPE_INPUT["crop_size"], help="pixels (recipe: 176)")
+    prep.add_argument("--locator", type=Path, default=None,
+                      help="crop around the heart: folder of a coarse run per fold (<out>/runs/<input>/<variant>/"
+                           "<budget>, holding fold0, fold1, ...) that locates each fold's test cases")
 
     go = commands.add_parser("run", help="time, train, test and record one variant on one fold")
     go.add_argument("--data", type=Path, required=True, help="folder written by prepare")
@@ -584,8 +621,10 @@ def parse_args(argv=None):
     go.add_argument("--batch_size", type=int, default=RECIPE_FLAGS["batch_size"], help="recipe: 8")
     go.add_argument("--num_workers", type=int, default=None, help="train.py's loader processes (its default)")
     go.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
-    go.add_argument("--warmup_steps", type=int, default=2, help="untimed steps per stage before timing")
-    go.add_argument("--timed_steps", type=int, default=5, help="timed steps per stage")
+    go.add_argument("--warmup_steps", type=int, default=6,
+                    help="untimed steps per stage before timing (more than the loader's prefetched batches, "
+                         "which would otherwise make a cheap step look cheaper)")
+    go.add_argument("--timed_steps", type=int, default=11, help="timed steps per stage (their median counts)")
 
     rep = commands.add_parser("report", help="the Markdown table of <out>/results.jsonl")
     rep.add_argument("--out", type=Path, required=True)
@@ -606,7 +645,8 @@ def main(argv=None):
         if args.command == "split":
             write_split(args.dataset, args.src, args.split_file, args.folds, args.seed)
         elif args.command == "prepare":
-            prepare(args.src, args.split_file, args.data, args.spacing, args.crop_size, args.preprocess_flags)
+            prepare(args.src, args.split_file, args.data, args.spacing, args.crop_size, args.preprocess_flags,
+                    args.locator)
         elif args.command == "run":
             return run(args)
         else:

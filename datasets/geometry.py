@@ -2,7 +2,8 @@
 
 A volume (X, Y, Z) with spacing (sx, sy, sz) is resampled in-plane to about the
 target spacing, giving (X', Y', Z), then cropped or zero-padded to a fixed field of
-view of (C, C) around the image centre. :class:`CaseGeometry` stores both steps;
+view of (C, C) around the image centre, or around a given point (the heart, for a
+region-of-interest crop). :class:`CaseGeometry` stores both steps;
 :func:`to_processed` applies them and :func:`to_original` inverts them (crop
 reinserted into the resampled grid, then resampled back to (X, Y)).
 
@@ -10,6 +11,7 @@ Resampling maps the whole field of view onto the new grid (pixel edges align,
 "grid mode"): output pixel i samples input coordinate (i + 0.5) * X / X' - 0.5.
 """
 import json
+import math
 from dataclasses import asdict, dataclass
 from typing import Tuple
 
@@ -50,8 +52,9 @@ def _as_tuple(value):
     return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
-def plan_geometry(shape, spacing, affine, target_spacing, crop_size):
-    """Geometry for a volume: in-plane resampling to ``target_spacing`` (None keeps the spacing) and a centre crop."""
+def plan_geometry(shape, spacing, affine, target_spacing, crop_size, centre=None):
+    """Geometry for a volume: in-plane resampling to ``target_spacing`` (None keeps the spacing) and a crop around
+    the image centre, or around ``centre`` (x, y in original voxel indices) when given."""
     shape = tuple(int(s) for s in shape)
     spacing = tuple(float(s) for s in spacing)
     if target_spacing:
@@ -59,7 +62,11 @@ def plan_geometry(shape, spacing, affine, target_spacing, crop_size):
     else:
         resampled = shape[:2]
     crop = (int(crop_size), int(crop_size))
-    start = tuple((resampled[a] - crop[a]) // 2 for a in range(2))
+    if centre is None:
+        start = tuple((resampled[a] - crop[a]) // 2 for a in range(2))
+    else:  # the centre's position on the resampled grid (grid mode, see the module docstring), rounded
+        start = tuple(int(math.floor((float(centre[a]) + 0.5) * resampled[a] / shape[a] - crop[a] / 2 + 0.5))
+                      for a in range(2))
     affine = tuple(tuple(float(v) for v in row) for row in np.asarray(affine))
     return CaseGeometry(shape, spacing, affine, resampled, start, crop)
 

@@ -1,7 +1,8 @@
 """One case's preprocessing in memory, the same for training data (preprocess_data.py) and new patients (predict.py).
 
 The sequences are resampled in-plane to the target spacing (cubic), cropped or
-zero-padded to the field of view around the image centre, and mapped to [0, 1] by
+zero-padded to the field of view around the image centre (or, with the ``heart``
+crop centre, around the heart's centre given per case, see datasets/roi.py), and mapped to [0, 1] by
 the percentiles of that field of view (padding excluded), or with the ``released``
 intensity mode clipped to [0, 255] and divided by 255; a label, when the case has
 one, follows the same geometry (nearest). The settings are those recorded in
@@ -15,6 +16,7 @@ import numpy as np
 
 from .geometry import CaseGeometry, plan_geometry, to_processed
 from .layouts import CaseVolumes
+from .roi import CROP_CENTRES
 
 INTENSITY_MODES = ("percentile", "released")
 
@@ -25,6 +27,7 @@ class PreprocessingSettings:
     crop_size: int
     percentiles: Optional[Tuple[float, float]]  # of the percentile intensity mode
     intensity: str = "percentile"
+    crop_centre: str = "image"  # "heart": around a centre given per case
 
     @classmethod
     def from_dataset_settings(cls, settings, source):
@@ -36,8 +39,11 @@ class PreprocessingSettings:
         missing = [key for key in required if key not in settings]
         if missing:
             raise ValueError(f"{source} lacks the preprocessing setting(s) {', '.join(missing)}")
+        crop_centre = settings.get("crop_centre", "image")
+        if crop_centre not in CROP_CENTRES:
+            raise ValueError(f"{source}: unknown crop centre {crop_centre!r}; expected one of {CROP_CENTRES}")
         percentiles = tuple(float(p) for p in settings["percentiles"]) if intensity == "percentile" else None
-        return cls(settings["spacing_mm"], int(settings["crop_size"]), percentiles, intensity)
+        return cls(settings["spacing_mm"], int(settings["crop_size"]), percentiles, intensity, crop_centre)
 
 
 @dataclass
@@ -72,10 +78,14 @@ def scale_like_release(image):
     return np.nan_to_num(scaled, nan=0.0).astype(np.float32), (0.0, 255.0)
 
 
-def preprocess_case(volumes: CaseVolumes, settings: PreprocessingSettings) -> ProcessedCase:
-    """Resample, crop and normalise a loaded case (see the module docstring)."""
+def preprocess_case(volumes: CaseVolumes, settings: PreprocessingSettings, centre=None) -> ProcessedCase:
+    """Resample, crop and normalise a loaded case (see the module docstring); ``centre`` (x, y in voxel
+    indices) is required with the heart crop centre and refused with the image centre."""
+    if (centre is None) != (settings.crop_centre == "image"):
+        raise ValueError(f"{volumes.case_id}: the {settings.crop_centre} crop centre "
+                         f"{'needs the heart centre' if centre is None else 'takes no centre'}")
     shape = next(iter(volumes.images.values())).shape
-    geometry = plan_geometry(shape, volumes.spacing, volumes.affine, settings.spacing_mm, settings.crop_size)
+    geometry = plan_geometry(shape, volumes.spacing, volumes.affine, settings.spacing_mm, settings.crop_size, centre)
     label = to_processed(volumes.label, geometry, order=0) if volumes.label is not None else None
     images, ranges = {}, {}
     for modality, image in volumes.images.items():

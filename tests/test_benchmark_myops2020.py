@@ -161,7 +161,7 @@ def test_run_appends_per_case_results_and_a_rerun_is_skipped(prepared, caplog):
 def hand_made(variant, fold, case, scar, edema):
     return [{"input": "in", "variant": variant, "setting": "time 42 min", "fold": fold, "case": case,
              "structure": structure, "dice": dice, "hd95": None if dice is None else 10 * (1 - dice),
-             "iterations": 100 + fold, "seconds_per_step": 2.0, "date": "2026-11-29T00:00:00+00:00",
+             "iterations": 100 + fold, "seconds_per_step": 2.0, "train_seconds": 60.0 * (3 + fold), "date": "2026-11-29T00:00:00+00:00",
              "git_commit": "abc"} for structure, dice in (("scar", scar), ("edema", edema))]
 
 
@@ -179,12 +179,12 @@ def test_report_paired_differences_on_a_hand_made_results_file(tmp_path):
              ([c.strip() for c in line.strip("|").split("|")] for line in text.splitlines() if line.startswith("| "))}
     scar = table[("no_cfm", "scar")]
     # per case: +0.05, -0.10, +0.20 -> mean +0.05 (5 points), better in 2 of 3; HD95 = 10 (1 - Dice)
-    assert scar[6] == "65.00 ± 20.41" and scar[8] == "100-101" and scar[9] == "2.000"
-    assert (scar[10], scar[11], float(scar[12])) == ("+5.00", "2/3", pytest.approx(-0.5))
+    assert scar[6] == "65.00 ± 20.41" and scar[8] == "100-101" and scar[9] == "2.000" and scar[10] == "3.0-4.0"
+    assert (scar[11], scar[12], float(scar[13])) == ("+5.00", "2/3", pytest.approx(-0.5))
     # edema: case b undefined for immseg -> pairs a (-0.10) and c (0.00); no case better
     edema = table[("no_cfm", "edema")]
-    assert (edema[10], edema[11]) == ("-5.00", "0/2")
+    assert (edema[11], edema[12]) == ("-5.00", "0/2")
     immseg_edema = table[("immseg", "edema")]
-    assert immseg_edema[5] == "3" and immseg_edema[6] == "35.00 ± 5.00" and immseg_edema[10] == ""
+    assert immseg_edema[5] == "3" and immseg_edema[6] == "35.00 ± 5.00" and immseg_edema[11] == ""
     assert table[("immseg", "normal myocardium")][6] == "n/a"
     assert math.isclose(benchmark.paired_difference(rows[6:], rows[:6], "scar", "dice")[0], 0.05)
