@@ -28,6 +28,7 @@ import json
 import logging
 import math
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,8 +44,9 @@ import preprocess_data  # noqa: E402
 import test as test_script  # noqa: E402
 import train as train_script  # noqa: E402
 from priors import EncoderUnavailableError  # noqa: E402
-from trainer import Trainer, configure_logging, git_commit, seed_everything, setup_distributed  # noqa: E402
-from utils import STRUCTURES, atomic_path, summarise  # noqa: E402
+from trainer import (Trainer, all_rng_states, configure_logging, git_commit, seed_everything,  # noqa: E402
+                     setup_distributed)
+from utils import STRUCTURES, atomic_path, atomic_torch_save, summarise  # noqa: E402
 
 logger = logging.getLogger("benchmark")
 
@@ -335,28 +337,31 @@ def paper_schedule():
     return defaults.max_epochs, defaults.start_contrast_epoch, defaults.region_fusion_start_epoch
 
 
-def _endless(loader):
-    while True:
-        yield from loader
+def _epoch_start_steps(trainer, weights, count):
+    """Seconds of the first ``count`` real training steps of a fresh pass over the loader, as an epoch of training
+    begins (the loader's workers start from an empty queue), finished on the device."""
+    start = time.perf_counter()
+    for _, batch in zip(range(count), trainer.loader):
+        trainer.train_step(trainer.model, batch, weights)
+    if trainer.ctx.device.type == "cuda":
+        torch.cuda.synchronize(trainer.ctx.device)
+    return time.perf_counter() - start
 
 
-def _train_steps(trainer, batches, weights, count):
-    """Seconds of each of ``count`` real training steps, the next batch included, each finished on the device."""
-    seconds = []
-    for _ in range(count):
+def _checkpoint_seconds(trainer):
+    """Seconds of the end-of-epoch save of last.pth (written to a temporary folder)."""
+    with tempfile.TemporaryDirectory() as folder:
         start = time.perf_counter()
-        trainer.train_step(trainer.model, next(batches), weights)
-        if trainer.ctx.device.type == "cuda":
-            torch.cuda.synchronize(trainer.ctx.device)
-        seconds.append(time.perf_counter() - start)
-    return seconds
+        atomic_torch_save(trainer.checkpoint(all_rng_states(trainer.ctx)), Path(folder) / "last.pth")
+        return time.perf_counter() - start
 
 
 def time_training_step(train_flags, warmup_steps, timed_steps):
     """Seconds per iteration of the variant's real training step (next batch from the loader, forward, losses,
-    backward, optimizer): per stage of the paper's schedule the median step (robust to a moment of other work on the
-machine; the loader's prefetching makes single steps uneven, so use enough timed steps), the stages weighted by
-their share of the run.
+    backward, optimizer) as training runs it: per stage of the paper's schedule, after ``warmup_steps``, the first
+    ``timed_steps`` steps of a fresh pass over the loader (an epoch's start, when its workers refill from empty;
+    at most a whole epoch), plus the epoch's checkpoint save spread over its steps; the stages weighted by their
+    share of the run. Time it on an otherwise idle machine.
 
     Returns (seconds per step, {"fused 1, modality 0.5, contrast 0.05": seconds, ...}, iterations per epoch)."""
     args = train_script.parse_args(list(train_flags))
@@ -366,23 +371,26 @@ their share of the run.
     seed_everything(args.seed, args.deterministic)
     model, spec, _ = train_script.build(args, ctx)
     trainer = Trainer(args, ctx, model, spec, Path(args.output_dir))  # saves nothing: no provenance needed
-    batches = _endless(trainer.loader)
     trainer.model.train()
-    per_stage = {}
+    per_epoch = len(trainer.loader)
+    timed_steps = min(timed_steps, per_epoch)
+    per_stage, save_seconds = {}, None
     stages = stage_fractions(args.start_contrast_epoch, args.region_fusion_start_epoch, args.max_epochs)
     for first_epoch, _ in stages:
         weights = trainer.weights_for(first_epoch)
         if weights in per_stage:
             continue
-        _train_steps(trainer, batches, weights, warmup_steps)
-        per_stage[weights] = float(np.median(_train_steps(trainer, batches, weights, timed_steps)))
+        _epoch_start_steps(trainer, weights, min(warmup_steps, per_epoch))
+        if save_seconds is None:  # once the optimizer holds its state, as in last.pth
+            save_seconds = _checkpoint_seconds(trainer)
+        per_stage[weights] = (_epoch_start_steps(trainer, weights, timed_steps) / timed_steps
+                              + save_seconds / per_epoch)
     seconds = sum(fraction * per_stage[trainer.weights_for(epoch)] for epoch, fraction in stages)
-    iterations_per_epoch = len(trainer.loader)
-    del batches, trainer, model
+    del trainer, model
     gc.collect()
     described = {", ".join(f"{name} {value:g}" for name, value in weights._asdict().items()): stage_seconds
                  for weights, stage_seconds in per_stage.items()}
-    return seconds, described, iterations_per_epoch
+    return seconds, described, per_epoch
 
 
 def plan_run(options, base_flags, run_dir):
@@ -456,32 +464,47 @@ def run(options):
     input_name = Path(options.data).resolve().name
     out = Path(options.out)
     results = out / "results.jsonl"
-    key = (input_name, options.variant, label, options.fold)
-    if any(run_key(record) == key for record in read_results(results)):
-        logger.info("%s fold %d (%s, input %s) is already in %s: skipped", options.variant, options.fold, label,
+    inference = [name for name, on in (("tta", options.tta), ("pp", options.postprocess)) if on]
+    recorded_variant = "+".join([options.variant, *inference])
+    key = (input_name, recorded_variant, label, options.fold)
+    earlier = read_results(results)
+    if any(run_key(record) == key for record in earlier):
+        logger.info("%s fold %d (%s, input %s) is already in %s: skipped", recorded_variant, options.fold, label,
                     input_name, results)
         return 0
+    trained = [r for r in earlier if run_key(r) == (input_name, options.variant, label, options.fold)]
     options.dataset = setting["dataset"]
     run_dir = (out / "runs" / input_name / options.variant / label.replace(" ", "_") / f"fold{options.fold}").resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     base_flags = recipe_flags(options.variant, fold_dir, dataset["settings"]["crop_size"], options, out)
     plan = plan_run(options, base_flags, run_dir)
     schedule = plan["schedule"]
-    start = time.perf_counter()
-    code = train_script.main(base_flags + schedule_flags(schedule) + [
-        "--output_dir", str(run_dir), "--save_every", str(schedule["max_epochs"]), "--resume", "auto"])
-    train_seconds = time.perf_counter() - start
-    configure_logging()
-    if code != 0:
-        raise BenchmarkError(f"train.py failed for {options.variant} fold {options.fold} (exit {code}); "
-                             f"see {run_dir / 'log.txt'}")
-    test_dir = run_dir / "test_last"
+    if trained:  # the same training, scored with other inference options: not trained again
+        if not (run_dir / "last.pth").is_file():
+            raise BenchmarkError(f"{results} records {options.variant} fold {options.fold}, but {run_dir} has no "
+                                 "last.pth to score again")
+        train_seconds = trained[0]["train_seconds"]
+        logger.info("%s fold %d is trained (%s): scoring it with %s", options.variant, options.fold, run_dir,
+                    " and ".join(inference))
+    else:
+        start = time.perf_counter()
+        code = train_script.main(base_flags + schedule_flags(schedule) + [
+            "--output_dir", str(run_dir), "--save_every", str(schedule["max_epochs"]), "--resume", "auto"])
+        train_seconds = time.perf_counter() - start
+        configure_logging()
+        if code != 0:
+            raise BenchmarkError(f"train.py failed for {options.variant} fold {options.fold} (exit {code}); "
+                                 f"see {run_dir / 'log.txt'}")
+    test_dir = run_dir / "_".join(["test_last", *inference])
+    inference_flags = (["--tta"] if options.tta else []) + (["--postprocess"] if options.postprocess else [])
     code = test_script.main(["--output_dir", str(run_dir), "--root_path", str(fold_dir.resolve()), "--checkpoint",
-                             "last", "--test_save_dir", str(test_dir), "--no_save_nii", "--device", options.device])
+                             "last", "--test_save_dir", str(test_dir), "--no_save_nii", "--device", options.device,
+                             *inference_flags])
     if code != 0:
         raise BenchmarkError(f"test.py failed for {options.variant} fold {options.fold} (exit {code})")
     metrics = read_metrics(test_dir / "metrics.csv", dataset["split"]["test"])
-    common = {"input": input_name, "variant": options.variant, "setting": label, "fold": options.fold,
+    common = {"input": input_name, "variant": recorded_variant, "setting": label, "fold": options.fold,
+              "inference": inference,
               "mode": options.mode, "budget_minutes": options.budget_minutes, "iterations": schedule["max_iterations"],
               "seconds_per_step": plan["seconds_per_step"], "train_seconds": round(train_seconds, 1),
               **{name: schedule[name] for name in ("max_epochs", "start_contrast_epoch", "region_fusion_start_epoch")},
@@ -492,7 +515,7 @@ def run(options):
     records = [{**common, "case": case, "structure": structure, "dice": _defined(dice), "hd95": _defined(hd95)}
                for case, per_structure in sorted(metrics.items()) for structure, (dice, hd95) in per_structure.items()]
     append_results(results, records)
-    logger.info("%s fold %d: %d cases, %d iterations in %.0f s of training (budget: %s) -> %s", options.variant,
+    logger.info("%s fold %d: %d cases, %d iterations in %.0f s of training (budget: %s) -> %s", recorded_variant,
                 options.fold, len(metrics), schedule["max_iterations"], train_seconds, label, results)
     return 0
 
@@ -621,10 +644,14 @@ def parse_args(argv=None):
     go.add_argument("--batch_size", type=int, default=RECIPE_FLAGS["batch_size"], help="recipe: 8")
     go.add_argument("--num_workers", type=int, default=None, help="train.py's loader processes (its default)")
     go.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
-    go.add_argument("--warmup_steps", type=int, default=6,
-                    help="untimed steps per stage before timing (more than the loader's prefetched batches, "
-                         "which would otherwise make a cheap step look cheaper)")
-    go.add_argument("--timed_steps", type=int, default=11, help="timed steps per stage (their median counts)")
+    go.add_argument("--tta", action="store_true",
+                    help="score with test.py --tta (flip averaging); recorded as variant <variant>+tta, the training "
+                         "reused if the plain variant is already recorded")
+    go.add_argument("--postprocess", action="store_true",
+                    help="score with test.py --postprocess (one connected myocardium); recorded as <variant>+pp")
+    go.add_argument("--warmup_steps", type=int, default=6, help="untimed steps per stage before timing")
+    go.add_argument("--timed_steps", type=int, default=20,
+                    help="timed steps per stage from an epoch's start (at most an epoch; the save is added)")
 
     rep = commands.add_parser("report", help="the Markdown table of <out>/results.jsonl")
     rep.add_argument("--out", type=Path, required=True)

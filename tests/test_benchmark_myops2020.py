@@ -148,6 +148,16 @@ def test_run_appends_per_case_results_and_a_rerun_is_skipped(prepared, caplog):
     assert [(r["case"], r["structure"], r["dice"], r["seconds_per_step"]) for r in again] == [
         (r["case"], r["structure"], r["dice"], r["seconds_per_step"]) for r in records]
 
+    # the same training scored with flip averaging and post-processing: a variant of its own, not trained again
+    assert benchmark.main(run_args(prepared, "immseg", 0, "--mode", "iterations", "--iterations", "5", "--tta",
+                                   "--postprocess")) == 0
+    assert last.stat().st_mtime_ns == stamp and "scoring it with tta and pp" in caplog.text
+    rescored = [r for r in benchmark.read_results(results) if r["variant"] == "immseg+tta+pp"]
+    assert len(rescored) == len(records) and {tuple(r["inference"]) for r in rescored} == {("tta", "pp")}
+    assert {r["train_seconds"] for r in rescored} == {again[0]["train_seconds"]}
+    info = json.loads((run_dir / "test_last_tta_pp" / "test_info.json").read_text())
+    assert info["tta"] is True and info["postprocess"] is True
+
     assert benchmark.main(run_args(prepared, "transunet_early", 1, "--budget_minutes", "0.02")) == 0
     early = [r for r in benchmark.read_results(results) if r["variant"] == "transunet_early"]
     plan = json.loads((prepared / "out" / "runs" / "data" / "transunet_early" / "time_0.02_min" / "fold1" /
@@ -155,7 +165,7 @@ def test_run_appends_per_case_results_and_a_rerun_is_skipped(prepared, caplog):
     assert len(plan["seconds_per_stage"]) == 1, "a baseline has one stage"
     assert early[0]["iterations"] == benchmark.budget_to_iterations(0.02, plan["seconds_per_step"])
     assert early[0]["setting"] == "time 0.02 min" and early[0]["budget_minutes"] == 0.02
-    assert len(benchmark.read_results(results)) == 20
+    assert len(benchmark.read_results(results)) == 30
 
 
 def hand_made(variant, fold, case, scar, edema):
