@@ -177,21 +177,19 @@ class HeartLocator:
     """A coarse run's model that returns the heart centre of a loaded case (None if it finds no myocardium)."""
 
     def __init__(self, run, checkpoint=None, device="auto", batch_slices=16):
-        self.checkpoint_path = resolve_checkpoint(run, checkpoint)
         self.device = setup_distributed(device).device
-        checkpoint = load_checkpoint(self.checkpoint_path, map_location="cpu")
-        self.modalities, self.settings = run_preprocessing(checkpoint, self.checkpoint_path)
-        if self.settings.crop_centre != "image":
+        self.member = load_member(run, checkpoint, self.device)
+        self.checkpoint_path = self.member.checkpoint_path
+        if self.member.settings.crop_centre != "image":
             raise CheckpointError(f"{self.checkpoint_path} was trained on heart-centred crops; a locator must see "
                                   "the whole image (a run on data preprocessed with --crop_centre image)")
-        self.model = inference_model(checkpoint, self.checkpoint_path, self.device)
-        self.img_size = checkpoint["spec"]["img_size"]
         self.options = argparse.Namespace(batch_slices=batch_slices, amp="none", tta=False)
 
     def __call__(self, volumes):
+        member = self.member
         with torch.inference_mode():
-            prediction, _, _ = predict_case([self.model], volumes, self.modalities, self.settings, self.options,
-                                            self.device, self.img_size)
+            prediction, _, _ = predict_case([member.model], volumes, member.modalities, member.settings, self.options,
+                                            self.device, member.img_size)
         return heart_centre(prediction, largest_component=True)
 
 

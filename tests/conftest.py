@@ -51,3 +51,48 @@ def write_test_priors(folder, name="priors.pt", seed=0, dim=24):
                 "class": torch.randn(4, dim, generator=generator)}, plain)
     save_priors(import_embeddings(plain, "random test priors"), Path(folder) / name)
     return Path(folder) / name
+
+
+TINY_TRAIN_FLAGS = ["--dataset", "Phantom", "--vit_name", "testing", "--img_size", "64", "--no_pretrain",
+                    "--batch_size", "4", "--start_contrast_epoch", "0", "--region_fusion_start_epoch", "0",
+                    "--num_workers", "0", "--progress", "0", "--device", "cpu"]
+
+
+def train_tiny_run(data, priors, output_dir, *extra):
+    """train.py's exit code for the testing configuration on preprocessed phantom ``data`` (64 px)."""
+    import train as train_script
+
+    return train_script.main([*TINY_TRAIN_FLAGS, "--root_path", str(data), "--prior_embeddings", str(priors),
+                              "--output_dir", str(output_dir), *extra])
+
+
+def write_phantom_training_data(root, cases, seed, training_cases=3):
+    """A phantom of ``cases`` under root/raw; its first ``training_cases`` copied to root/training_raw and
+    preprocessed (2 mm, 64 px, every third case a test case) into root/data; random priors root/priors.pt."""
+    import shutil
+
+    import preprocess_data
+    from datasets.phantom import write_phantom
+
+    root = Path(root)
+    write_phantom(root / "raw", cases=cases, seed=seed)
+    for folder in ("bSSFP", "LGE", "T2w", "label"):
+        (root / "training_raw" / "Raw_data" / folder).mkdir(parents=True)
+        for path in sorted((root / "raw" / "Raw_data" / folder).iterdir())[:training_cases]:
+            shutil.copy(path, root / "training_raw" / "Raw_data" / folder)
+    assert preprocess_data.main(["--dataset", "Phantom", "--src_path", str(root / "training_raw"), "--dst_path",
+                                 str(root / "data"), "--spacing", "2.0", "--crop_size", "64", "--test_every", "3"]) == 0
+    return write_test_priors(root)
+
+
+def prepare_benchmark_phantom(root):
+    """benchmarks/myops2020.py's split and prepare (2 mm, 64 px) of a 6-case phantom under ``root``."""
+    from benchmarks import myops2020 as benchmark
+    from datasets.phantom import write_phantom
+
+    write_phantom(root / "raw", cases=6, seed=5)
+    assert benchmark.main(["split", "--dataset", "Phantom", "--src", str(root / "raw"), "--split_file",
+                           str(root / "split.json")]) == 0
+    assert benchmark.main(["prepare", "--src", str(root / "raw"), "--split_file", str(root / "split.json"),
+                           "--data", str(root / "data"), "--spacing", "2.0", "--crop_size", "64"]) == 0
+    return root

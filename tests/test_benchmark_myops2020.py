@@ -8,8 +8,7 @@ import pytest
 import torch
 
 from benchmarks import myops2020 as benchmark
-from datasets.phantom import write_phantom
-from conftest import write_test_priors
+from conftest import prepare_benchmark_phantom, write_test_priors
 import train as train_script
 from trainer import load_checkpoint
 
@@ -25,12 +24,7 @@ def single_thread():
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory, single_thread):
-    root = tmp_path_factory.mktemp("benchmark")
-    write_phantom(root / "raw", cases=6, seed=5)
-    assert benchmark.main(["split", "--dataset", "Phantom", "--src", str(root / "raw"), "--split_file",
-                           str(root / "split.json")]) == 0
-    assert benchmark.main(["prepare", "--src", str(root / "raw"), "--split_file", str(root / "split.json"),
-                           "--data", str(root / "data"), "--spacing", "2.0", "--crop_size", "64"]) == 0
+    root = prepare_benchmark_phantom(tmp_path_factory.mktemp("benchmark"))
     write_test_priors(root)
     return root
 

@@ -13,19 +13,13 @@ from benchmarks import nnunet_myops2020 as nnunet
 from benchmarks.nnunet_trainer import nnunet_budget
 from datasets.geometry import CaseGeometry, probabilities_to_original
 from datasets.layouts import find_myops380_cases, load_case
-from datasets.phantom import write_phantom
 from datasets.vocabulary import LABEL_MAPS, MODALITIES
+from conftest import prepare_benchmark_phantom
 
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
-    root = tmp_path_factory.mktemp("nnunet")
-    write_phantom(root / "raw", cases=6, seed=5)
-    assert benchmark.main(["split", "--dataset", "Phantom", "--src", str(root / "raw"), "--split_file",
-                           str(root / "split.json")]) == 0
-    assert benchmark.main(["prepare", "--src", str(root / "raw"), "--split_file", str(root / "split.json"),
-                           "--data", str(root / "data"), "--spacing", "2.0", "--crop_size", "64"]) == 0
-    return root
+    return prepare_benchmark_phantom(tmp_path_factory.mktemp("nnunet"))
 
 
 def fold_input(prepared, fold):

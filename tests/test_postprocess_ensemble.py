@@ -9,13 +9,10 @@ import pytest
 import torch
 
 import predict
-import preprocess_data
 import test as test_script
-import train as train_script
-from conftest import write_test_priors
+from conftest import train_tiny_run, write_phantom_training_data
 from datasets.geometry import probabilities_to_original
 from datasets.layouts import find_cases, load_case
-from datasets.phantom import write_phantom
 from datasets.postprocessing import keep_largest_myocardium
 from datasets.preprocessing import preprocess_case
 from networks.inference import predict_volume
@@ -50,20 +47,9 @@ def runs(tmp_path_factory):
     """Two runs of the testing configuration (other seeds) trained for an epoch on the same 3 phantom cases,
     their training data (1 test case), and 2 cases without labels."""
     root = tmp_path_factory.mktemp("ensemble")
-    write_phantom(root / "raw", cases=4, seed=5)
-    for folder in ("bSSFP", "LGE", "T2w", "label"):
-        (root / "training_raw" / "Raw_data" / folder).mkdir(parents=True)
-        for path in sorted((root / "raw" / "Raw_data" / folder).iterdir())[:3]:
-            shutil.copy(path, root / "training_raw" / "Raw_data" / folder)
-    assert preprocess_data.main(["--dataset", "Phantom", "--src_path", str(root / "training_raw"), "--dst_path",
-                                 str(root / "data"), "--spacing", "2.0", "--crop_size", "64", "--test_every", "3"]) == 0
-    write_test_priors(root)
+    priors = write_phantom_training_data(root, cases=4, seed=5)
     for name, seed in (("a", "1"), ("b", "2")):
-        assert train_script.main(["--dataset", "Phantom", "--root_path", str(root / "data"), "--vit_name", "testing",
-                                  "--img_size", "64", "--no_pretrain", "--prior_embeddings", str(root / "priors.pt"),
-                                  "--batch_size", "4", "--max_epochs", "1", "--start_contrast_epoch", "0",
-                                  "--region_fusion_start_epoch", "0", "--num_workers", "0", "--progress", "0",
-                                  "--seed", seed, "--output_dir", str(root / name)]) == 0
+        assert train_tiny_run(root / "data", priors, root / name, "--max_epochs", "1", "--seed", seed) == 0
     for sequence in ("bSSFP", "LGE", "T2w"):
         (root / "unlabelled" / "Raw_data" / sequence).mkdir(parents=True)
         for path in sorted((root / "raw" / "Raw_data" / sequence).iterdir())[2:]:

@@ -10,12 +10,9 @@ import pytest
 import torch
 
 import predict
-import preprocess_data
 import test as test_script
-import train as train_script
 from datasets.layouts import DataError, find_cases
-from datasets.phantom import write_phantom
-from conftest import write_test_priors
+from conftest import train_tiny_run, write_phantom_training_data
 from trainer import load_checkpoint
 
 
@@ -23,19 +20,8 @@ from trainer import load_checkpoint
 def trained(tmp_path_factory):
     """A run of the testing configuration trained for an epoch on 3 phantom cases, and 6 cases without labels."""
     root = tmp_path_factory.mktemp("predict")
-    write_phantom(root / "raw", cases=6, seed=21)
-    for folder in ("bSSFP", "LGE", "T2w", "label"):
-        (root / "training_raw" / "Raw_data" / folder).mkdir(parents=True)
-        for path in sorted((root / "raw" / "Raw_data" / folder).iterdir())[:3]:
-            shutil.copy(path, root / "training_raw" / "Raw_data" / folder)
-    assert preprocess_data.main(["--dataset", "Phantom", "--src_path", str(root / "training_raw"), "--dst_path",
-                                 str(root / "data"), "--spacing", "2.0", "--crop_size", "64", "--test_every", "3"]) == 0
-    write_test_priors(root)
-    assert train_script.main(["--dataset", "Phantom", "--root_path", str(root / "data"), "--vit_name", "testing",
-                              "--img_size", "64", "--no_pretrain", "--prior_embeddings", str(root / "priors.pt"),
-                              "--batch_size", "4", "--max_epochs", "1", "--start_contrast_epoch", "0",
-                              "--region_fusion_start_epoch", "0", "--num_workers", "0", "--progress", "0",
-                              "--output_dir", str(root / "run")]) == 0
+    priors = write_phantom_training_data(root, cases=6, seed=21)
+    assert train_tiny_run(root / "data", priors, root / "run", "--max_epochs", "1") == 0
     unlabelled = root / "unlabelled"
     for sequence in ("bSSFP", "LGE", "T2w"):
         shutil.copytree(root / "raw" / "Raw_data" / sequence, unlabelled / "Raw_data" / sequence)

@@ -11,9 +11,8 @@ import locate_heart
 import predict
 import preprocess_data
 import test as test_script
-import train as train_script
 from benchmarks import myops2020 as benchmark
-from conftest import write_test_priors
+from conftest import train_tiny_run, write_test_priors
 from datasets.dataset_myops import MyoPSDataset
 from datasets.geometry import plan_geometry, probabilities_to_original, to_original, to_processed
 from datasets.layouts import DataError, load_case
@@ -118,9 +117,6 @@ def test_centres_file_round_trip(tmp_path):
 
 
 # On the phantom: a coarse run, the centres it finds, heart-centred data and a run trained on it.
-TRAIN_FLAGS = ["--dataset", "Phantom", "--vit_name", "testing", "--no_pretrain", "--batch_size", "4",
-               "--start_contrast_epoch", "0", "--region_fusion_start_epoch", "0", "--num_workers", "0",
-               "--progress", "0", "--device", "cpu"]
 HEART_FLAGS = ["--spacing", "0", "--crop_size", "64", "--crop_centre", "heart"]  # spacing kept: crop only, exact
 
 
@@ -129,8 +125,7 @@ def preprocess(src, dst, *extra):
 
 
 def train(root, data, run, *extra):
-    return train_script.main([*TRAIN_FLAGS, "--root_path", str(data), "--img_size", "64", "--prior_embeddings",
-                              str(root / "priors.pt"), "--output_dir", str(run), *extra])
+    return train_tiny_run(data, root / "priors.pt", run, *extra)
 
 
 @pytest.fixture(scope="module")
