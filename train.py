@@ -42,8 +42,9 @@ def parse_args(argv=None):
                         help="pixels sampled per image and class: 5, 2, 1 times this at H/2, H/4, H/8")
     parser.add_argument("--contrast_w", type=float, default=0.1, help="contrastive loss weight")
     parser.add_argument("--weight_decay", type=float, default=1e-4)
-    parser.add_argument("--augmentation", default="paper", choices=["paper", "strong"],
-                        help="augmentation ranges: method.md's, or wider ones for small datasets")
+    parser.add_argument("--augmentation", default="paper", choices=["paper", "strong", "nnunet"],
+                        help="augmentation ranges: method.md's, wider ones for small datasets, or the wider ones "
+                             "with nnU-Net's elastic deformation, contrast and blur")
     parser.add_argument("--num_workers", type=int, default=None,
                         help="data loading processes per training process (default: 4 on GPU, 2 on CPU)")
     parser.add_argument("--pretrained_path", type=Path, default=ROOT / DEFAULT_PRETRAINED_PATH,

@@ -43,6 +43,7 @@ import locate_heart  # noqa: E402
 import preprocess_data  # noqa: E402
 import test as test_script  # noqa: E402
 import train as train_script  # noqa: E402
+from datasets.dataset_myops import AUGMENTATIONS  # noqa: E402
 from priors import EncoderUnavailableError  # noqa: E402
 from trainer import (Trainer, all_rng_states, configure_logging, git_commit, seed_everything,  # noqa: E402
                      setup_distributed)
@@ -55,8 +56,8 @@ INPUT_FORMAT = "immseg-cv-input/1"
 DATASETS = ("MyoPS2020", "Phantom")  # preprocess_data.py's names whose train.py --dataset is the same
 # README's run C: compact, 1.0 mm, 176 px (the input, from `prepare`), strong augmentation, batch 8, no npz.
 RECIPE_INPUT = {"spacing": 1.0, "crop_size": 176}
-RECIPE_FLAGS = {"vit_name": "compact", "batch_size": 8}
-RECIPE_SWITCHES = ("--augmentation", "strong", "--no_pretrain")
+RECIPE_FLAGS = {"vit_name": "compact", "batch_size": 8, "augmentation": "strong"}
+RECIPE_SWITCHES = ("--no_pretrain",)
 PROMPTS = ROOT / "priors" / "prompts"
 STRUCTURE_NAMES = {"myocardium": "normal myocardium", "scar": "scar", "edema": "edema",
                    "scar_edema": "scar+edema", "whole_myocardium": "whole myocardium"}
@@ -313,7 +314,7 @@ def recipe_flags(variant_name, fold_dir, crop_size, options, out):
     variant = VARIANTS[variant_name]
     flags = ["--dataset", options.dataset, "--root_path", str(fold_dir.resolve()), "--img_size", str(crop_size),
              "--vit_name", options.vit_name, "--batch_size", str(options.batch_size), "--device", options.device,
-             *RECIPE_SWITCHES, *variant.flags]
+             "--augmentation", options.augmentation, *RECIPE_SWITCHES, *variant.flags]
     if options.num_workers is not None:
         flags += ["--num_workers", str(options.num_workers)]
     prompts = PROMPTS / variant.prompts
@@ -329,6 +330,11 @@ def recipe_flags(variant_name, fold_dir, crop_size, options, out):
             prior_file = Path(out).resolve() / "priors" / f"offline_{prompts.stem}.pt"
             flags += ["--prior_encoder", "offline", "--prior_embeddings", str(prior_file), "--prompts", str(prompts)]
     return flags
+
+
+def training_name(variant_name, augmentation):
+    """The variant as trained: its name, with ``+<preset>_aug`` when the augmentation is not the recipe's."""
+    return variant_name if augmentation == RECIPE_FLAGS["augmentation"] else f"{variant_name}+{augmentation}_aug"
 
 
 def paper_schedule():
@@ -464,27 +470,28 @@ def run(options):
     input_name = Path(options.data).resolve().name
     out = Path(options.out)
     results = out / "results.jsonl"
+    trained_variant = training_name(options.variant, options.augmentation)
     inference = [name for name, on in (("tta", options.tta), ("pp", options.postprocess)) if on]
-    recorded_variant = "+".join([options.variant, *inference])
+    recorded_variant = "+".join([trained_variant, *inference])
     key = (input_name, recorded_variant, label, options.fold)
     earlier = read_results(results)
     if any(run_key(record) == key for record in earlier):
         logger.info("%s fold %d (%s, input %s) is already in %s: skipped", recorded_variant, options.fold, label,
                     input_name, results)
         return 0
-    trained = [r for r in earlier if run_key(r) == (input_name, options.variant, label, options.fold)]
+    trained = [r for r in earlier if run_key(r) == (input_name, trained_variant, label, options.fold)]
     options.dataset = setting["dataset"]
-    run_dir = (out / "runs" / input_name / options.variant / label.replace(" ", "_") / f"fold{options.fold}").resolve()
+    run_dir = (out / "runs" / input_name / trained_variant / label.replace(" ", "_") / f"fold{options.fold}").resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     base_flags = recipe_flags(options.variant, fold_dir, dataset["settings"]["crop_size"], options, out)
     plan = plan_run(options, base_flags, run_dir)
     schedule = plan["schedule"]
     if trained:  # the same training, scored with other inference options: not trained again
         if not (run_dir / "last.pth").is_file():
-            raise BenchmarkError(f"{results} records {options.variant} fold {options.fold}, but {run_dir} has no "
+            raise BenchmarkError(f"{results} records {trained_variant} fold {options.fold}, but {run_dir} has no "
                                  "last.pth to score again")
         train_seconds = trained[0]["train_seconds"]
-        logger.info("%s fold %d is trained (%s): scoring it with %s", options.variant, options.fold, run_dir,
+        logger.info("%s fold %d is trained (%s): scoring it with %s", trained_variant, options.fold, run_dir,
                     " and ".join(inference))
     else:
         start = time.perf_counter()
@@ -493,7 +500,7 @@ def run(options):
         train_seconds = time.perf_counter() - start
         configure_logging()
         if code != 0:
-            raise BenchmarkError(f"train.py failed for {options.variant} fold {options.fold} (exit {code}); "
+            raise BenchmarkError(f"train.py failed for {trained_variant} fold {options.fold} (exit {code}); "
                                  f"see {run_dir / 'log.txt'}")
     test_dir = run_dir / "_".join(["test_last", *inference])
     inference_flags = (["--tta"] if options.tta else []) + (["--postprocess"] if options.postprocess else [])
@@ -501,14 +508,14 @@ def run(options):
                              "last", "--test_save_dir", str(test_dir), "--no_save_nii", "--device", options.device,
                              *inference_flags])
     if code != 0:
-        raise BenchmarkError(f"test.py failed for {options.variant} fold {options.fold} (exit {code})")
+        raise BenchmarkError(f"test.py failed for {trained_variant} fold {options.fold} (exit {code})")
     metrics = read_metrics(test_dir / "metrics.csv", dataset["split"]["test"])
     common = {"input": input_name, "variant": recorded_variant, "setting": label, "fold": options.fold,
               "inference": inference,
               "mode": options.mode, "budget_minutes": options.budget_minutes, "iterations": schedule["max_iterations"],
               "seconds_per_step": plan["seconds_per_step"], "train_seconds": round(train_seconds, 1),
               **{name: schedule[name] for name in ("max_epochs", "start_contrast_epoch", "region_fusion_start_epoch")},
-              "vit_name": options.vit_name, "batch_size": options.batch_size,
+              "vit_name": options.vit_name, "batch_size": options.batch_size, "augmentation": options.augmentation,
               "priors": _flag_value(base_flags, "--prior_embeddings"),
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "git_commit": git_commit()}
@@ -543,8 +550,9 @@ def paired_difference(records, reference_records, structure, metric):
     return float(np.mean(differences)), better, len(differences)
 
 
-def report_table(records, reference="immseg"):
-    """The Markdown table: one row per (input, budget, variant) and structure."""
+def report_table(records, reference="immseg", reference_setting=None):
+    """The Markdown table: one row per (input, budget, variant) and structure, paired against ``reference`` on the
+    same input at ``reference_setting`` (default: each row's own budget)."""
     groups = {}
     for record in records:
         groups.setdefault((record["input"], record["setting"], record["variant"]), []).append(record)
@@ -555,7 +563,8 @@ def report_table(records, reference="immseg"):
              "|" + " --- |" * 14]
     for key in keys:
         group = groups[key]
-        reference_group = groups.get((key[0], key[1], reference))
+        reference_key = (key[0], reference_setting or key[1], reference)
+        reference_group = groups.get(reference_key)
         per_case = {}
         for record in group:
             per_case.setdefault((record["fold"], record["case"]), dict.fromkeys(STRUCTURES, (math.nan, math.nan)))[
@@ -570,7 +579,7 @@ def report_table(records, reference="immseg"):
         minutes = _span([runs[f]["train_seconds"] / 60 for f in folds], "{:.1f}")
         for structure in STRUCTURES:
             cells = ["", "", ""]
-            if reference_group is not None and key[2] != reference:
+            if reference_group is not None and key != reference_key:
                 dice, better, pairs = paired_difference(group, reference_group, structure, "dice")
                 hd, _, _ = paired_difference(group, reference_group, structure, "hd95")
                 cells = ["n/a" if dice is None else f"{dice * 100:+.2f}", f"{better}/{pairs}",
@@ -582,7 +591,7 @@ def report_table(records, reference="immseg"):
     return "\n".join(lines)
 
 
-def report(out, reference="immseg", path=None):
+def report(out, reference="immseg", path=None, reference_setting=None):
     results = Path(out) / "results.jsonl"
     records = read_results(results)
     if not records:
@@ -593,9 +602,9 @@ def report(out, reference="immseg", path=None):
         f"# MyoPS 2020 benchmark ({results})", "",
         f"Runs from {dates[0]} to {dates[-1]}, commit(s) {', '.join(commits)}. Mean ± standard deviation over all "
         "cases of all folds, undefined values left out (`cases` counts all). Δ: mean per-case paired difference "
-        f"against {reference} at the same input and budget (Dice in points); better Dice: cases where the variant's "
-        "Dice is higher, of the cases where both are defined.", "",
-        report_table(records, reference), ""])
+        f"against {reference} on the same input at {reference_setting or 'the same budget'} (Dice in points); better "
+        "Dice: cases where the variant's Dice is higher, of the cases where both are defined.", "",
+        report_table(records, reference, reference_setting), ""])
     path = Path(path) if path else Path(out) / "report.md"
     with atomic_path(path) as temporary:
         temporary.write_text(text)
@@ -642,6 +651,9 @@ def parse_args(argv=None):
                     help="prior file of priors/prompts/names_only.json (default: encoded by the offline encoder)")
     go.add_argument("--vit_name", default=RECIPE_FLAGS["vit_name"], help="configuration (recipe: compact)")
     go.add_argument("--batch_size", type=int, default=RECIPE_FLAGS["batch_size"], help="recipe: 8")
+    go.add_argument("--augmentation", default=RECIPE_FLAGS["augmentation"], choices=list(AUGMENTATIONS),
+                    help="train.py --augmentation (recipe: strong); another preset is recorded as variant "
+                         "<variant>+<preset>_aug")
     go.add_argument("--num_workers", type=int, default=None, help="train.py's loader processes (its default)")
     go.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     go.add_argument("--tta", action="store_true",
@@ -656,6 +668,9 @@ def parse_args(argv=None):
     rep = commands.add_parser("report", help="the Markdown table of <out>/results.jsonl")
     rep.add_argument("--out", type=Path, required=True)
     rep.add_argument("--reference", default="immseg", help="variant the paired differences are taken against")
+    rep.add_argument("--reference_setting", default=None,
+                     help="the reference's budget, e.g. 'time 38 min' when a heart-centred input's fine runs got "
+                          "the budget less the locator's minutes (default: each row's own budget)")
     rep.add_argument("--report_file", type=Path, default=None, help="default: <out>/report.md")
 
     args, extra = parser.parse_known_args(argv)
@@ -677,7 +692,7 @@ def main(argv=None):
         elif args.command == "run":
             return run(args)
         else:
-            report(args.out, args.reference, args.report_file)
+            report(args.out, args.reference, args.report_file, args.reference_setting)
     except (ValueError, FileNotFoundError, EncoderUnavailableError) as error:  # the project's errors name the cause
         logger.error("%s", error)
         return 1

@@ -127,6 +127,11 @@ AUGMENTATIONS = {
     # wider ranges for small datasets: intensities vary several-fold between scanners and cases, and a
     # window larger than the slice zooms out as well as in
     "strong": {"brightness": (0.6, 1.4), "gamma": (0.6, 1.6), "window": (0.8, 1.25), "noise_std": 0.05},
+    # "strong" plus what nnU-Net adds for small 2-D datasets: wider scaling, an elastic deformation, and per
+    # sequence a contrast change and a Gaussian blur, each with nnU-Net's probabilities
+    "nnunet": {"brightness": (0.6, 1.4), "gamma": (0.6, 1.6), "window": (0.7, 1.4), "noise_std": 0.05,
+               "contrast": (0.75, 1.25), "contrast_p": 0.15, "blur_sigma": (0.5, 1.0), "blur_p": 0.2,
+               "elastic_alpha": (0.0, 200.0), "elastic_sigma": (9.0, 13.0), "elastic_p": 0.2},
 }
 
 
@@ -140,7 +145,11 @@ class RandomGenerator:
     a crop, above 1 a zoom-out with zero padding); finally the result is resized to
     ``output_size``. All geometric steps are composed into one affine map and
     applied in a single resampling (images cubic, label nearest). Intensities stay
-    in [0, 1]. The ranges come from a preset of ``AUGMENTATIONS``.
+    in [0, 1]. The ranges come from a preset of ``AUGMENTATIONS``; a preset with
+    ``elastic_*`` adds a smooth random displacement (``elastic_alpha`` scales uniform
+    noise smoothed by a Gaussian of ``elastic_sigma`` output pixels) to that one
+    resampling, and with ``contrast``/``blur_sigma`` each sequence may be rescaled about
+    its mean and blurred. Presets without them draw the same random numbers as before.
     """
 
     def __init__(self, output_size, preset="paper", max_rotation=20.0, max_shift=5):
@@ -149,9 +158,7 @@ class RandomGenerator:
         self.output_size = tuple(output_size)
         self.max_rotation = max_rotation
         self.max_shift = max_shift
-        ranges = AUGMENTATIONS[preset]
-        self.brightness, self.gamma, self.window = ranges["brightness"], ranges["gamma"], ranges["window"]
-        self.noise_std = ranges["noise_std"]
+        self.ranges = AUGMENTATIONS[preset]
 
     def _geometry(self, size, rng):
         """Matrix and offset mapping output pixel coordinates to input pixel coordinates."""
@@ -172,7 +179,7 @@ class RandomGenerator:
         window = np.asarray(size, dtype=np.float64)
         window_offset = np.zeros(2)
         if rng.random() < 0.5:
-            window = window * rng.uniform(*self.window)
+            window = window * rng.uniform(*self.ranges["window"])
             window_offset = rng.uniform(-1, 1, size=2) * np.abs(np.asarray(size) - window) / 2
         scale = window / np.asarray(self.output_size, dtype=np.float64)
         matrix = linear @ np.diag(scale)
@@ -180,22 +187,46 @@ class RandomGenerator:
         offset = centre_in + window_offset - shift - matrix @ centre_out
         return matrix, offset, noise
 
+    def _displacement(self, rng):
+        """Elastic displacement (2, H, W) in output pixels, or None when the preset has none or it is not drawn."""
+        if "elastic_p" not in self.ranges or rng.random() >= self.ranges["elastic_p"]:
+            return None
+        alpha, sigma = rng.uniform(*self.ranges["elastic_alpha"]), rng.uniform(*self.ranges["elastic_sigma"])
+        noise = rng.uniform(-1.0, 1.0, size=(2, *self.output_size))
+        return np.stack([alpha * ndimage.gaussian_filter(field, sigma, mode="constant") for field in noise])
+
+    def _resample(self, array, matrix, offset, displacement, order):
+        if displacement is None:
+            return ndimage.affine_transform(array, matrix, offset, output_shape=self.output_size, order=order,
+                                            mode="constant", cval=0)
+        grid = np.indices(self.output_size, dtype=np.float64) + displacement
+        coordinates = np.einsum("ij,jhw->ihw", matrix, grid) + offset[:, None, None]
+        return ndimage.map_coordinates(array, coordinates, order=order, mode="constant", cval=0)
+
+    def _intensities(self, channel, rng):
+        """Per-sequence intensity changes of the preset, each drawn on its own."""
+        ranges = self.ranges
+        if "contrast_p" in ranges and rng.random() < ranges["contrast_p"]:
+            mean = channel.mean()
+            channel = np.clip((channel - mean) * rng.uniform(*ranges["contrast"]) + mean, 0.0, 1.0)
+        if "blur_p" in ranges and rng.random() < ranges["blur_p"]:
+            channel = ndimage.gaussian_filter(channel, rng.uniform(*ranges["blur_sigma"]))
+        if rng.random() < 0.5:
+            channel = np.clip(channel * rng.uniform(*ranges["brightness"]), 0.0, 1.0)
+        if rng.random() < 0.5:
+            channel = channel ** rng.uniform(*ranges["gamma"])
+        return channel
+
     def __call__(self, sample, rng=None):
         rng = rng if rng is not None else np.random.default_rng(np.random.randint(2 ** 31))
         image, label = sample["image"], sample["label"]
         matrix, offset, noise = self._geometry(label.shape, rng)
-        warped = np.stack([ndimage.affine_transform(channel, matrix, offset, output_shape=self.output_size, order=3,
-                                                    mode="constant", cval=0.0) for channel in image])
-        warped_label = ndimage.affine_transform(label, matrix, offset, output_shape=self.output_size, order=0,
-                                                mode="constant", cval=0)
+        displacement = self._displacement(rng)
+        warped = np.stack([self._resample(channel, matrix, offset, displacement, 3) for channel in image])
+        warped_label = self._resample(label, matrix, offset, displacement, 0)
         warped = np.clip(warped, 0.0, 1.0)
         if noise:
-            warped = np.clip(warped + rng.normal(0.0, self.noise_std, warped.shape), 0.0, 1.0)
-        for channel in range(warped.shape[0]):
-            if rng.random() < 0.5:
-                warped[channel] = np.clip(warped[channel] * rng.uniform(*self.brightness), 0.0, 1.0)
-            if rng.random() < 0.5:
-                warped[channel] = warped[channel] ** rng.uniform(*self.gamma)
+            warped = np.clip(warped + rng.normal(0.0, self.ranges["noise_std"], warped.shape), 0.0, 1.0)
+        warped = np.stack([self._intensities(channel, rng) for channel in warped])
         return {"image": torch.from_numpy(warped.astype(np.float32)),
                 "label": torch.from_numpy(warped_label.astype(np.int64))}
-

@@ -85,7 +85,7 @@ def test_budget_to_iterations_and_schedule_fitting():
 
 def test_every_variant_is_a_set_of_train_py_flags(prepared):
     options = argparse.Namespace(dataset="Phantom", vit_name="testing", batch_size=8, device="cpu", num_workers=None,
-                                 biomedclip_priors=prepared / "priors.pt", names_only_priors=None)
+                                 biomedclip_priors=prepared / "priors.pt", names_only_priors=None, augmentation="strong")
     parsed = {}
     for name in benchmark.VARIANTS:
         flags = benchmark.recipe_flags(name, prepared / "data" / "fold0", 64, options, prepared / "out")
@@ -98,6 +98,12 @@ def test_every_variant_is_a_set_of_train_py_flags(prepared):
     assert (single.model, single.modality) == ("transunet_single", "T2w")
     assert parsed["names_only"].prompts.name == "names_only.json" and parsed["names_only"].prior_encoder == "offline"
     assert parsed["immseg"].prior_embeddings == (prepared / "priors.pt").resolve()
+    assert benchmark.parse_args(run_args(prepared, "immseg", 0)).augmentation == "strong"
+    options.augmentation = "nnunet"
+    flags = benchmark.recipe_flags("immseg", prepared / "data" / "fold0", 64, options, prepared / "out")
+    assert train_script.parse_args(flags).augmentation == "nnunet"
+    assert benchmark.training_name("immseg", "nnunet") == "immseg+nnunet_aug"
+    assert benchmark.training_name("immseg", "strong") == "immseg", "the recipe's preset keeps the variant's name"
     options.biomedclip_priors = None
     with pytest.raises(benchmark.BenchmarkError, match="needs --biomedclip_priors"):
         benchmark.recipe_flags("no_cmfe", prepared / "data" / "fold0", 64, options, prepared / "out")
@@ -192,3 +198,18 @@ def test_report_paired_differences_on_a_hand_made_results_file(tmp_path):
     assert immseg_edema[5] == "3" and immseg_edema[6] == "35.00 ± 5.00" and immseg_edema[11] == ""
     assert table[("immseg", "normal myocardium")][6] == "n/a"
     assert math.isclose(benchmark.paired_difference(rows[6:], rows[:6], "scar", "dice")[0], 0.05)
+
+
+def test_report_pairs_with_the_reference_at_another_budget(tmp_path):
+    shorter = [{**row, "setting": "time 38 min"} for row in hand_made("immseg", 0, "a", 0.60, 0.40)]
+    rows = shorter + hand_made("immseg", 0, "a", 0.10, 0.10) + hand_made("nnunet_own", 0, "a", 0.50, 0.45)
+    benchmark.append_results(tmp_path / "results.jsonl", rows)
+    text = benchmark.report(tmp_path, reference_setting="time 38 min")
+    assert "against immseg on the same input at time 38 min" in text
+    table = {(cells[0], cells[2], cells[4]): cells for cells in
+             ([c.strip() for c in line.strip("|").split("|")] for line in text.splitlines() if line.startswith("| "))}
+    assert table[("nnunet_own", "time 42 min", "scar")][11] == "-10.00", "paired with I-MMSeg at 38, not at 42 min"
+    assert table[("immseg", "time 42 min", "scar")][11] == "-50.00"
+    assert table[("immseg", "time 38 min", "scar")][11] == "", "the reference itself has no difference"
+    default = benchmark.report_table(benchmark.read_results(tmp_path / "results.jsonl"))
+    assert "| nnunet_own | in | time 42 min | 0 | scar | 1 | 50.00 ± 0.00 |" in default and "+40.00" in default

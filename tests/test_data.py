@@ -249,7 +249,7 @@ def test_split_rules(tmp_path):
         preprocess_data.split_cases(cases, split_file=split_file)
 
 
-@pytest.mark.parametrize("preset", ["paper", "strong"])
+@pytest.mark.parametrize("preset", ["paper", "strong", "nnunet"])
 def test_augmentation_keeps_sequences_and_label_aligned(preset):
     label = np.zeros((96, 96), np.int64)
     label[20:60, 30:80] = 1
@@ -278,3 +278,25 @@ def test_augmentation_presets():
     areas = [RandomGenerator((64, 64), "strong")({"image": image, "label": label}, rng=rng)["label"].sum().item()
              for _ in range(60)]
     assert min(areas) < 64 < max(areas), "the strong preset zooms out as well as in"
+
+
+def test_elastic_deformation_moves_image_and_label_together():
+    label = np.zeros((64, 64), np.int64)
+    label[16:48, 20:44] = 1
+    label[24:40, 28:36] = 2
+    image = np.stack([(label == k).astype(np.float32) for k in (1, 2, 1)])
+    plain, elastic = RandomGenerator((64, 64), "strong"), RandomGenerator((64, 64), "nnunet")
+    elastic.ranges = {**elastic.ranges, "elastic_p": 1.0, "elastic_alpha": (600.0, 600.0), "contrast_p": 0.0,
+                      "blur_p": 0.0, "window": (1.0, 1.0)}
+    deformed = 0
+    for seed in range(10):
+        out = elastic({"image": image, "label": label}, rng=np.random.default_rng(seed))
+        warped = out["label"].numpy()
+        assert dice(out["image"][1].numpy() > 0.3, warped == 2) > 0.85
+        ranges = dict(elastic.ranges)
+        elastic.ranges = {**ranges, "elastic_p": 0.0}
+        rigid = elastic({"image": image, "label": label}, rng=np.random.default_rng(seed))["label"].numpy()
+        elastic.ranges = ranges
+        deformed += not np.array_equal(warped, rigid)
+    assert deformed >= 8, "the displacement field changes the resampling"
+    assert plain.ranges.keys().isdisjoint({"elastic_p", "contrast_p", "blur_p"})
