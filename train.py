@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from datasets.dataset_myops import AUGMENTATIONS
 from networks.npz_weights import PretrainedWeightsError
 from networks.vit_seg_configs import DEFAULT_PRETRAINED_PATH
 from networks.vit_seg_modeling import build_model
@@ -42,7 +43,7 @@ def parse_args(argv=None):
                         help="pixels sampled per image and class: 5, 2, 1 times this at H/2, H/4, H/8")
     parser.add_argument("--contrast_w", type=float, default=0.1, help="contrastive loss weight")
     parser.add_argument("--weight_decay", type=float, default=1e-4)
-    parser.add_argument("--augmentation", default="paper", choices=["paper", "strong", "nnunet"],
+    parser.add_argument("--augmentation", default="paper", choices=list(AUGMENTATIONS),
                         help="augmentation ranges: method.md's, wider ones for small datasets, or the wider ones "
                              "with nnU-Net's elastic deformation, contrast and blur")
     parser.add_argument("--num_workers", type=int, default=None,

@@ -121,16 +121,17 @@ def _plain(value):
     return value
 
 
+# wider ranges for small datasets: intensities vary several-fold between scanners and cases, and a
+# window larger than the slice zooms out as well as in
+_STRONG = {"brightness": (0.6, 1.4), "gamma": (0.6, 1.6), "window": (0.8, 1.25), "noise_std": 0.05}
 AUGMENTATIONS = {
     # method.md's ranges
     "paper": {"brightness": (0.8, 1.2), "gamma": (0.8, 1.2), "window": (0.8, 1.0), "noise_std": 0.05},
-    # wider ranges for small datasets: intensities vary several-fold between scanners and cases, and a
-    # window larger than the slice zooms out as well as in
-    "strong": {"brightness": (0.6, 1.4), "gamma": (0.6, 1.6), "window": (0.8, 1.25), "noise_std": 0.05},
+    "strong": _STRONG,
     # "strong" plus what nnU-Net adds for small 2-D datasets: wider scaling, an elastic deformation, and per
     # sequence a contrast change and a Gaussian blur, each with nnU-Net's probabilities
-    "nnunet": {"brightness": (0.6, 1.4), "gamma": (0.6, 1.6), "window": (0.7, 1.4), "noise_std": 0.05,
-               "contrast": (0.75, 1.25), "contrast_p": 0.15, "blur_sigma": (0.5, 1.0), "blur_p": 0.2,
+    "nnunet": {**_STRONG, "window": (0.7, 1.4), "contrast": (0.75, 1.25), "contrast_p": 0.15,
+               "blur_sigma": (0.5, 1.0), "blur_p": 0.2,
                "elastic_alpha": (0.0, 200.0), "elastic_sigma": (9.0, 13.0), "elastic_p": 0.2},
 }
 

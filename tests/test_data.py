@@ -300,3 +300,21 @@ def test_elastic_deformation_moves_image_and_label_together():
         deformed += not np.array_equal(warped, rigid)
     assert deformed >= 8, "the displacement field changes the resampling"
     assert plain.ranges.keys().isdisjoint({"elastic_p", "contrast_p", "blur_p"})
+
+
+@pytest.mark.parametrize("preset", ["paper", "strong"])
+def test_presets_without_the_nnunet_additions_draw_the_random_numbers_they_always_drew(preset):
+    """Runs made before the nnunet preset existed stay reproducible: same draws, so the same next number.
+    The expected values were drawn with the RandomGenerator of commit 97406e8."""
+    label = np.zeros((40, 44), np.int64)
+    label[10:30, 12:30] = 1
+    label[15:22, 18:26] = 2
+    image = np.stack([(label > 0).astype(np.float32)] * 3)
+    transform = RandomGenerator((32, 32), preset)
+    following = []
+    for seed in range(6):
+        rng = np.random.default_rng(seed)
+        transform({"image": image, "label": label}, rng=rng)
+        following.append(rng.random())
+    assert following == pytest.approx([0.033585575305, 0.912984780874, 0.967435952494, 0.284201163749,
+                                       0.929026387765, 0.392404664335], abs=1e-11)
