@@ -8,7 +8,7 @@ nnunet_own: nnU-Net plans and preprocesses the raw cases of the input's source f
 fold's preprocessed volumes (training slices stacked back into volumes, the processed spacing), and its test
 probabilities are mapped back to the original geometry as test.py maps ours. Both train nnU-Net's 2d
 configuration with nnUNetTrainerWallClock (benchmarks/nnunet_trainer/: nnU-Net's trainer, shortened to
---budget_minutes after timing its first epoch) on our fold's training cases (splits_final.json holds our folds),
+--budget_minutes after timing its first iterations) on our fold's training cases (splits_final.json holds our folds),
 take the final checkpoint's predictions of our fold's test cases from nnU-Net's final validation, score them in
 the original image space against the raw label (utils.case_metrics, original spacing) and append the per-case
 records to <out>/results.jsonl, where `python benchmarks/myops2020.py report` shows them.
@@ -190,7 +190,7 @@ def nnunet_environment(root, label, options):
     environment = {"nnUNet_raw": str(root / "raw"), "nnUNet_preprocessed": str(root / "preprocessed"),
                    "nnUNet_results": str(results_folder(root, label)), "nnUNet_extTrainer": str(TRAINER_FOLDER),
                    "nnUNet_def_n_proc": str(options.processes),
-                   **nnunet_budget.budget_environment(options.budget_minutes, options.timed_epochs,
+                   **nnunet_budget.budget_environment(options.budget_minutes, options.timed_iterations,
                                                       options.iterations_per_epoch)}
     if options.num_workers is not None:
         environment["nnUNet_n_proc_DA"] = str(options.num_workers)
@@ -233,7 +233,7 @@ def train(options, root, label, environment, fold, test_cases):
     arguments = [DATASET, CONFIGURATION, str(fold), "-tr", TRAINER, "-p", PLANS, "-device", options.device, "--npz"]
     if (output / "checkpoint_final.pth").is_file():
         record = harness._read_json(output / nnunet_budget.RECORD_FILE, "nnU-Net budget record")
-        done = (record["budget_minutes"], record["timed_epochs"],
+        done = (record["budget_minutes"], record["timed_iterations"],
                 (record["iterations_per_epoch"], record["val_iterations_per_epoch"]))
         if done != nnunet_budget.budget_settings(environment):
             raise harness.BenchmarkError(f"{output} was trained with other budget settings {done}; remove it to "
@@ -303,7 +303,8 @@ def run_records(options, input_name, label, budget, command_seconds, metrics):
               "git_commit": git_commit(), "nnunet_version": budget["nnunet_version"],
               "nnunet_configuration": CONFIGURATION,
               "patch_size": budget["patch_size"], "iterations_per_epoch": budget["iterations_per_epoch"],
-              "seconds_per_epoch": budget["seconds_per_epoch"], "timed_epochs": budget["timed_epochs"],
+              "seconds_per_epoch_end": budget["seconds_per_epoch_end"],
+              "timed_iterations": budget["timed_iterations"],
               "command_seconds": None if command_seconds is None else round(command_seconds, 1)}
     return make_records(common, metrics)
 
@@ -334,9 +335,9 @@ def run(options):
     budget = harness._read_json(output / nnunet_budget.RECORD_FILE, "nnU-Net budget record")
     metrics = score(predictions_in_original_space(options.variant, output, fold_dir, test_cases), setting)
     harness.append_results(results, run_records(options, input_name, label, budget, command_seconds, metrics))
-    logger.info("%s fold %d: %d cases, %d epochs of %d iterations in %.0f s of training (budget: %s) -> %s",
-                options.variant, options.fold, len(metrics), budget["epochs"], budget["iterations_per_epoch"],
-                budget["training_seconds"], label, results)
+    logger.info("%s fold %d: %d cases, %d iterations in %d epochs of up to %d in %.0f s of training (budget: %s) "
+                "-> %s", options.variant, options.fold, len(metrics), budget["iterations"], budget["epochs"],
+                budget["iterations_per_epoch"], budget["training_seconds"], label, results)
     return 0
 
 
@@ -355,7 +356,8 @@ def parse_args(argv=None):
                         help="nnU-Net's processes for planning, preprocessing and exporting predictions")
     parser.add_argument("--num_workers", type=int, default=None,
                         help="nnU-Net's augmentation processes (nnUNet_n_proc_DA; default: nnU-Net's choice)")
-    parser.add_argument("--timed_epochs", type=int, default=1, help="epochs timed before the budget is fitted")
+    parser.add_argument("--timed_iterations", type=int, default=nnunet_budget.DEFAULT_TIMED_ITERATIONS,
+                        help="training iterations timed before the budget is fitted")
     parser.add_argument("--iterations_per_epoch", type=int, default=None,
                         help="shorter epochs than nnU-Net's 250 iterations, for smoke tests only")
     return parser.parse_args(argv)

@@ -1,6 +1,7 @@
 """benchmarks/nnunet_myops2020.py on a small phantom, without nnU-Net: its input folders, our folds as its split, the
 budget's arithmetic, the predictions mapped back to the original space and the records the report reads."""
 import json
+import math
 import random
 
 import h5py
@@ -120,18 +121,28 @@ def test_nnunet_split_is_our_folds(prepared):
     assert json.loads((preprocessed / "splits_final.json").read_text()) == splits
 
 
-def test_budget_becomes_epochs_and_reaches_the_trainer_through_the_environment():
-    assert nnunet_budget.epochs_within_budget(42 * 60, 300.0, 1) == 8
-    assert nnunet_budget.epochs_within_budget(60, 100.0, 1) == 1, "a budget under one epoch: the timed epoch"
-    assert nnunet_budget.epochs_within_budget(600, 100.0, 3) == 6
-    with pytest.raises(ValueError):
-        nnunet_budget.epochs_within_budget(600, 0.0, 1)
+def _seconds(iterations, seconds_per_iteration, seconds_per_epoch_end, iterations_per_epoch):
+    return iterations * seconds_per_iteration + math.ceil(iterations / iterations_per_epoch) * seconds_per_epoch_end
+
+
+def test_budget_becomes_iterations_and_reaches_the_trainer_through_the_environment():
+    within = nnunet_budget.iterations_within_budget
+    assert within(42 * 60, 1.0, 20.0, 250, 25) == 9 * 250 + 70, "9 epochs of 270 s, then 70 iterations and an end"
+    assert within(42 * 60, 14.0, 700.0, 250, 25) == 130, "a budget under one epoch: one shortened epoch"
+    assert within(60, 14.0, 700.0, 250, 25) == 25, "never fewer than the timed iterations"
+    assert within(540, 1.0, 20.0, 250, 1) == 500 and within(539, 1.0, 20.0, 250, 1) == 499
+    assert within(100, 1.0, 0.0, 250, 1) == 100
+    with pytest.raises(ValueError, match="must be positive"):
+        within(600, 0.0, 1.0, 250, 1)
     generator = random.Random(0)
-    for _ in range(300):
-        budget, per_epoch, done = generator.uniform(1, 5000), generator.uniform(0.5, 900), generator.randint(1, 3)
-        epochs = nnunet_budget.epochs_within_budget(budget, per_epoch, done)
-        assert epochs >= done and (epochs == done or epochs * per_epoch <= budget < (epochs + 1) * per_epoch)
-    assert nnunet_budget.budget_settings(nnunet_budget.budget_environment(42)) == (42.0, 1, (250, 50))
+    for _ in range(500):
+        budget, per_iteration, end = generator.uniform(1, 5000), generator.uniform(0.05, 20), generator.uniform(0, 900)
+        per_epoch, done = generator.randint(1, 300), generator.randint(1, 30)
+        total = within(budget, per_iteration, end, per_epoch, done)
+        assert total >= done
+        assert total == done or _seconds(total, per_iteration, end, per_epoch) <= budget + 1e-6
+        assert _seconds(total + 1, per_iteration, end, per_epoch) > budget - 1e-6
+    assert nnunet_budget.budget_settings(nnunet_budget.budget_environment(42)) == (42.0, 25, (250, 50))
     assert nnunet_budget.budget_settings(nnunet_budget.budget_environment(0.5, 2, 25)) == (0.5, 2, (25, 5))
     assert nnunet_budget.budget_settings(nnunet_budget.budget_environment(1, 1, 3)) == (1.0, 1, (3, 1))
     with pytest.raises(ValueError, match="needs the environment variable"):
@@ -168,7 +179,8 @@ def _finished_nnunet_run(prepared, variant, fold, budget_minutes=1.0):
         else:
             (output / "validation" / f"{case}.npz").write_bytes(b"")
             expected[case] = label
-    record = {"budget_minutes": budget_minutes, "timed_epochs": 1, "seconds_per_epoch": 20.0, "epochs": 3,
+    record = {"budget_minutes": budget_minutes, "timed_iterations": 25, "seconds_per_iteration_timed": 0.7,
+              "seconds_per_epoch_end": 2.5, "epochs": 3,
               "iterations_per_epoch": 25, "val_iterations_per_epoch": 5, "iterations": 75,
               "seconds_per_iteration": 0.8, "training_seconds": 60.0, "batch_size": 12, "patch_size": [64, 64],
               "nnunet_version": "2.8.1"}
@@ -214,11 +226,11 @@ def test_run_appends_records_the_report_lists_and_a_rerun_is_skipped(prepared, c
     table = benchmark.report_table(benchmark.read_results(prepared / "out" / "results.jsonl"))
     assert "| nnunet_own | data | time 2 min | 0 | scar |" in table
     arguments[arguments.index("--budget_minutes") + 1] = "3"
-    assert nnunet.main(arguments + ["--timed_epochs", "0"]) == 1 and "must be positive" in caplog.text
+    assert nnunet.main(arguments + ["--timed_iterations", "0"]) == 1 and "must be positive" in caplog.text
     assert nnunet.main(arguments) == 1 and "no_venv/bin/nnUNetv2_train not found" in caplog.text, "a new budget trains"
     record_file = nnunet.fold_output(nnunet.nnunet_root(prepared / "out", "data", "nnunet_own", 0), "time 2 min", 0) / \
         nnunet_budget.RECORD_FILE
-    record_file.write_text(record_file.read_text().replace('"timed_epochs": 1', '"timed_epochs": 2'))
+    record_file.write_text(record_file.read_text().replace('"timed_iterations": 25', '"timed_iterations": 30'))
     (prepared / "out" / "results.jsonl").unlink()
     arguments[arguments.index("--budget_minutes") + 1] = "2"
     assert nnunet.main(arguments) == 1 and "was trained with other budget settings" in caplog.text

@@ -1,20 +1,23 @@
-"""The wall-clock budget of nnUNetTrainerWallClock: settings passed through the environment, budget -> epochs.
+"""The wall-clock budget of nnUNetTrainerWallClock: settings passed through the environment, budget -> iterations.
 
 Pure Python, so that the benchmark (the project's environment) and the trainer (nnU-Net's) share it.
 """
 import math
 
 BUDGET_MINUTES = "IMMSEG_NNUNET_BUDGET_MINUTES"
-TIMED_EPOCHS = "IMMSEG_NNUNET_TIMED_EPOCHS"
+TIMED_ITERATIONS = "IMMSEG_NNUNET_TIMED_ITERATIONS"
 ITERATIONS_PER_EPOCH = "IMMSEG_NNUNET_ITERATIONS_PER_EPOCH"
 RECORD_FILE = "wall_clock_budget.json"  # written by the trainer into its fold folder
 NNUNET_ITERATIONS_PER_EPOCH = 250  # nnU-Net's training and validation iterations per epoch
 NNUNET_VAL_ITERATIONS_PER_EPOCH = 50
 
 
-def budget_environment(budget_minutes, timed_epochs=1, iterations_per_epoch=None):
+DEFAULT_TIMED_ITERATIONS = 25
+
+
+def budget_environment(budget_minutes, timed_iterations=DEFAULT_TIMED_ITERATIONS, iterations_per_epoch=None):
     """Environment variables that carry the budget to the trainer."""
-    environment = {BUDGET_MINUTES: repr(float(budget_minutes)), TIMED_EPOCHS: str(int(timed_epochs))}
+    environment = {BUDGET_MINUTES: repr(float(budget_minutes)), TIMED_ITERATIONS: str(int(timed_iterations))}
     if iterations_per_epoch is not None:
         environment[ITERATIONS_PER_EPOCH] = str(int(iterations_per_epoch))
     return environment
@@ -36,20 +39,25 @@ def _number(environment, name, kind, default=None):
 
 
 def budget_settings(environment):
-    """(budget minutes, timed epochs, (training, validation) iterations per epoch) from the environment.
+    """(budget minutes, timed iterations, (training, validation) iterations per epoch) from the environment.
 
     Without ITERATIONS_PER_EPOCH, nnU-Net's epoch (250 + 50); a shorter one (smoke tests) keeps its 5:1 ratio."""
     budget = _number(environment, BUDGET_MINUTES, float)
-    timed = _number(environment, TIMED_EPOCHS, int, 1)
+    timed = _number(environment, TIMED_ITERATIONS, int, DEFAULT_TIMED_ITERATIONS)
     per_epoch = _number(environment, ITERATIONS_PER_EPOCH, int, NNUNET_ITERATIONS_PER_EPOCH)
     validation = max(1, round(per_epoch * NNUNET_VAL_ITERATIONS_PER_EPOCH / NNUNET_ITERATIONS_PER_EPOCH))
     return budget, timed, (per_epoch, validation)
 
 
-def epochs_within_budget(budget_seconds, seconds_per_epoch, epochs_done):
-    """Total epochs of a run whose epochs take ``seconds_per_epoch``: as many as end within the budget, counting
-    those done, and never fewer than those done."""
-    if budget_seconds <= 0 or seconds_per_epoch <= 0 or epochs_done < 1:
-        raise ValueError(f"budget {budget_seconds} s, {seconds_per_epoch} s per epoch and {epochs_done} epochs done: "
-                         "all must be positive")
-    return max(int(epochs_done), int(budget_seconds // seconds_per_epoch))
+def iterations_within_budget(budget_seconds, seconds_per_iteration, seconds_per_epoch_end, iterations_per_epoch,
+                              iterations_done):
+    """Total training iterations of a run: as many as end within the budget when every training iteration takes
+    ``seconds_per_iteration`` and every epoch, the last one possibly shortened, ends with ``seconds_per_epoch_end``
+    of validation and checkpointing; never fewer than those done."""
+    if min(budget_seconds, seconds_per_iteration, iterations_per_epoch) <= 0 or seconds_per_epoch_end < 0:
+        raise ValueError(f"budget {budget_seconds} s, {seconds_per_iteration} s per iteration, "
+                         f"{seconds_per_epoch_end} s per epoch's end, {iterations_per_epoch} iterations per epoch: "
+                         "all must be positive, the epoch's end may be 0")
+    full_epochs, rest = divmod(budget_seconds, iterations_per_epoch * seconds_per_iteration + seconds_per_epoch_end)
+    last_epoch = min(iterations_per_epoch - 1, max(0, int((rest - seconds_per_epoch_end) // seconds_per_iteration)))
+    return max(int(iterations_done), int(full_epochs) * iterations_per_epoch + last_epoch)
