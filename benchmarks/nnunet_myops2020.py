@@ -233,7 +233,7 @@ def train(options, root, label, environment, fold, test_cases):
     arguments = [DATASET, CONFIGURATION, str(fold), "-tr", TRAINER, "-p", PLANS, "-device", options.device, "--npz"]
     if (output / "checkpoint_final.pth").is_file():
         record = harness._read_json(output / nnunet_budget.RECORD_FILE, "nnU-Net budget record")
-        done = (record["budget_minutes"], record["timed_iterations"],
+        done = (record["budget_minutes"], record.get("timed_iterations"),  # absent from records of timed epochs
                 (record["iterations_per_epoch"], record["val_iterations_per_epoch"]))
         if done != nnunet_budget.budget_settings(environment):
             raise harness.BenchmarkError(f"{output} was trained with other budget settings {done}; remove it to "

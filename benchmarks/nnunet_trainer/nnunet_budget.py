@@ -10,9 +10,7 @@ ITERATIONS_PER_EPOCH = "IMMSEG_NNUNET_ITERATIONS_PER_EPOCH"
 RECORD_FILE = "wall_clock_budget.json"  # written by the trainer into its fold folder
 NNUNET_ITERATIONS_PER_EPOCH = 250  # nnU-Net's training and validation iterations per epoch
 NNUNET_VAL_ITERATIONS_PER_EPOCH = 50
-
-
-DEFAULT_TIMED_ITERATIONS = 25
+DEFAULT_TIMED_ITERATIONS = 25  # training iterations timed before the budget is fitted
 
 
 def budget_environment(budget_minutes, timed_iterations=DEFAULT_TIMED_ITERATIONS, iterations_per_epoch=None):
