@@ -2,6 +2,7 @@
 
     python test.py <the train.py flags of the run>            # finds the run folder the same way
     python test.py --output_dir weights/TU_MyoPS2020128/<run> --checkpoint best --save_png
+    python test.py --output_dir <run> --checkpoint last --ensemble <run_2> <run_3>   # probabilities averaged
 
 The model configuration comes from the checkpoint; a flag given here that
 contradicts it is an error, and so is test data preprocessed with other settings
@@ -65,6 +66,10 @@ def parse_args(argv=None):
     parser.add_argument("--test_save_dir", type=Path, default=None, help="output folder")
     parser.add_argument("--batch_slices", type=int, default=16, help="slices predicted per batch")
     parser.add_argument("--tta", action="store_true", help="average the predictions over the four flips")
+    parser.add_argument("--ensemble", type=Path, nargs="+", default=[], metavar="RUN_DIR",
+                        help="further run folders whose --checkpoint (by name) is averaged with this run's: the class "
+                             "probabilities of all members (each after its flip TTA with --tta) are averaged before "
+                             "the argmax; each must have been trained on data preprocessed as the test data")
     parser.add_argument("--postprocess", action="store_true",
                         help="keep only the largest 3-D connected component of the whole myocardium (scar and "
                              "edema outside it become background), in every label volume scored or written: the "
@@ -192,13 +197,28 @@ def postprocessed(labels, args):
     return keep_largest_myocardium(labels) if args.postprocess else labels
 
 
+def load_members(args, device):
+    """[(checkpoint path, checkpoint, inference model)] of the run and of each --ensemble run, checked against the
+    command line's flags; the same checkpoint file twice is refused."""
+    paths = [args.checkpoint_path] + [resolve_checkpoint(run, args.checkpoint) for run in args.ensemble]
+    resolved = [Path(path).resolve() for path in paths]
+    repeated = sorted({str(path) for path in resolved if resolved.count(path) > 1})
+    if repeated:
+        raise CheckpointError(f"--ensemble: the checkpoint {', '.join(repeated)} would enter the ensemble more than "
+                              "once; give other runs, and a checkpoint name (best, last, epoch_N) rather than a file")
+    members = []
+    for path in paths:
+        checkpoint = load_checkpoint(path, map_location="cpu")
+        check_flags_against(checkpoint["spec"], args)
+        members.append((path, checkpoint, inference_model(checkpoint, path, device)))
+    return members
+
+
 def evaluate(args):
     args.checkpoint_path = resolve_checkpoint(args.run_dir, args.checkpoint)
     ctx = setup_distributed(args.device)
-    checkpoint = load_checkpoint(args.checkpoint_path, map_location="cpu")
-    spec = checkpoint["spec"]
-    check_flags_against(spec, args)
-    model = inference_model(checkpoint, args.checkpoint_path, ctx.device)
+    members = load_members(args, ctx.device)
+    _, checkpoint, _ = members[0]
     # Without --root_path, the training run's data and list folder (the release's lists live apart from its data).
     trained_with = checkpoint["args"]
     root = args.root_path or Path(trained_with["root_path"])
@@ -207,20 +227,23 @@ def evaluate(args):
     if len(dataset) == 0:
         raise DataError(f"the {args.split} list in {list_dir} names no volumes: nothing to score "
                         "(preprocess_data.py writes validation cases with --val_fraction or --split_file)")
-    check_preprocessing(checkpoint.get("preprocessing"), read_preprocessing(root), root,
-                        args.allow_preprocessing_mismatch)
+    for path, member, _ in members:
+        logger.info("checkpoint %s (epoch %d)", path, member["train_state"]["epoch"])
+        check_preprocessing(member.get("preprocessing"), read_preprocessing(root), root,
+                            args.allow_preprocessing_mismatch)
     out_dir = args.test_save_dir or args.run_dir / f"test_{args.split}_{args.checkpoint_path.stem}"
     out_dir.mkdir(parents=True, exist_ok=True)
-    logger.info("checkpoint %s (epoch %d), %d %s volumes from %s -> %s", args.checkpoint_path,
-                checkpoint["train_state"]["epoch"], len(dataset), args.split, root, out_dir)
+    logger.info("%d checkpoint(s), %d %s volumes from %s -> %s", len(members), len(dataset), args.split, root,
+                out_dir)
 
     rows, per_case, spaces, released = [], [], {}, {}
     start = time.time()
     for index in range(len(dataset)):
         volume = dataset[index]
         case = volume["case_name"]
-        probabilities = predict_volume(model, volume["image"], spec["img_size"], args.batch_slices, ctx.device,
-                                       args.amp, tta=args.tta)
+        probabilities = sum(predict_volume(model, volume["image"], member["spec"]["img_size"], args.batch_slices,
+                                           ctx.device, args.amp, tta=args.tta)
+                            for _, member, model in members) / len(members)
         processed_prediction = postprocessed(probabilities.argmax(dim=0).numpy().astype(np.uint8), args)
         if args.protocol == "released":
             released[case] = released_case_metrics(processed_prediction, volume["label"].numpy())
@@ -262,9 +285,10 @@ def evaluate(args):
     with atomic_path(out_dir / "summary.json") as temporary:
         temporary.write_text(json.dumps(summary, indent=2) + "\n")
     info = {"checkpoint": str(args.checkpoint_path), "epoch": checkpoint["train_state"]["epoch"],
+            "ensemble": [str(path) for path, _, _ in members],
             "split": args.split, "tta": args.tta, "postprocess": args.postprocess, "protocol": args.protocol,
             "root_path": str(root), "space": spaces,
-            "spec": spec, "seconds": round(time.time() - start, 2),
+            "spec": checkpoint["spec"], "seconds": round(time.time() - start, 2),
             "structures": {k: list(v) for k, v in STRUCTURES.items()}}
     with atomic_path(out_dir / "test_info.json") as temporary:
         temporary.write_text(json.dumps(info, indent=2, default=str) + "\n")

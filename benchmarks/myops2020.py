@@ -16,7 +16,8 @@ iterations; --mode iterations takes a fixed --iterations. The schedule is fitted
 (epochs, the poly learning rate's end, the contrastive and fused stages at the paper's 20/300 and
 100/300 of the run), train.py trains, test.py scores the fold's test cases in the original image space,
 and the per-case results are appended to <out>/results.jsonl. A (variant, fold) already in the results
-for the same input and budget is skipped; an interrupted one resumes from its last checkpoint.
+for the same input and budget is skipped; an interrupted one resumes from its last checkpoint. With --members N,
+the budget goes to N trainings of the variant that differ in their seed, scored as one ensemble (<variant>+ensN).
 report: one Markdown table over all cases of all folds, with paired differences against a reference variant.
 """
 import argparse
@@ -45,8 +46,8 @@ import test as test_script  # noqa: E402
 import train as train_script  # noqa: E402
 from datasets.dataset_myops import AUGMENTATIONS  # noqa: E402
 from priors import EncoderUnavailableError  # noqa: E402
-from trainer import (Trainer, all_rng_states, configure_logging, git_commit, seed_everything,  # noqa: E402
-                     setup_distributed)
+from trainer import (RUN_DEFAULTS, Trainer, all_rng_states, configure_logging, git_commit,  # noqa: E402
+                     seed_everything, setup_distributed)
 from utils import STRUCTURES, atomic_path, atomic_torch_save, summarise  # noqa: E402
 
 logger = logging.getLogger("benchmark")
@@ -453,9 +454,41 @@ def _defined(value):
     return None if math.isnan(value) else value
 
 
-def run(options):
-    """Plan, train, test and record one variant on one fold; skipped if the results already hold it."""
-    setting, fold_dir, dataset = read_input(options.data, options.fold)
+def member_runs(out, input_name, trained_variant, member_label, fold, members):
+    """[(run folder, seed)] of an ensemble's members: member 0 is the variant's own run at the member budget (the
+    default seed), member k the same training with seed + k in a folder of its own."""
+    seed = RUN_DEFAULTS["seed"]
+    folder = out / "runs" / input_name
+    return [((folder / (trained_variant if k == 0 else f"{trained_variant}+seed{seed + k}") /
+              member_label.replace(" ", "_") / f"fold{fold}").resolve(), seed + k) for k in range(members)]
+
+
+def train_member(base_flags, plan, run_dir, seed, recorded):
+    """Train one run to its plan unless done (recorded in the results or its training.json); training seconds."""
+    if recorded:  # the same training, scored with other inference options: not trained again
+        if not (run_dir / "last.pth").is_file():
+            raise BenchmarkError(f"the results record the run {run_dir}, but it has no last.pth to score again")
+        logger.info("%s is trained: scored again", run_dir)
+        return recorded[0]["train_seconds"]
+    done = run_dir / "training.json"
+    if done.is_file():
+        logger.info("%s is trained (%s)", run_dir, done)
+        return _read_json(done, "training record")["train_seconds"]
+    schedule = plan["schedule"]
+    seed_flags = [] if seed == RUN_DEFAULTS["seed"] else ["--seed", str(seed)]
+    start = time.perf_counter()
+    code = train_script.main(base_flags + schedule_flags(schedule) + seed_flags + [
+        "--output_dir", str(run_dir), "--save_every", str(schedule["max_epochs"]), "--resume", "auto"])
+    train_seconds = time.perf_counter() - start
+    configure_logging()
+    if code != 0:
+        raise BenchmarkError(f"train.py failed in {run_dir} (exit {code}); see {run_dir / 'log.txt'}")
+    _write_json(done, {"train_seconds": round(train_seconds, 1), "seed": seed, "iterations": schedule["max_iterations"],
+                       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")})
+    return train_seconds
+
+
+def check_budget_flags(options):
     if options.mode == "time" and options.budget_minutes is None:
         raise BenchmarkError("--mode time needs --budget_minutes")
     if options.mode == "iterations" and options.iterations is None:
@@ -466,53 +499,65 @@ def run(options):
     if options.timed_steps < 1 or options.warmup_steps < 0:
         raise BenchmarkError(f"--timed_steps {options.timed_steps} must be at least 1 and --warmup_steps "
                              f"{options.warmup_steps} not negative")
+    if options.members < 1 or (options.mode == "iterations" and options.iterations < options.members):
+        raise BenchmarkError(f"--members {options.members}: at least 1, and each member needs an iteration")
+
+
+def run(options):
+    """Plan, train, test and record one variant on one fold; skipped if the results already hold it. With
+    ``--members N``, N runs of the variant (seeds differ) share the budget and are scored as an ensemble."""
+    setting, fold_dir, dataset = read_input(options.data, options.fold)
+    check_budget_flags(options)
     label = setting_label(options.mode, options.budget_minutes, options.iterations)
+    member_options = argparse.Namespace(**vars(options))
+    if options.mode == "time":
+        member_options.budget_minutes = options.budget_minutes / options.members
+    else:
+        member_options.iterations = options.iterations // options.members
+    member_label = setting_label(options.mode, member_options.budget_minutes, member_options.iterations)
     input_name = Path(options.data).resolve().name
     out = Path(options.out)
     results = out / "results.jsonl"
     trained_variant = training_name(options.variant, options.augmentation)
+    scored_variant = trained_variant if options.members == 1 else f"{trained_variant}+ens{options.members}"
     inference = [name for name, on in (("tta", options.tta), ("pp", options.postprocess)) if on]
-    recorded_variant = "+".join([trained_variant, *inference])
+    recorded_variant = "+".join([scored_variant, *inference])
     key = (input_name, recorded_variant, label, options.fold)
     earlier = read_results(results)
     if any(run_key(record) == key for record in earlier):
         logger.info("%s fold %d (%s, input %s) is already in %s: skipped", recorded_variant, options.fold, label,
                     input_name, results)
         return 0
-    trained = [r for r in earlier if run_key(r) == (input_name, trained_variant, label, options.fold)]
     options.dataset = setting["dataset"]
-    run_dir = (out / "runs" / input_name / trained_variant / label.replace(" ", "_") / f"fold{options.fold}").resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
+    runs = member_runs(out, input_name, trained_variant, member_label, options.fold, options.members)
     base_flags = recipe_flags(options.variant, fold_dir, dataset["settings"]["crop_size"], options, out)
-    plan = plan_run(options, base_flags, run_dir)
+    runs[0][0].mkdir(parents=True, exist_ok=True)
+    plan = plan_run(member_options, base_flags, runs[0][0])
     schedule = plan["schedule"]
-    if trained:  # the same training, scored with other inference options: not trained again
-        if not (run_dir / "last.pth").is_file():
-            raise BenchmarkError(f"{results} records {trained_variant} fold {options.fold}, but {run_dir} has no "
-                                 "last.pth to score again")
-        train_seconds = trained[0]["train_seconds"]
-        logger.info("%s fold %d is trained (%s): scoring it with %s", trained_variant, options.fold, run_dir,
-                    " and ".join(inference))
-    else:
-        start = time.perf_counter()
-        code = train_script.main(base_flags + schedule_flags(schedule) + [
-            "--output_dir", str(run_dir), "--save_every", str(schedule["max_epochs"]), "--resume", "auto"])
-        train_seconds = time.perf_counter() - start
-        configure_logging()
-        if code != 0:
-            raise BenchmarkError(f"train.py failed for {trained_variant} fold {options.fold} (exit {code}); "
-                                 f"see {run_dir / 'log.txt'}")
-    test_dir = run_dir / "_".join(["test_last", *inference])
+    train_seconds = 0.0
+    for number, (run_dir, seed) in enumerate(runs):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if not (run_dir / "plan.json").exists():  # members share member 0's timing and schedule
+            _write_json(run_dir / "plan.json", plan)
+        plan_run(member_options, base_flags, run_dir)
+        recorded = [r for r in earlier if number == 0 and run_key(r) == (input_name, trained_variant, member_label,
+                                                                        options.fold)]
+        train_seconds += train_member(base_flags, plan, run_dir, seed, recorded)
+    scored_dir = runs[0][0] if options.members == 1 else (
+        out / "runs" / input_name / scored_variant / label.replace(" ", "_") / f"fold{options.fold}").resolve()
+    test_dir = scored_dir / "_".join(["test_last", *inference])
     inference_flags = (["--tta"] if options.tta else []) + (["--postprocess"] if options.postprocess else [])
-    code = test_script.main(["--output_dir", str(run_dir), "--root_path", str(fold_dir.resolve()), "--checkpoint",
-                             "last", "--test_save_dir", str(test_dir), "--no_save_nii", "--device", options.device,
-                             *inference_flags])
+    ensemble_flags = ["--ensemble", *[str(run_dir) for run_dir, _ in runs[1:]]] if options.members > 1 else []
+    code = test_script.main(["--output_dir", str(runs[0][0]), "--root_path", str(fold_dir.resolve()),
+                             "--checkpoint", "last", "--test_save_dir", str(test_dir), "--no_save_nii", "--device",
+                             options.device, *inference_flags, *ensemble_flags])
     if code != 0:
-        raise BenchmarkError(f"test.py failed for {trained_variant} fold {options.fold} (exit {code})")
+        raise BenchmarkError(f"test.py failed for {recorded_variant} fold {options.fold} (exit {code})")
     metrics = read_metrics(test_dir / "metrics.csv", dataset["split"]["test"])
     common = {"input": input_name, "variant": recorded_variant, "setting": label, "fold": options.fold,
-              "inference": inference,
-              "mode": options.mode, "budget_minutes": options.budget_minutes, "iterations": schedule["max_iterations"],
+              "inference": inference, "members": options.members,
+              "mode": options.mode, "budget_minutes": options.budget_minutes,
+              "iterations": schedule["max_iterations"] * options.members,
               "seconds_per_step": plan["seconds_per_step"], "train_seconds": round(train_seconds, 1),
               **{name: schedule[name] for name in ("max_epochs", "start_contrast_epoch", "region_fusion_start_epoch")},
               "vit_name": options.vit_name, "batch_size": options.batch_size, "augmentation": options.augmentation,
@@ -523,7 +568,7 @@ def run(options):
                for case, per_structure in sorted(metrics.items()) for structure, (dice, hd95) in per_structure.items()]
     append_results(results, records)
     logger.info("%s fold %d: %d cases, %d iterations in %.0f s of training (budget: %s) -> %s", recorded_variant,
-                options.fold, len(metrics), schedule["max_iterations"], train_seconds, label, results)
+                options.fold, len(metrics), common["iterations"], train_seconds, label, results)
     return 0
 
 
@@ -656,6 +701,9 @@ def parse_args(argv=None):
                          "<variant>+<preset>_aug")
     go.add_argument("--num_workers", type=int, default=None, help="train.py's loader processes (its default)")
     go.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
+    go.add_argument("--members", type=int, default=1,
+                    help="train N runs of the variant (seeds differ), each with 1/N of the budget, and score their "
+                         "ensemble (probabilities averaged): recorded as <variant>+ensN at the whole budget")
     go.add_argument("--tta", action="store_true",
                     help="score with test.py --tta (flip averaging); recorded as variant <variant>+tta, the training "
                          "reused if the plain variant is already recorded")

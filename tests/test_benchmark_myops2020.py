@@ -151,7 +151,7 @@ def test_run_appends_per_case_results_and_a_rerun_is_skipped(prepared, caplog):
     # the same training scored with flip averaging and post-processing: a variant of its own, not trained again
     assert benchmark.main(run_args(prepared, "immseg", 0, "--mode", "iterations", "--iterations", "5", "--tta",
                                    "--postprocess")) == 0
-    assert last.stat().st_mtime_ns == stamp and "scoring it with tta and pp" in caplog.text
+    assert last.stat().st_mtime_ns == stamp and "is trained: scored again" in caplog.text
     rescored = [r for r in benchmark.read_results(results) if r["variant"] == "immseg+tta+pp"]
     assert len(rescored) == len(records) and {tuple(r["inference"]) for r in rescored} == {("tta", "pp")}
     assert {r["train_seconds"] for r in rescored} == {again[0]["train_seconds"]}
@@ -166,6 +166,37 @@ def test_run_appends_per_case_results_and_a_rerun_is_skipped(prepared, caplog):
     assert early[0]["iterations"] == benchmark.budget_to_iterations(0.02, plan["seconds_per_step"])
     assert early[0]["setting"] == "time 0.02 min" and early[0]["budget_minutes"] == 0.02
     assert len(benchmark.read_results(results)) == 30
+
+
+def test_members_share_the_budget_and_are_scored_as_one_ensemble(prepared, caplog):
+    results = prepared / "out" / "results.jsonl"
+    budget = ["--mode", "iterations", "--iterations", "6"]
+    assert benchmark.main(run_args(prepared, "immseg", 2, *budget, "--members", "2")) == 0
+    runs = prepared / "out" / "runs" / "data"
+    members = [runs / "immseg" / "iterations_3" / "fold2", runs / "immseg+seed1235" / "iterations_3" / "fold2"]
+    for member, seed in zip(members, (1234, 1235)):
+        checkpoint = load_checkpoint(member / "last.pth")
+        assert checkpoint["train_state"]["iteration"] == 3 and checkpoint["args"]["seed"] == seed
+        assert json.loads((member / "training.json").read_text())["seed"] == seed
+    plans = [json.loads((member / "plan.json").read_text()) for member in members]
+    assert plans[0] == plans[1], "the members share one timing and schedule"
+    info = json.loads((runs / "immseg+ens2" / "iterations_6" / "fold2" / "test_last" / "test_info.json").read_text())
+    assert info["ensemble"] == [str(member / "last.pth") for member in members]
+    records = [r for r in benchmark.read_results(results) if r["variant"] == "immseg+ens2"]
+    assert len(records) == 10 and {(r["setting"], r["fold"], r["iterations"], r["members"]) for r in records} == {
+        ("iterations 6", 2, 6, 2)}
+    assert records[0]["train_seconds"] == pytest.approx(sum(
+        json.loads((member / "training.json").read_text())["train_seconds"] for member in members), abs=0.2)
+
+    # member 0 is the variant's own run at the member budget: scoring it alone trains nothing
+    stamp = (members[0] / "last.pth").stat().st_mtime_ns
+    assert benchmark.main(run_args(prepared, "immseg", 2, "--mode", "iterations", "--iterations", "3")) == 0
+    assert (members[0] / "last.pth").stat().st_mtime_ns == stamp and "is trained (" in caplog.text
+    alone = [r for r in benchmark.read_results(results) if (r["variant"], r["fold"]) == ("immseg", 2)]
+    assert len(alone) == 10 and alone[0]["train_seconds"] == json.loads(
+        (members[0] / "training.json").read_text())["train_seconds"]
+    assert benchmark.main(run_args(prepared, "immseg", 2, *budget, "--members", "7")) == 1
+    assert "each member needs an iteration" in caplog.text
 
 
 def hand_made(variant, fold, case, scar, edema):

@@ -11,6 +11,7 @@ import torch
 import predict
 import test as test_script
 from conftest import train_tiny_run, write_phantom_training_data
+from datasets.dataset_myops import MyoPSDataset
 from datasets.geometry import probabilities_to_original
 from datasets.layouts import find_cases, load_case
 from datasets.postprocessing import keep_largest_myocardium
@@ -103,6 +104,25 @@ def test_test_py_postprocesses_its_predictions_and_records_it_with_tta(runs, mon
     assert whole["space"] == "original"
     assert float(whole["dice"]) == pytest.approx(2 * (prediction & reference).sum() / (prediction.sum()
                                                                                          + reference.sum()))
+
+
+def test_test_py_scores_the_averaged_probabilities_of_an_ensemble(runs, caplog):
+    out = runs / "test_ensemble"
+    assert run_test_script(runs, out, "--ensemble", str(runs / "b")) == 0
+    info = json.loads((out / "test_info.json").read_text())
+    assert info["ensemble"] == [str(runs / name / "last.pth") for name in ("a", "b")]
+    models = [inference_model(load_checkpoint(runs / name / "last.pth"), name, "cpu") for name in ("a", "b")]
+    volume = MyoPSDataset(runs / "data", runs / "data", "test_vol")[0]
+    probabilities = [predict_volume(model, volume["image"], 64) for model in models]
+    averaged, first = (probabilities_to_original(p.numpy(), volume["geometry"])
+                       for p in (torch.stack(probabilities).mean(dim=0), probabilities[0]))
+    assert not np.array_equal(averaged, first), "the runs disagree, so the ensemble is not the first run alone"
+    written = np.asarray(nib.load(str(out / f"{volume['case_name']}_pred.nii.gz")).dataobj)
+    np.testing.assert_array_equal(written, averaged)
+
+    refused = runs / "test_ensemble_twice"
+    assert run_test_script(runs, refused, "--ensemble", str(runs / "a")) == 1
+    assert "would enter the ensemble more than once" in caplog.text and not refused.exists()
 
 
 def labels_of_runs(runs, names, tta):
