@@ -534,15 +534,17 @@ def run(options):
     runs[0][0].mkdir(parents=True, exist_ok=True)
     plan = plan_run(member_options, base_flags, runs[0][0])
     schedule = plan["schedule"]
-    train_seconds = 0.0
-    for number, (run_dir, seed) in enumerate(runs):
+    for run_dir, _ in runs[1:]:  # members share member 0's timing and schedule
         run_dir.mkdir(parents=True, exist_ok=True)
-        if not (run_dir / "plan.json").exists():  # members share member 0's timing and schedule
-            _write_json(run_dir / "plan.json", plan)
-        plan_run(member_options, base_flags, run_dir)
-        recorded = [r for r in earlier if number == 0 and run_key(r) == (input_name, trained_variant, member_label,
-                                                                        options.fold)]
-        train_seconds += train_member(base_flags, plan, run_dir, seed, recorded)
+        member_plan = run_dir / "plan.json"
+        if not member_plan.exists():
+            _write_json(member_plan, plan)
+        elif _read_json(member_plan, "run plan") != plan:
+            raise BenchmarkError(f"{member_plan} is not the plan of member 0 ({runs[0][0] / 'plan.json'}): the "
+                                 f"members would train differently; remove {run_dir} to start it over")
+    standalone = [r for r in earlier if run_key(r) == (input_name, trained_variant, member_label, options.fold)]
+    train_seconds = sum(train_member(base_flags, plan, run_dir, seed, standalone if number == 0 else [])
+                        for number, (run_dir, seed) in enumerate(runs))
     scored_dir = runs[0][0] if options.members == 1 else (
         out / "runs" / input_name / scored_variant / label.replace(" ", "_") / f"fold{options.fold}").resolve()
     test_dir = scored_dir / "_".join(["test_last", *inference])

@@ -197,6 +197,13 @@ def test_members_share_the_budget_and_are_scored_as_one_ensemble(prepared, caplo
         (members[0] / "training.json").read_text())["train_seconds"]
     assert benchmark.main(run_args(prepared, "immseg", 2, *budget, "--members", "7")) == 1
     assert "each member needs an iteration" in caplog.text
+    stranger = runs / "immseg+seed1235" / "iterations_2" / "fold2"
+    stranger.mkdir(parents=True)
+    (stranger / "plan.json").write_text(json.dumps({**plans[0], "iterations": 9}))
+    assert benchmark.main(run_args(prepared, "immseg", 2, "--mode", "iterations", "--iterations", "4", "--members",
+                                   "2")) == 1
+    assert "is not the plan of member 0" in caplog.text and not (stranger / "last.pth").exists()
+    assert not (runs / "immseg" / "iterations_2" / "fold2" / "last.pth").exists(), "no member trained"
 
 
 def hand_made(variant, fold, case, scar, edema):
