@@ -14,7 +14,7 @@ readable, otherwise in the processed grid (summary.json says which). Undefined
 values (a structure absent from prediction or reference) follow utils.dice_hd95:
 NaN, left out of the means, and counted.
 
-Outputs in --test_save_dir (default <run>/test_<split>_<checkpoint>):
+Outputs in --test_save_dir (default <run>/test_<split>_<checkpoint>, with _ensemble<N> for an ensemble):
 metrics.csv, summary.json, test_info.json, <case>_pred.nii.gz, and <case>.png with --save_png.
 With --protocol released, the processed-grid predictions are also scored as the
 review release's test.py scores them (utils.released_dice_hd95: HD95 in pixels,
@@ -231,7 +231,8 @@ def evaluate(args):
         logger.info("checkpoint %s (epoch %d)", path, member["train_state"]["epoch"])
         check_preprocessing(member.get("preprocessing"), read_preprocessing(root), root,
                             args.allow_preprocessing_mismatch)
-    out_dir = args.test_save_dir or args.run_dir / f"test_{args.split}_{args.checkpoint_path.stem}"
+    ensemble = f"_ensemble{len(members)}" if len(members) > 1 else ""
+    out_dir = args.test_save_dir or args.run_dir / f"test_{args.split}_{args.checkpoint_path.stem}{ensemble}"
     out_dir.mkdir(parents=True, exist_ok=True)
     logger.info("%d checkpoint(s), %d %s volumes from %s -> %s", len(members), len(dataset), args.split, root,
                 out_dir)

@@ -120,6 +120,11 @@ def test_test_py_scores_the_averaged_probabilities_of_an_ensemble(runs, caplog):
     written = np.asarray(nib.load(str(out / f"{volume['case_name']}_pred.nii.gz")).dataobj)
     np.testing.assert_array_equal(written, averaged)
 
+    assert test_script.main(["--output_dir", str(runs / "a"), "--checkpoint", "last", "--device", "cpu", "--no_save_nii",
+                             "--ensemble", str(runs / "b")]) == 0
+    default = json.loads((runs / "a" / "test_test_vol_last_ensemble2" / "test_info.json").read_text())
+    assert default["ensemble"] == info["ensemble"], "an ensemble's default folder is not the run's own"
+
     refused = runs / "test_ensemble_twice"
     assert run_test_script(runs, refused, "--ensemble", str(runs / "a")) == 1
     assert "would enter the ensemble more than once" in caplog.text and not refused.exists()
