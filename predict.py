@@ -48,8 +48,8 @@ from datasets.preprocessing import PreprocessingSettings, preprocess_case
 from datasets.roi import heart_centre
 from datasets.vocabulary import LABEL_MAPS, MODALITIES
 from networks.inference import predict_volume
-from trainer import (CheckpointError, configure_logging, inference_model, load_checkpoint, read_preprocessing,
-                     resolve_checkpoint, setup_distributed)
+from trainer import (CheckpointError, configure_logging, ensemble_checkpoints, inference_model, load_checkpoint,
+                     read_preprocessing, resolve_checkpoint, setup_distributed)
 from utils import STRUCTURES, atomic_path
 
 logger = logging.getLogger("predict")
@@ -178,7 +178,7 @@ class HeartLocator:
 
     def __init__(self, run, checkpoint=None, device="auto", batch_slices=16):
         self.device = setup_distributed(device).device
-        self.member = load_member(run, checkpoint, self.device)
+        self.member = load_member(resolve_checkpoint(run, checkpoint), self.device)
         self.checkpoint_path = self.member.checkpoint_path
         if self.member.settings.crop_centre != "image":
             raise CheckpointError(f"{self.checkpoint_path} was trained on heart-centred crops; a locator must see "
@@ -215,8 +215,7 @@ class EnsembleMember(NamedTuple):
     model: torch.nn.Module
 
 
-def load_member(run, checkpoint_name, device):
-    checkpoint_path = resolve_checkpoint(run, checkpoint_name)
+def load_member(checkpoint_path, device):
     checkpoint = load_checkpoint(checkpoint_path, map_location="cpu")
     modalities, settings = run_preprocessing(checkpoint, checkpoint_path)
     return EnsembleMember(checkpoint_path, checkpoint["train_state"]["epoch"], modalities, settings,
@@ -230,15 +229,9 @@ def member_input(member):
 
 def load_ensemble(runs, checkpoint_name, device):
     """The model of each run of --run (one, or several for an ensemble), all held on ``device`` at once."""
-    paths = [resolve_checkpoint(run, checkpoint_name).resolve() for run in runs]
-    repeated = sorted({str(path) for path in paths if paths.count(path) > 1})
-    if repeated:
-        raise CheckpointError(f"--run {' '.join(map(str, runs))}: the checkpoint {', '.join(repeated)} would enter "
-                              "the ensemble more than once; give different runs, and with several runs a checkpoint "
-                              "name (best, last, epoch_N) rather than a file")
     members = []
-    for run in runs:
-        member = load_member(run, checkpoint_name, device)
+    for run, path in zip(runs, ensemble_checkpoints(runs, checkpoint_name, "--run")):
+        member = load_member(path, device)
         if members:
             first, other = member_input(members[0]), member_input(member)
             differences = [f"{key} {first[key]!r} in {members[0].checkpoint_path}, {other[key]!r} in "

@@ -39,9 +39,9 @@ from datasets.geometry import probabilities_to_original
 from datasets.layouts import DataError, map_labels
 from datasets.postprocessing import keep_largest_myocardium
 from networks.inference import predict_volume
-from trainer import (ABLATIONS, CheckpointError, add_run_arguments, configure_logging, filled, inference_model,
-                     load_checkpoint, preprocessing_differences, read_preprocessing, resolve_checkpoint,
-                     run_directory, seed_everything, setup_distributed)
+from trainer import (ABLATIONS, CheckpointError, add_run_arguments, configure_logging, ensemble_checkpoints, filled,
+                     inference_model, load_checkpoint, preprocessing_differences, read_preprocessing, run_directory,
+                     seed_everything, setup_distributed)
 from utils import (PATHOLOGY, STRUCTURES, atomic_path, case_metrics, released_case_metrics, summarise,
                    summarise_released)
 
@@ -199,15 +199,9 @@ def postprocessed(labels, args):
 
 def load_members(args, device):
     """[(checkpoint path, checkpoint, inference model)] of the run and of each --ensemble run, checked against the
-    command line's flags; the same checkpoint file twice is refused."""
-    paths = [args.checkpoint_path] + [resolve_checkpoint(run, args.checkpoint) for run in args.ensemble]
-    resolved = [Path(path).resolve() for path in paths]
-    repeated = sorted({str(path) for path in resolved if resolved.count(path) > 1})
-    if repeated:
-        raise CheckpointError(f"--ensemble: the checkpoint {', '.join(repeated)} would enter the ensemble more than "
-                              "once; give other runs, and a checkpoint name (best, last, epoch_N) rather than a file")
+    command line's flags."""
     members = []
-    for path in paths:
+    for path in ensemble_checkpoints([args.run_dir, *args.ensemble], args.checkpoint, "--ensemble"):
         checkpoint = load_checkpoint(path, map_location="cpu")
         check_flags_against(checkpoint["spec"], args)
         members.append((path, checkpoint, inference_model(checkpoint, path, device)))
@@ -215,10 +209,9 @@ def load_members(args, device):
 
 
 def evaluate(args):
-    args.checkpoint_path = resolve_checkpoint(args.run_dir, args.checkpoint)
     ctx = setup_distributed(args.device)
     members = load_members(args, ctx.device)
-    _, checkpoint, _ = members[0]
+    args.checkpoint_path, checkpoint, _ = members[0]
     # Without --root_path, the training run's data and list folder (the release's lists live apart from its data).
     trained_with = checkpoint["args"]
     root = args.root_path or Path(trained_with["root_path"])

@@ -210,6 +210,19 @@ def resolve_checkpoint(run_dir, name=None):
     return run_dir / f"{name}.pth"
 
 
+def ensemble_checkpoints(runs, name, flag):
+    """The checkpoint of each run (``resolve_checkpoint``); one file named twice is refused, since it would weigh
+    double in the ensemble. ``flag`` names the command-line option the runs came from."""
+    paths = [resolve_checkpoint(run, name) for run in runs]
+    resolved = [path.resolve() for path in paths]
+    repeated = sorted({str(path) for path in resolved if resolved.count(path) > 1})
+    if repeated:
+        raise CheckpointError(f"{flag} {' '.join(map(str, runs))}: the checkpoint {', '.join(repeated)} would enter "
+                              "the ensemble more than once; give different runs, and with several runs a checkpoint "
+                              "name (best, last, epoch_N) rather than a file")
+    return paths
+
+
 def inference_model(checkpoint, source, device):
     """The checkpoint's model as an inference copy on ``device`` (eval mode, normalisation folded)."""
     model = model_from_spec(checkpoint["spec"], checkpoint["model"])

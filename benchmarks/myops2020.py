@@ -454,13 +454,17 @@ def _defined(value):
     return None if math.isnan(value) else value
 
 
+def run_folder(out, input_name, name, label, fold):
+    """<out>/runs/<input>/<name>/<budget>/fold<k>: where a training (or an ensemble's scoring) lives."""
+    return (Path(out) / "runs" / input_name / name / label.replace(" ", "_") / f"fold{fold}").resolve()
+
+
 def member_runs(out, input_name, trained_variant, member_label, fold, members):
     """[(run folder, seed)] of an ensemble's members: member 0 is the variant's own run at the member budget (the
     default seed), member k the same training with seed + k in a folder of its own."""
     seed = RUN_DEFAULTS["seed"]
-    folder = out / "runs" / input_name
-    return [((folder / (trained_variant if k == 0 else f"{trained_variant}+seed{seed + k}") /
-              member_label.replace(" ", "_") / f"fold{fold}").resolve(), seed + k) for k in range(members)]
+    return [(run_folder(out, input_name, trained_variant if k == 0 else f"{trained_variant}+seed{seed + k}",
+                        member_label, fold), seed + k) for k in range(members)]
 
 
 def train_member(base_flags, plan, run_dir, seed, recorded):
@@ -475,9 +479,8 @@ def train_member(base_flags, plan, run_dir, seed, recorded):
         logger.info("%s is trained (%s)", run_dir, done)
         return _read_json(done, "training record")["train_seconds"]
     schedule = plan["schedule"]
-    seed_flags = [] if seed == RUN_DEFAULTS["seed"] else ["--seed", str(seed)]
     start = time.perf_counter()
-    code = train_script.main(base_flags + schedule_flags(schedule) + seed_flags + [
+    code = train_script.main(base_flags + schedule_flags(schedule) + ["--seed", str(seed)] + [
         "--output_dir", str(run_dir), "--save_every", str(schedule["max_epochs"]), "--resume", "auto"])
     train_seconds = time.perf_counter() - start
     configure_logging()
@@ -545,8 +548,7 @@ def run(options):
     standalone = [r for r in earlier if run_key(r) == (input_name, trained_variant, member_label, options.fold)]
     train_seconds = sum(train_member(base_flags, plan, run_dir, seed, standalone if number == 0 else [])
                         for number, (run_dir, seed) in enumerate(runs))
-    scored_dir = runs[0][0] if options.members == 1 else (
-        out / "runs" / input_name / scored_variant / label.replace(" ", "_") / f"fold{options.fold}").resolve()
+    scored_dir = run_folder(out, input_name, scored_variant, label, options.fold)
     test_dir = scored_dir / "_".join(["test_last", *inference])
     inference_flags = (["--tta"] if options.tta else []) + (["--postprocess"] if options.postprocess else [])
     ensemble_flags = ["--ensemble", *[str(run_dir) for run_dir, _ in runs[1:]]] if options.members > 1 else []
