@@ -17,7 +17,8 @@ iterations; --mode iterations takes a fixed --iterations. The schedule is fitted
 100/300 of the run), train.py trains, test.py scores the fold's test cases in the original image space,
 and the per-case results are appended to <out>/results.jsonl. A (variant, fold) already in the results
 for the same input and budget is skipped; an interrupted one resumes from its last checkpoint. With --members N,
-the budget goes to N trainings of the variant that differ in their seed, scored as one ensemble (<variant>+ensN).
+the budget goes to N trainings of the variant that differ in their seed (and, with a list of --augmentation presets,
+in their augmentation), scored as one ensemble (<variant>+ensN).
 report: one Markdown table over all cases of all folds, with paired differences against a reference variant.
 """
 import argparse
@@ -35,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import scipy.stats
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -459,12 +461,44 @@ def run_folder(out, input_name, name, label, fold):
     return (Path(out) / "runs" / input_name / name / label.replace(" ", "_") / f"fold{fold}").resolve()
 
 
-def member_runs(out, input_name, trained_variant, member_label, fold, members):
-    """[(run folder, seed)] of an ensemble's members: member 0 is the variant's own run at the member budget (the
-    default seed), member k the same training with seed + k in a folder of its own."""
+def member_augmentations(options):
+    """The augmentation preset of each member: ``--augmentation`` is one preset for all, or a comma-separated list
+    with one per member."""
+    presets = options.augmentation.split(",")
+    unknown = [preset for preset in presets if preset not in AUGMENTATIONS]
+    if unknown:
+        raise BenchmarkError(f"--augmentation {options.augmentation}: unknown preset(s) {unknown}; expected "
+                             f"{sorted(AUGMENTATIONS)}, one for all members or one per member")
+    if len(presets) == 1:
+        return presets * options.members
+    if len(presets) != options.members:
+        raise BenchmarkError(f"--augmentation {options.augmentation}: {len(presets)} presets for --members "
+                             f"{options.members}; give one for all members or one per member")
+    return presets
+
+
+def ensemble_name(variant_name, augmentations):
+    """The recorded name: the variant as trained, with ``+ensN`` for an ensemble; members with different
+    augmentations give ``<variant>+ensN_<preset><count>...`` (e.g. immseg+ens4_strong3_nnunet1)."""
+    if len(set(augmentations)) == 1:
+        trained = training_name(variant_name, augmentations[0])
+        return trained if len(augmentations) == 1 else f"{trained}+ens{len(augmentations)}"
+    counts = "_".join(f"{preset}{augmentations.count(preset)}" for preset in dict.fromkeys(augmentations))
+    return f"{variant_name}+ens{len(augmentations)}_{counts}"
+
+
+def member_runs(out, input_name, variant_name, member_label, fold, augmentations):
+    """[(run folder, augmentation, seed)] of an ensemble's members. Seeds count up from the default one within each
+    augmentation, so the first member of each is the standalone run of that training at the member budget (reused
+    when already made) and a later one is the same training with another seed, in a folder of its own."""
     seed = RUN_DEFAULTS["seed"]
-    return [(run_folder(out, input_name, trained_variant if k == 0 else f"{trained_variant}+seed{seed + k}",
-                        member_label, fold), seed + k) for k in range(members)]
+    runs = []
+    for number, augmentation in enumerate(augmentations):
+        member_seed = seed + augmentations[:number].count(augmentation)
+        name = training_name(variant_name, augmentation)
+        name = name if member_seed == seed else f"{name}+seed{member_seed}"
+        runs.append((run_folder(out, input_name, name, member_label, fold), augmentation, member_seed))
+    return runs
 
 
 def train_member(base_flags, plan, run_dir, seed, recorded):
@@ -472,7 +506,7 @@ def train_member(base_flags, plan, run_dir, seed, recorded):
     if recorded:  # the same training, scored with other inference options: not trained again
         if not (run_dir / "last.pth").is_file():
             raise BenchmarkError(f"the results record the run {run_dir}, but it has no last.pth to score again")
-        logger.info("%s is trained: scored again", run_dir)
+        logger.info("%s is trained (its own run is in the results): not trained again", run_dir)
         return recorded[0]["train_seconds"]
     done = run_dir / "training.json"
     if done.is_file():
@@ -508,7 +542,8 @@ def check_budget_flags(options):
 
 def run(options):
     """Plan, train, test and record one variant on one fold; skipped if the results already hold it. With
-    ``--members N``, N runs of the variant (seeds differ) share the budget and are scored as an ensemble."""
+    ``--members N``, N runs of the variant (seeds or augmentations differ) share the budget and are scored as an
+    ensemble."""
     setting, fold_dir, dataset = read_input(options.data, options.fold)
     check_budget_flags(options)
     label = setting_label(options.mode, options.budget_minutes, options.iterations)
@@ -521,8 +556,8 @@ def run(options):
     input_name = Path(options.data).resolve().name
     out = Path(options.out)
     results = out / "results.jsonl"
-    trained_variant = training_name(options.variant, options.augmentation)
-    scored_variant = trained_variant if options.members == 1 else f"{trained_variant}+ens{options.members}"
+    augmentations = member_augmentations(options)
+    scored_variant = ensemble_name(options.variant, augmentations)
     inference = [name for name, on in (("tta", options.tta), ("pp", options.postprocess)) if on]
     recorded_variant = "+".join([scored_variant, *inference])
     key = (input_name, recorded_variant, label, options.fold)
@@ -532,26 +567,35 @@ def run(options):
                     input_name, results)
         return 0
     options.dataset = setting["dataset"]
-    runs = member_runs(out, input_name, trained_variant, member_label, options.fold, options.members)
-    base_flags = recipe_flags(options.variant, fold_dir, dataset["settings"]["crop_size"], options, out)
-    runs[0][0].mkdir(parents=True, exist_ok=True)
-    plan = plan_run(member_options, base_flags, runs[0][0])
-    schedule = plan["schedule"]
-    for run_dir, _ in runs[1:]:  # members share member 0's timing and schedule
+    runs = member_runs(out, input_name, options.variant, member_label, options.fold, augmentations)
+    plans = {}  # augmentation -> its first member's folder, train.py flags and plan, shared by its other members
+    for run_dir, augmentation, _ in runs:
         run_dir.mkdir(parents=True, exist_ok=True)
+        if augmentation not in plans:
+            flags = recipe_flags(options.variant, fold_dir, dataset["settings"]["crop_size"],
+                                 argparse.Namespace(**{**vars(options), "augmentation": augmentation}), out)
+            plans[augmentation] = run_dir, flags, plan_run(member_options, flags, run_dir)
+            continue
+        first, _, plan = plans[augmentation]
         member_plan = run_dir / "plan.json"
         if not member_plan.exists():
             _write_json(member_plan, plan)
         elif _read_json(member_plan, "run plan") != plan:
-            raise BenchmarkError(f"{member_plan} is not the plan of member 0 ({runs[0][0] / 'plan.json'}): the "
-                                 f"members would train differently; remove {run_dir} to start it over")
-    standalone = [r for r in earlier if run_key(r) == (input_name, trained_variant, member_label, options.fold)]
-    train_seconds = sum(train_member(base_flags, plan, run_dir, seed, standalone if number == 0 else [])
-                        for number, (run_dir, seed) in enumerate(runs))
+            raise BenchmarkError(f"{member_plan} is not the plan of {first / 'plan.json'}: the members would train "
+                                 f"differently; remove {run_dir} to start it over")
+    train_seconds = 0.0
+    for run_dir, augmentation, seed in runs:
+        trained = training_name(options.variant, augmentation)
+        standalone = [] if seed != RUN_DEFAULTS["seed"] else [
+            r for r in earlier if run_key(r) == (input_name, trained, member_label, options.fold)]
+        _, flags, plan = plans[augmentation]
+        train_seconds += train_member(flags, plan, run_dir, seed, standalone)
+    member_plans = [plans[augmentation][2] for _, augmentation, _ in runs]
+    base_flags, schedule = plans[augmentations[0]][1], member_plans[0]["schedule"]
     scored_dir = run_folder(out, input_name, scored_variant, label, options.fold)
     test_dir = scored_dir / "_".join(["test_last", *inference])
     inference_flags = (["--tta"] if options.tta else []) + (["--postprocess"] if options.postprocess else [])
-    ensemble_flags = ["--ensemble", *[str(run_dir) for run_dir, _ in runs[1:]]] if options.members > 1 else []
+    ensemble_flags = ["--ensemble", *[str(run_dir) for run_dir, _, _ in runs[1:]]] if options.members > 1 else []
     code = test_script.main(["--output_dir", str(runs[0][0]), "--root_path", str(fold_dir.resolve()),
                              "--checkpoint", "last", "--test_save_dir", str(test_dir), "--no_save_nii", "--device",
                              options.device, *inference_flags, *ensemble_flags])
@@ -561,13 +605,17 @@ def run(options):
     common = {"input": input_name, "variant": recorded_variant, "setting": label, "fold": options.fold,
               "inference": inference, "members": options.members,
               "mode": options.mode, "budget_minutes": options.budget_minutes,
-              "iterations": schedule["max_iterations"] * options.members,
-              "seconds_per_step": plan["seconds_per_step"], "train_seconds": round(train_seconds, 1),
+              "iterations": sum(plan["schedule"]["max_iterations"] for plan in member_plans),
+              "seconds_per_step": float(np.mean([plan["seconds_per_step"] for plan in member_plans])),
+              "train_seconds": round(train_seconds, 1),
               **{name: schedule[name] for name in ("max_epochs", "start_contrast_epoch", "region_fusion_start_epoch")},
               "vit_name": options.vit_name, "batch_size": options.batch_size, "augmentation": options.augmentation,
               "priors": _flag_value(base_flags, "--prior_embeddings"),
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "git_commit": git_commit()}
+    if options.members > 1:
+        common["member_runs"] = [{"augmentation": augmentation, "seed": seed, "iterations": plan["schedule"][
+            "max_iterations"]} for (_, augmentation, seed), plan in zip(runs, member_plans)]
     records = [{**common, "case": case, "structure": structure, "dice": _defined(dice), "hd95": _defined(hd95)}
                for case, per_structure in sorted(metrics.items()) for structure, (dice, hd95) in per_structure.items()]
     append_results(results, records)
@@ -587,16 +635,40 @@ def _span(values, fmt):
     return fmt.format(low) if low == high else f"{fmt.format(low)}-{fmt.format(high)}"
 
 
-def paired_difference(records, reference_records, structure, metric):
-    """Mean per-case difference (variant - reference) over cases where both are defined, cases where the variant
-    is better (higher Dice, lower HD95), and the number of pairs."""
+def paired_differences(records, reference_records, structure, metric):
+    """Per-case differences (variant - reference) of one structure, over the cases where both are defined."""
     reference = {(r["fold"], r["case"]): r[metric] for r in reference_records if r["structure"] == structure}
-    differences = [r[metric] - reference[(r["fold"], r["case"])] for r in records if r["structure"] == structure
-                   and r[metric] is not None and reference.get((r["fold"], r["case"])) is not None]
-    if not differences:
-        return None, 0, 0
-    better = sum(d > 0 for d in differences) if metric == "dice" else sum(d < 0 for d in differences)
-    return float(np.mean(differences)), better, len(differences)
+    return [r[metric] - reference[(r["fold"], r["case"])] for r in records if r["structure"] == structure
+            and r[metric] is not None and reference.get((r["fold"], r["case"])) is not None]
+
+
+def bootstrap_interval(differences, level=0.95, resamples=10000, seed=0):
+    """Percentile bootstrap interval of the mean paired difference, resampling cases (seeded: a report is
+    reproducible)."""
+    values = np.asarray(differences, dtype=float)
+    draws = np.random.default_rng(seed).integers(0, len(values), (resamples, len(values)))
+    low, high = np.quantile(values[draws].mean(axis=1), [(1 - level) / 2, (1 + level) / 2])
+    return float(low), float(high)
+
+
+def signed_rank_p(differences):
+    """Two-sided Wilcoxon signed-rank p-value of the paired differences (1 when no case differs)."""
+    if not any(differences):
+        return 1.0
+    return float(scipy.stats.wilcoxon(differences).pvalue)
+
+
+def dice_comparison_cells(records, reference_records, structure):
+    """Report cells against the reference: Δ Dice, its 95% interval, better Dice, Wilcoxon p, Δ HD95."""
+    dice = paired_differences(records, reference_records, structure, "dice")
+    hd95 = paired_differences(records, reference_records, structure, "hd95")
+    if not dice:
+        return ["n/a", "n/a", "0/0", "n/a", f"{np.mean(hd95):+.2f}" if hd95 else "n/a"]
+    low, high = bootstrap_interval(dice)
+    p_value = signed_rank_p(dice)
+    return [f"{np.mean(dice) * 100:+.2f}", f"{low * 100:+.2f} to {high * 100:+.2f}",
+            f"{sum(d > 0 for d in dice)}/{len(dice)}", "<0.001" if p_value < 0.001 else f"{p_value:.3f}",
+            f"{np.mean(hd95):+.2f}" if hd95 else "n/a"]
 
 
 def report_table(records, reference="immseg", reference_setting=None):
@@ -608,8 +680,9 @@ def report_table(records, reference="immseg", reference_setting=None):
     order = list(VARIANTS)
     keys = sorted(groups, key=lambda k: (k[0], k[1], order.index(k[2]) if k[2] in order else len(order), k[2]))
     lines = [f"| variant | input | budget | folds | structure | cases | Dice (%) | HD95 (mm) | iterations | s / step "
-             f"| training min | Δ Dice vs {reference} | better Dice | Δ HD95 vs {reference} |",
-             "|" + " --- |" * 14]
+             f"| training min | Δ Dice vs {reference} | 95% interval | better Dice | p (Wilcoxon) "
+             f"| Δ HD95 vs {reference} |",
+             "|" + " --- |" * 16]
     for key in keys:
         group = groups[key]
         reference_key = (key[0], reference_setting or key[1], reference)
@@ -627,12 +700,9 @@ def report_table(records, reference="immseg", reference_setting=None):
         seconds = _span([runs[f]["seconds_per_step"] for f in folds], "{:.3f}")
         minutes = _span([runs[f]["train_seconds"] / 60 for f in folds], "{:.1f}")
         for structure in STRUCTURES:
-            cells = ["", "", ""]
+            cells = [""] * 5
             if reference_group is not None and key != reference_key:
-                dice, better, pairs = paired_difference(group, reference_group, structure, "dice")
-                hd, _, _ = paired_difference(group, reference_group, structure, "hd95")
-                cells = ["n/a" if dice is None else f"{dice * 100:+.2f}", f"{better}/{pairs}",
-                         "n/a" if hd is None else f"{hd:+.2f}"]
+                cells = dice_comparison_cells(group, reference_group, structure)
             entry = summary[structure]
             lines.append(f"| {key[2]} | {key[0]} | {key[1]} | {','.join(map(str, folds))} | "
                          f"{STRUCTURE_NAMES[structure]} | {entry['n']} | {_mean_std(entry, 'dice', 100)} | "
@@ -652,7 +722,9 @@ def report(out, reference="immseg", path=None, reference_setting=None):
         f"Runs from {dates[0]} to {dates[-1]}, commit(s) {', '.join(commits)}. Mean ± standard deviation over all "
         "cases of all folds, undefined values left out (`cases` counts all). Δ: mean per-case paired difference "
         f"against {reference} on the same input at {reference_setting or 'the same budget'} (Dice in points); better "
-        "Dice: cases where the variant's Dice is higher, of the cases where both are defined.", "",
+        "Dice: cases where the variant's Dice is higher, of the cases where both are defined; 95% interval: percentile "
+        "bootstrap of the mean Δ Dice over those cases (10000 resamples, seed 0); p: two-sided Wilcoxon signed-rank "
+        "test of the per-case Dice differences.", "",
         report_table(records, reference, reference_setting), ""])
     path = Path(path) if path else Path(out) / "report.md"
     with atomic_path(path) as temporary:
@@ -700,9 +772,10 @@ def parse_args(argv=None):
                     help="prior file of priors/prompts/names_only.json (default: encoded by the offline encoder)")
     go.add_argument("--vit_name", default=RECIPE_FLAGS["vit_name"], help="configuration (recipe: compact)")
     go.add_argument("--batch_size", type=int, default=RECIPE_FLAGS["batch_size"], help="recipe: 8")
-    go.add_argument("--augmentation", default=RECIPE_FLAGS["augmentation"], choices=list(AUGMENTATIONS),
+    go.add_argument("--augmentation", default=RECIPE_FLAGS["augmentation"], metavar="{" + ",".join(AUGMENTATIONS) + "}",
                     help="train.py --augmentation (recipe: strong); another preset is recorded as variant "
-                         "<variant>+<preset>_aug")
+                         "<variant>+<preset>_aug. With --members, one preset for all or a comma-separated list with "
+                         "one per member (e.g. strong,strong,strong,nnunet: <variant>+ens4_strong3_nnunet1)")
     go.add_argument("--num_workers", type=int, default=None, help="train.py's loader processes (its default)")
     go.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     go.add_argument("--members", type=int, default=1,

@@ -1,9 +1,9 @@
 """benchmarks/myops2020.py on a small phantom with the tiny configuration: split, budget, schedule, results, report."""
 import argparse
 import json
-import math
 import random
 
+import numpy as np
 import pytest
 import torch
 
@@ -151,7 +151,8 @@ def test_run_appends_per_case_results_and_a_rerun_is_skipped(prepared, caplog):
     # the same training scored with flip averaging and post-processing: a variant of its own, not trained again
     assert benchmark.main(run_args(prepared, "immseg", 0, "--mode", "iterations", "--iterations", "5", "--tta",
                                    "--postprocess")) == 0
-    assert last.stat().st_mtime_ns == stamp and "is trained: scored again" in caplog.text
+    assert last.stat().st_mtime_ns == stamp
+    assert "is trained (its own run is in the results): not trained again" in caplog.text
     rescored = [r for r in benchmark.read_results(results) if r["variant"] == "immseg+tta+pp"]
     assert len(rescored) == len(records) and {tuple(r["inference"]) for r in rescored} == {("tta", "pp")}
     assert {r["train_seconds"] for r in rescored} == {again[0]["train_seconds"]}
@@ -202,8 +203,41 @@ def test_members_share_the_budget_and_are_scored_as_one_ensemble(prepared, caplo
     (stranger / "plan.json").write_text(json.dumps({**plans[0], "iterations": 9}))
     assert benchmark.main(run_args(prepared, "immseg", 2, "--mode", "iterations", "--iterations", "4", "--members",
                                    "2")) == 1
-    assert "is not the plan of member 0" in caplog.text and not (stranger / "last.pth").exists()
+    assert f"is not the plan of {runs / 'immseg' / 'iterations_2' / 'fold2' / 'plan.json'}" in caplog.text
+    assert not (stranger / "last.pth").exists()
     assert not (runs / "immseg" / "iterations_2" / "fold2" / "last.pth").exists(), "no member trained"
+
+
+def test_members_with_a_list_of_augmentations_train_each_preset_from_its_own_plan(prepared, caplog):
+    runs = prepared / "out" / "runs" / "data"
+    budget = ["--mode", "iterations", "--iterations", "6", "--members", "3"]
+    for wrong, message in (("strong,nnunet", "2 presets for --members 3"), ("strong,flips,strong", "unknown preset")):
+        assert benchmark.main(run_args(prepared, "immseg", 1, *budget, "--augmentation", wrong)) == 1
+        assert message in caplog.text
+    assert not (runs / "immseg" / "iterations_2" / "fold1").exists(), "nothing planned or trained"
+    assert benchmark.main(run_args(prepared, "immseg", 1, *budget, "--augmentation", "strong,nnunet,strong")) == 0
+    # seeds count up within each preset: the first member of each is that training's standalone run
+    members = [(runs / "immseg" / "iterations_2" / "fold1", "strong", 1234),
+               (runs / "immseg+nnunet_aug" / "iterations_2" / "fold1", "nnunet", 1234),
+               (runs / "immseg+seed1235" / "iterations_2" / "fold1", "strong", 1235)]
+    for member, augmentation, seed in members:
+        arguments = load_checkpoint(member / "last.pth")["args"]
+        assert (arguments["augmentation"], arguments["seed"]) == (augmentation, seed)
+    plans = [json.loads((member / "plan.json").read_text()) for member, _, _ in members]
+    assert plans[0] == plans[2] and plans[0]["base_flags"] != plans[1]["base_flags"]
+    assert "nnunet" in plans[1]["base_flags"], "the nnunet member is timed with its own augmentation"
+    info = json.loads((runs / "immseg+ens3_strong2_nnunet1" / "iterations_6" / "fold1" / "test_last" /
+                       "test_info.json").read_text())
+    assert info["ensemble"] == [str(member / "last.pth") for member, _, _ in members]
+    records = [r for r in benchmark.read_results(prepared / "out" / "results.jsonl")
+               if r["variant"] == "immseg+ens3_strong2_nnunet1"]
+    assert len(records) == 10 and records[0]["iterations"] == 6 and records[0]["member_runs"] == [
+        {"augmentation": augmentation, "seed": seed, "iterations": 2} for _, augmentation, seed in members]
+    # the nnunet member is the standalone nnunet run at the member budget: scoring that alone trains nothing
+    stamp = (members[1][0] / "last.pth").stat().st_mtime_ns
+    assert benchmark.main(run_args(prepared, "immseg", 1, "--mode", "iterations", "--iterations", "2",
+                                   "--augmentation", "nnunet")) == 0
+    assert (members[1][0] / "last.pth").stat().st_mtime_ns == stamp and "is trained (" in caplog.text
 
 
 def hand_made(variant, fold, case, scar, edema):
@@ -228,14 +262,21 @@ def test_report_paired_differences_on_a_hand_made_results_file(tmp_path):
     scar = table[("no_cfm", "scar")]
     # per case: +0.05, -0.10, +0.20 -> mean +0.05 (5 points), better in 2 of 3; HD95 = 10 (1 - Dice)
     assert scar[6] == "65.00 ± 20.41" and scar[8] == "100-101" and scar[9] == "2.000" and scar[10] == "3.0-4.0"
-    assert (scar[11], scar[12], float(scar[13])) == ("+5.00", "2/3", pytest.approx(-0.5))
+    assert (scar[11], scar[13], float(scar[15])) == ("+5.00", "2/3", pytest.approx(-0.5))
+    # 27 equally likely resamples of 3 cases: the lowest (-0.10) and highest (+0.20) mean each have 1/27 > 2.5%
+    assert scar[12] == "-10.00 to +20.00"
+    # signed ranks 1 (+), 2 (-), 3 (+): W- = 2, and 3 of the 8 sign patterns have W <= 2 -> two-sided p = 0.75
+    assert scar[14] == "0.750"
     # edema: case b undefined for immseg -> pairs a (-0.10) and c (0.00); no case better
     edema = table[("no_cfm", "edema")]
-    assert (edema[11], edema[12]) == ("-5.00", "0/2")
+    assert (edema[11], edema[13]) == ("-5.00", "0/2")
     immseg_edema = table[("immseg", "edema")]
-    assert immseg_edema[5] == "3" and immseg_edema[6] == "35.00 ± 5.00" and immseg_edema[11] == ""
+    assert immseg_edema[5] == "3" and immseg_edema[6] == "35.00 ± 5.00" and immseg_edema[11:16] == [""] * 5
     assert table[("immseg", "normal myocardium")][6] == "n/a"
-    assert math.isclose(benchmark.paired_difference(rows[6:], rows[:6], "scar", "dice")[0], 0.05)
+    assert table[("no_cfm", "normal myocardium")][11:16] == ["n/a", "n/a", "0/0", "n/a", "n/a"]
+    assert np.allclose(benchmark.paired_differences(rows[6:], rows[:6], "scar", "dice"), [0.05, -0.10, 0.20])
+    assert benchmark.bootstrap_interval([0.03] * 7) == pytest.approx((0.03, 0.03))
+    assert benchmark.signed_rank_p([0.0, 0.0]) == 1.0
 
 
 def test_report_pairs_with_the_reference_at_another_budget(tmp_path):
