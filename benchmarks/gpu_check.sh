@@ -12,7 +12,9 @@
 # output is in OUTPUT_DIR/logs/. Exit status: 0 when every step passed, 1 otherwise, 2 without a GPU or
 # when OUTPUT_DIR holds anything but an earlier check's output (which is replaced).
 # Environment: PYTHON (interpreter; default: the active environment's python, else .venv/bin/python),
-# SPEED_BATCH (speed.py training batch, default 24), SPEED_AMP (default bf16).
+# SPEED_BATCH (speed.py training batch, default 24), SPEED_AMP (default bf16), PRIOR_EMBEDDINGS (a priors
+# file made elsewhere by priors.encode, copied in instead of encoding here: for a box without the offline
+# encoder's package).
 set -euo pipefail
 
 OUT=$(realpath -m "${1:-$(dirname "$0")/../gpu_check_output}")
@@ -102,7 +104,11 @@ print("max weight difference to the uninterrupted run:",
 data_ok=true
 step data "$PYTHON" preprocess_data.py --dataset Phantom --src_path "$OUT/phantom_raw" --dst_path "$OUT/data" \
   --phantom_cases 16 --val_fraction 0.2 || data_ok=false
-step priors "$PYTHON" -m priors.encode --encoder offline --out "$OUT/priors_offline_intensity.pt" || data_ok=false
+if [ -n "${PRIOR_EMBEDDINGS:-}" ]; then
+  step priors cp "$PRIOR_EMBEDDINGS" "$OUT/priors_offline_intensity.pt" || data_ok=false
+else
+  step priors "$PYTHON" -m priors.encode --encoder offline --out "$OUT/priors_offline_intensity.pt" || data_ok=false
+fi
 
 for amp in bf16 fp16; do
   if $data_ok; then

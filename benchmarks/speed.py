@@ -106,9 +106,8 @@ def _time_training(torch, args, forward, optimizer, criterion, output_adapter):
     return _median_time(torch, args.device, step, args.steps)
 
 
-def measure_ours(args):
-    torch = _setup(args)
-    from networks.inference import fuse_for_inference, predict_slices
+def build_ours(torch, args):
+    """Our model, its training forward, loss and optimizer on ``args.device``, set up as trainer.py does."""
     from networks.vit_seg_configs import get_config
     from networks.vit_seg_modeling import VisionTransformer
     from trainer import make_optimizer
@@ -120,13 +119,19 @@ def measure_ours(args):
                               torch.randn(config.n_classes, config.text_dim)).to(args.device).train()
     memory_format = torch.channels_last if args.device == "cuda" else torch.contiguous_format  # as trainer.py
     model = model.to(memory_format=memory_format)
-    criterion = IMMSegLoss(config.n_classes, config.contrast)
+    criterion = IMMSegLoss(config.n_classes, config.contrast).to(args.device)
+    optimizer = make_optimizer(model.parameters(), 1e-3, 1e-4, torch.device(args.device))
+    return model, lambda x: model(x.contiguous(memory_format=memory_format)), criterion, optimizer
+
+
+def measure_ours(args):
+    torch = _setup(args)
+    from networks.inference import fuse_for_inference, predict_slices
+
+    model, forward, criterion, optimizer = build_ours(torch, args)
     figures = {"model": f"ours {args.vit_name}",
                "params": sum(p.numel() for p in model.parameters())}
-    optimizer = make_optimizer(model.parameters(), 1e-3, 1e-4, torch.device(args.device))
-    figures["train_step_s"] = _time_training(
-        torch, args, lambda x: model(x.contiguous(memory_format=memory_format)), optimizer, criterion,
-        lambda out: out)
+    figures["train_step_s"] = _time_training(torch, args, forward, optimizer, criterion, lambda out: out)
 
     inference_model = fuse_for_inference(model)
     volume = torch.rand(args.slices, 3, args.img_size, args.img_size)
@@ -168,7 +173,7 @@ def measure_reference(args):
     config.n_classes, config.n_skip = 4, 3
     config.patches.grid = (args.img_size // 16, args.img_size // 16)
     model = released.VisionTransformer(config, img_size=args.img_size, num_classes=4).to(args.device).train()
-    criterion = IMMSegLoss(4, get_config("R50-only").contrast)
+    criterion = IMMSegLoss(4, get_config("R50-only").contrast).to(args.device)
     figures = {"model": "released review code", "params": sum(p.numel() for p in model.parameters())}
 
     def forward(images):

@@ -215,3 +215,19 @@ def test_gpu_check_script_parses_and_stops_without_a_gpu(tmp_path):
     assert result.returncode == 2
     assert "no CUDA GPU is visible to PyTorch" in result.stderr and "nothing was checked" in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_speed_benchmark_puts_the_model_and_the_loss_on_its_device():
+    """Found on the first GPU run: the loss's class weights stayed on the CPU while the model was on CUDA."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import speed
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    args = speed.parse_args(["--vit_name", "testing", "--img_size", "32", "--batch_size", "2", "--warmup", "0",
+                             "--steps", "1"])
+    args.device = "meta"
+    model, forward, criterion, optimizer = speed.build_ours(torch, args)
+    assert {tensor.device.type for _, tensor in tensors(model) + tensors(criterion)} == {"meta"}
+    assert forward(torch.zeros(2, 3, 32, 32, device="meta")).fused_logits.device.type == "meta"
+    assert {state.device.type for group in optimizer.param_groups for state in group["params"]} == {"meta"}
