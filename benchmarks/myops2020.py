@@ -318,6 +318,8 @@ def recipe_flags(variant_name, fold_dir, crop_size, options, out):
     flags = ["--dataset", options.dataset, "--root_path", str(fold_dir.resolve()), "--img_size", str(crop_size),
              "--vit_name", options.vit_name, "--batch_size", str(options.batch_size), "--device", options.device,
              "--augmentation", options.augmentation, *RECIPE_SWITCHES, *variant.flags]
+    if options.amp != "none":
+        flags += ["--amp", options.amp]
     if options.num_workers is not None:
         flags += ["--num_workers", str(options.num_workers)]
     prompts = PROMPTS / variant.prompts
@@ -335,9 +337,11 @@ def recipe_flags(variant_name, fold_dir, crop_size, options, out):
     return flags
 
 
-def training_name(variant_name, augmentation):
-    """The variant as trained: its name, with ``+<preset>_aug`` when the augmentation is not the recipe's."""
-    return variant_name if augmentation == RECIPE_FLAGS["augmentation"] else f"{variant_name}+{augmentation}_aug"
+def training_name(variant_name, augmentation, amp="none"):
+    """The variant as trained: its name, with ``+<preset>_aug`` when the augmentation is not the recipe's and
+    ``+<amp>`` under mixed precision."""
+    name = variant_name if augmentation == RECIPE_FLAGS["augmentation"] else f"{variant_name}+{augmentation}_aug"
+    return name if amp == "none" else f"{name}+{amp}"
 
 
 def paper_schedule():
@@ -477,17 +481,17 @@ def member_augmentations(options):
     return presets
 
 
-def ensemble_name(variant_name, augmentations):
+def ensemble_name(variant_name, augmentations, amp="none"):
     """The recorded name: the variant as trained, with ``+ensN`` for an ensemble; members with different
     augmentations give ``<variant>+ensN_<preset><count>...`` (e.g. immseg+ens4_strong3_nnunet1)."""
     if len(set(augmentations)) == 1:
-        trained = training_name(variant_name, augmentations[0])
+        trained = training_name(variant_name, augmentations[0], amp)
         return trained if len(augmentations) == 1 else f"{trained}+ens{len(augmentations)}"
     counts = "_".join(f"{preset}{augmentations.count(preset)}" for preset in dict.fromkeys(augmentations))
-    return f"{variant_name}+ens{len(augmentations)}_{counts}"
+    return training_name(f"{variant_name}+ens{len(augmentations)}_{counts}", RECIPE_FLAGS["augmentation"], amp)
 
 
-def member_runs(out, input_name, variant_name, member_label, fold, augmentations):
+def member_runs(out, input_name, variant_name, member_label, fold, augmentations, amp="none"):
     """[(run folder, augmentation, seed)] of an ensemble's members. Seeds count up from the default one within each
     augmentation, so the first member of each is the standalone run of that training at the member budget (reused
     when already made) and a later one is the same training with another seed, in a folder of its own."""
@@ -495,7 +499,7 @@ def member_runs(out, input_name, variant_name, member_label, fold, augmentations
     runs = []
     for number, augmentation in enumerate(augmentations):
         member_seed = seed + augmentations[:number].count(augmentation)
-        name = training_name(variant_name, augmentation)
+        name = training_name(variant_name, augmentation, amp)
         name = name if member_seed == seed else f"{name}+seed{member_seed}"
         runs.append((run_folder(out, input_name, name, member_label, fold), augmentation, member_seed))
     return runs
@@ -557,7 +561,7 @@ def run(options):
     out = Path(options.out)
     results = out / "results.jsonl"
     augmentations = member_augmentations(options)
-    scored_variant = ensemble_name(options.variant, augmentations)
+    scored_variant = ensemble_name(options.variant, augmentations, options.amp)
     inference = [name for name, on in (("tta", options.tta), ("pp", options.postprocess)) if on]
     recorded_variant = "+".join([scored_variant, *inference])
     key = (input_name, recorded_variant, label, options.fold)
@@ -567,7 +571,7 @@ def run(options):
                     input_name, results)
         return 0
     options.dataset = setting["dataset"]
-    runs = member_runs(out, input_name, options.variant, member_label, options.fold, augmentations)
+    runs = member_runs(out, input_name, options.variant, member_label, options.fold, augmentations, options.amp)
     plans = {}  # augmentation -> its first member's folder, train.py flags and plan, shared by its other members
     for run_dir, augmentation, _ in runs:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -585,7 +589,7 @@ def run(options):
                                  f"differently; remove {run_dir} to start it over")
     train_seconds = 0.0
     for run_dir, augmentation, seed in runs:
-        trained = training_name(options.variant, augmentation)
+        trained = training_name(options.variant, augmentation, options.amp)
         standalone = [] if seed != RUN_DEFAULTS["seed"] else [
             r for r in earlier if run_key(r) == (input_name, trained, member_label, options.fold)]
         _, flags, plan = plans[augmentation]
@@ -598,7 +602,7 @@ def run(options):
     ensemble_flags = ["--ensemble", *[str(run_dir) for run_dir, _, _ in runs[1:]]] if options.members > 1 else []
     code = test_script.main(["--output_dir", str(runs[0][0]), "--root_path", str(fold_dir.resolve()),
                              "--checkpoint", "last", "--test_save_dir", str(test_dir), "--no_save_nii", "--device",
-                             options.device, *inference_flags, *ensemble_flags])
+                             options.device, "--amp", options.amp, *inference_flags, *ensemble_flags])
     if code != 0:
         raise BenchmarkError(f"test.py failed for {recorded_variant} fold {options.fold} (exit {code})")
     metrics = read_metrics(test_dir / "metrics.csv", dataset["split"]["test"])
@@ -610,6 +614,7 @@ def run(options):
               "train_seconds": round(train_seconds, 1),
               **{name: schedule[name] for name in ("max_epochs", "start_contrast_epoch", "region_fusion_start_epoch")},
               "vit_name": options.vit_name, "batch_size": options.batch_size, "augmentation": options.augmentation,
+              "amp": options.amp,
               "priors": _flag_value(base_flags, "--prior_embeddings"),
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "git_commit": git_commit()}
@@ -778,6 +783,9 @@ def parse_args(argv=None):
                          "one per member (e.g. strong,strong,strong,nnunet: <variant>+ens4_strong3_nnunet1)")
     go.add_argument("--num_workers", type=int, default=None, help="train.py's loader processes (its default)")
     go.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
+    go.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"],
+                    help="train.py's and test.py's --amp (recipe: none); bf16 is also faster on CPUs with bf16 "
+                         "instructions. Recorded as variant <variant>+<amp>")
     go.add_argument("--members", type=int, default=1,
                     help="train N runs of the variant (seeds differ), each with 1/N of the budget, and score their "
                          "ensemble (probabilities averaged): recorded as <variant>+ensN at the whole budget")

@@ -85,7 +85,8 @@ def test_budget_to_iterations_and_schedule_fitting():
 
 def test_every_variant_is_a_set_of_train_py_flags(prepared):
     options = argparse.Namespace(dataset="Phantom", vit_name="testing", batch_size=8, device="cpu", num_workers=None,
-                                 biomedclip_priors=prepared / "priors.pt", names_only_priors=None, augmentation="strong")
+                                 biomedclip_priors=prepared / "priors.pt", names_only_priors=None, augmentation="strong",
+                                 amp="none")
     parsed = {}
     for name in benchmark.VARIANTS:
         flags = benchmark.recipe_flags(name, prepared / "data" / "fold0", 64, options, prepared / "out")
@@ -104,6 +105,7 @@ def test_every_variant_is_a_set_of_train_py_flags(prepared):
     assert train_script.parse_args(flags).augmentation == "nnunet"
     assert benchmark.training_name("immseg", "nnunet") == "immseg+nnunet_aug"
     assert benchmark.training_name("immseg", "strong") == "immseg", "the recipe's preset keeps the variant's name"
+    assert benchmark.training_name("immseg", "nnunet", "bf16") == "immseg+nnunet_aug+bf16"
     options.biomedclip_priors = None
     with pytest.raises(benchmark.BenchmarkError, match="needs --biomedclip_priors"):
         benchmark.recipe_flags("no_cmfe", prepared / "data" / "fold0", 64, options, prepared / "out")
@@ -167,6 +169,18 @@ def test_run_appends_per_case_results_and_a_rerun_is_skipped(prepared, caplog):
     assert early[0]["iterations"] == benchmark.budget_to_iterations(0.02, plan["seconds_per_step"])
     assert early[0]["setting"] == "time 0.02 min" and early[0]["budget_minutes"] == 0.02
     assert len(benchmark.read_results(results)) == 30
+
+
+def test_mixed_precision_trains_and_scores_under_its_own_name(prepared):
+    assert benchmark.main(run_args(prepared, "immseg", 1, "--mode", "iterations", "--iterations", "3",
+                                   "--amp", "bf16")) == 0
+    records = [r for r in benchmark.read_results(prepared / "out" / "results.jsonl") if r.get("amp") == "bf16"]
+    assert {(r["variant"], r["fold"]) for r in records} == {("immseg+bf16", 1)} and len(records) == 2 * 5
+    run_dir = prepared / "out" / "runs" / "data" / "immseg+bf16" / "iterations_3" / "fold1"
+    assert load_checkpoint(run_dir / "last.pth")["args"]["amp"] == "bf16"
+    assert "--amp" in json.loads((run_dir / "plan.json").read_text())["base_flags"], "timed as it trains"
+    assert benchmark.ensemble_name("immseg", ["strong", "nnunet"], "bf16") == "immseg+ens2_strong1_nnunet1+bf16"
+    assert benchmark.ensemble_name("immseg", ["strong"] * 2, "bf16") == "immseg+bf16+ens2"
 
 
 def test_members_share_the_budget_and_are_scored_as_one_ensemble(prepared, caplog):
