@@ -337,11 +337,16 @@ def recipe_flags(variant_name, fold_dir, crop_size, options, out):
     return flags
 
 
+def with_amp(name, amp):
+    """``name``, with ``+<amp>`` under mixed precision."""
+    return name if amp == "none" else f"{name}+{amp}"
+
+
 def training_name(variant_name, augmentation, amp="none"):
     """The variant as trained: its name, with ``+<preset>_aug`` when the augmentation is not the recipe's and
     ``+<amp>`` under mixed precision."""
     name = variant_name if augmentation == RECIPE_FLAGS["augmentation"] else f"{variant_name}+{augmentation}_aug"
-    return name if amp == "none" else f"{name}+{amp}"
+    return with_amp(name, amp)
 
 
 def paper_schedule():
@@ -488,7 +493,7 @@ def ensemble_name(variant_name, augmentations, amp="none"):
         trained = training_name(variant_name, augmentations[0], amp)
         return trained if len(augmentations) == 1 else f"{trained}+ens{len(augmentations)}"
     counts = "_".join(f"{preset}{augmentations.count(preset)}" for preset in dict.fromkeys(augmentations))
-    return training_name(f"{variant_name}+ens{len(augmentations)}_{counts}", RECIPE_FLAGS["augmentation"], amp)
+    return with_amp(f"{variant_name}+ens{len(augmentations)}_{counts}", amp)
 
 
 def member_runs(out, input_name, variant_name, member_label, fold, augmentations, amp="none"):

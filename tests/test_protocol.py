@@ -219,11 +219,8 @@ def test_gpu_check_script_parses_and_stops_without_a_gpu(tmp_path):
 
 def test_speed_benchmark_puts_the_model_and_the_loss_on_its_device():
     """Found on the first GPU run: the loss's class weights stayed on the CPU while the model was on CUDA."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import speed
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    from benchmarks import speed
+
     args = speed.parse_args(["--vit_name", "testing", "--img_size", "32", "--batch_size", "2", "--warmup", "0",
                              "--steps", "1"])
     args.device = "meta"
