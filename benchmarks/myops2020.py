@@ -29,6 +29,8 @@ import gc
 import json
 import logging
 import math
+import os
+import platform
 import sys
 import tempfile
 import time
@@ -169,6 +171,26 @@ def _locked(path, timeout_s=120):
         yield
     finally:
         lock.rmdir()
+
+
+def cpu_model():
+    """The processor's model name (Linux: /proc/cpuinfo), else what the platform module reports."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def machine_description(device):
+    """What a wall-clock budget's iterations depend on besides the code, kept with every record: the same budget
+    buys a different number of iterations on another machine."""
+    description = {"cpu": cpu_model(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                   "torch": torch.__version__}
+    if device in ("auto", "cuda") and torch.cuda.is_available():
+        description["gpu"] = torch.cuda.get_device_name(0)
+    return description
 
 
 def read_results(path):
@@ -622,7 +644,7 @@ def run(options):
               "amp": options.amp,
               "priors": _flag_value(base_flags, "--prior_embeddings"),
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "git_commit": git_commit()}
+              "git_commit": git_commit(), "machine": machine_description(options.device)}
     if options.members > 1:
         common["member_runs"] = [{"augmentation": augmentation, "seed": seed, "iterations": plan["schedule"][
             "max_iterations"]} for (_, augmentation, seed), plan in zip(runs, member_plans)]

@@ -1,7 +1,9 @@
 """benchmarks/myops2020.py on a small phantom with the tiny configuration: split, budget, schedule, results, report."""
 import argparse
 import json
+import os
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -132,6 +134,9 @@ def test_run_appends_per_case_results_and_a_rerun_is_skipped(prepared, caplog):
     assert record["iterations"] == 5 and record["seconds_per_step"] > 0 and record["budget_minutes"] is None
     assert (record["max_epochs"], record["start_contrast_epoch"], record["region_fusion_start_epoch"]) == (2, 0, 1)
     assert all(r["dice"] is None or 0 <= r["dice"] <= 1 for r in records)
+    machine = record["machine"]
+    assert machine["cpu"] and machine["cpu_count"] == os.cpu_count() and machine["torch"] == torch.__version__
+    assert "gpu" not in machine, "a run on the CPU names no GPU"
     run_dir = prepared / "out" / "runs" / "data" / "immseg" / "iterations_5" / "fold0"
     last = run_dir / "last.pth"
     assert load_checkpoint(last)["train_state"]["iteration"] == 5
@@ -306,3 +311,29 @@ def test_report_pairs_with_the_reference_at_another_budget(tmp_path):
     assert table[("immseg", "time 38 min", "scar")][11] == "", "the reference itself has no difference"
     default = benchmark.report_table(benchmark.read_results(tmp_path / "results.jsonl"))
     assert "| nnunet_own | in | time 42 min | 0 | scar | 1 | 50.00 ± 0.00 |" in default and "+40.00" in default
+
+
+def test_committed_results_hold_whole_folds_of_the_committed_split_and_make_the_report():
+    """README's benchmark tables are regenerated from benchmarks/results: every recorded run must score each test case
+    of its fold, and only those, in every structure, and the report must pair the rows it compares."""
+    folder = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
+    folds = benchmark.read_split(folder / "split.json")["folds"]
+    records = benchmark.read_results(folder / "results.jsonl")
+    assert records, "benchmarks/results/results.jsonl holds no records"
+    runs = {}
+    for record in records:
+        runs.setdefault(benchmark.run_key(record), []).append((record["case"], record["structure"]))
+    for (input_name, variant, setting, fold), scored in runs.items():
+        expected = sorted((case, structure) for case in folds[fold] for structure in benchmark.STRUCTURE_NAMES)
+        assert sorted(scored) == expected, f"{variant} ({input_name}, {setting}) fold {fold}: not its fold's cases"
+    ours, early = ([r for r in records if r["variant"] == f"{pipeline}+ens6_strong4_nnunet2+bf16"]
+                   for pipeline in ("immseg", "transunet_early"))
+    both = {r["fold"] for r in ours} & {r["fold"] for r in early}
+    assert both, "README's six-member comparison is not in the records"
+    ours = [r for r in ours if r["fold"] in both]
+    for structure in benchmark.STRUCTURE_NAMES:
+        defined = [r for r in ours if r["structure"] == structure and r["dice"] is not None]
+        assert len(benchmark.paired_differences(ours, early, structure, "dice")) == len(defined), "a case unpaired"
+    table = benchmark.report_table(records, reference="transunet_early+ens6_strong4_nnunet2+bf16")
+    assert sum(line.startswith("| immseg+ens6_strong4_nnunet2+bf16 |") for line in table.splitlines()) == len(
+        benchmark.STRUCTURE_NAMES)

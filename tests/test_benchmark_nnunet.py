@@ -221,6 +221,7 @@ def test_run_appends_records_the_report_lists_and_a_rerun_is_skipped(prepared, c
         "input": "data", "variant": "nnunet_own", "setting": "time 2 min", "fold": 0, "mode": "time",
         "budget_minutes": 2.0, "iterations": 75, "seconds_per_step": 0.8, "train_seconds": 60.0, "max_epochs": 3}
     assert all(r["dice"] in (None, 1.0) for r in records) and any(r["dice"] == 1.0 for r in records)
+    assert first["machine"] == benchmark.machine_description("cpu")
     assert nnunet.main(arguments) == 0 and "already in" in caplog.text
     assert len(benchmark.read_results(prepared / "out" / "results.jsonl")) == 10
     table = benchmark.report_table(benchmark.read_results(prepared / "out" / "results.jsonl"))
