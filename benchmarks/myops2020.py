@@ -20,6 +20,7 @@ for the same input and budget is skipped; an interrupted one resumes from its la
 the budget goes to N trainings of the variant that differ in their seed (and, with a list of --augmentation presets,
 in their augmentation), scored as one ensemble (<variant>+ensN).
 report: one Markdown table over all cases of all folds, with paired differences against a reference variant.
+cases: two variants' per-case Dice in one structure, ordered by its volume in the labels (where does a gap sit?).
 """
 import argparse
 import contextlib
@@ -49,6 +50,7 @@ import preprocess_data  # noqa: E402
 import test as test_script  # noqa: E402
 import train as train_script  # noqa: E402
 from datasets.dataset_myops import AUGMENTATIONS  # noqa: E402
+from datasets.layouts import load_case  # noqa: E402
 from priors import EncoderUnavailableError  # noqa: E402
 from trainer import (RUN_DEFAULTS, Trainer, all_rng_states, configure_logging, git_commit,  # noqa: E402
                      seed_everything, setup_distributed)
@@ -766,6 +768,64 @@ def report(out, reference="immseg", path=None, reference_setting=None):
     return text
 
 
+def label_volumes_ml(dataset, src, case_ids, structure):
+    """Volume (ml) of ``structure`` in each case's reference label, read from the raw cases under ``src``."""
+    finder, label_map, _ = preprocess_data.DATASETS[dataset]
+    found = {case.case_id: case for case in finder(src)}
+    missing = sorted(set(case_ids) - set(found))
+    if missing:
+        raise BenchmarkError(f"{src} holds no case {', '.join(missing)}: give the raw folder the split was made from")
+    volumes = {}
+    for case_id in case_ids:
+        case = load_case(found[case_id], label_map)
+        voxel_ml = float(np.prod(case.spacing)) / 1000
+        volumes[case_id] = float(np.isin(case.label, STRUCTURES[structure]).sum()) * voxel_ml
+    return volumes
+
+
+def case_comparison(records, variant, reference, structure, volumes):
+    """Markdown: the per-case Dice of ``variant`` and ``reference`` in one structure, ordered by the structure's
+    label volume, then the mean difference in the smaller and the larger half and its rank correlation with the
+    volume (does a gap follow the structure's size?)."""
+    ours = {(r["input"], r["setting"], r["fold"], r["case"]): r["dice"] for r in records
+            if r["variant"] == variant and r["structure"] == structure and r["dice"] is not None}
+    theirs = {(r["input"], r["setting"], r["fold"], r["case"]): r["dice"] for r in records
+              if r["variant"] == reference and r["structure"] == structure and r["dice"] is not None}
+    keys = sorted(set(ours) & set(theirs), key=lambda key: (volumes[key[3]], key))
+    if len({key[:2] for key in keys}) > 1:
+        raise BenchmarkError(f"{variant} and {reference} are both recorded on several inputs or budgets "
+                             f"({sorted({key[:2] for key in keys})}); compare one at a time")
+    if len(keys) < 4:
+        raise BenchmarkError(f"{variant} and {reference} share {len(keys)} cases with a defined {structure} Dice; "
+                             "at least 4 are needed")
+    lines = [f"| case | fold | {STRUCTURE_NAMES[structure]} (ml) | {variant} | {reference} | Δ |", "|" + " --- |" * 6]
+    differences = []
+    for key in keys:
+        differences.append(100 * (ours[key] - theirs[key]))
+        lines.append(f"| {key[3]} | {key[2]} | {volumes[key[3]]:.2f} | {100 * ours[key]:.2f} | {100 * theirs[key]:.2f} "
+                     f"| {differences[-1]:+.2f} |")
+    half = len(keys) // 2
+    lines.append("")
+    for name, part in (("smaller", slice(0, half)), ("larger", slice(half, None))):
+        chosen, sizes = differences[part], [volumes[key[3]] for key in keys[part]]
+        lines.append(f"- {name} {len(chosen)} ({min(sizes):.2f}-{max(sizes):.2f} ml): Δ {np.mean(chosen):+.2f}, "
+                     f"{variant} better in {sum(d > 0 for d in chosen)} of {len(chosen)}")
+    rho, p_value = scipy.stats.spearmanr([volumes[key[3]] for key in keys], differences)
+    lines.append(f"- Spearman correlation of Δ with the volume: {rho:+.2f} (p {p_value:.2f}, {len(keys)} cases)")
+    return "\n".join(lines) + "\n"
+
+
+def compare_cases(out, variant, reference, structure, src, dataset="MyoPS2020"):
+    records = read_results(Path(out) / "results.jsonl")
+    case_ids = sorted({r["case"] for r in records if r["variant"] in (variant, reference)})
+    for name in (variant, reference):
+        if not any(r["variant"] == name for r in records):
+            raise BenchmarkError(f"{Path(out) / 'results.jsonl'} holds no records of {name}")
+    text = case_comparison(records, variant, reference, structure, label_volumes_ml(dataset, src, case_ids, structure))
+    sys.stdout.write(text)
+    return text
+
+
 # ---------------------------------------------------------------------------------------------- command line
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -833,6 +893,14 @@ def parse_args(argv=None):
                           "the budget less the locator's minutes (default: each row's own budget)")
     rep.add_argument("--report_file", type=Path, default=None, help="default: <out>/report.md")
 
+    cases = commands.add_parser("cases", help="per-case Dice of two variants in one structure, by its label volume")
+    cases.add_argument("--out", type=Path, required=True)
+    cases.add_argument("--variant", required=True)
+    cases.add_argument("--reference", required=True)
+    cases.add_argument("--structure", default="scar", choices=list(STRUCTURE_NAMES))
+    cases.add_argument("--src", type=Path, required=True, help="raw folder the split was made from (the labels)")
+    cases.add_argument("--dataset", default="MyoPS2020", choices=DATASETS, help="raw layout (Phantom: MyoPS380's)")
+
     args, extra = parser.parse_known_args(argv)
     if extra and args.command != "prepare":
         parser.error(f"unrecognised arguments: {' '.join(extra)}")
@@ -851,6 +919,8 @@ def main(argv=None):
                     args.locator)
         elif args.command == "run":
             return run(args)
+        elif args.command == "cases":
+            compare_cases(args.out, args.variant, args.reference, args.structure, args.src, args.dataset)
         else:
             report(args.out, args.reference, args.report_file, args.reference_setting)
     except (ValueError, FileNotFoundError, EncoderUnavailableError) as error:  # the project's errors name the cause

@@ -7,10 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import scipy.stats
 import torch
 
 from benchmarks import myops2020 as benchmark
 from conftest import prepare_benchmark_phantom, write_test_priors
+import preprocess_data
 import train as train_script
 from trainer import load_checkpoint
 
@@ -311,6 +313,43 @@ def test_report_pairs_with_the_reference_at_another_budget(tmp_path):
     assert table[("immseg", "time 38 min", "scar")][11] == "", "the reference itself has no difference"
     default = benchmark.report_table(benchmark.read_results(tmp_path / "results.jsonl"))
     assert "| nnunet_own | in | time 42 min | 0 | scar | 1 | 50.00 ± 0.00 |" in default and "+40.00" in default
+
+
+def test_cases_orders_the_paired_dice_by_the_structure_volume_in_the_labels(tmp_path, capsys):
+    from datasets.phantom import write_phantom
+    from datasets.layouts import load_case
+    from datasets.vocabulary import LABEL_MAPS
+
+    write_phantom(tmp_path / "raw", cases=4, seed=3)
+    found = {case.case_id: case for case in preprocess_data.DATASETS["Phantom"][0](tmp_path / "raw")}
+    scar_ml = {}
+    for case_id, case in found.items():
+        volumes = load_case(case, LABEL_MAPS["MyoPS380"])
+        scar_ml[case_id] = (volumes.label == 2).sum() * np.prod(volumes.spacing) / 1000
+    assert len(set(scar_ml.values())) == 4 and min(scar_ml.values()) > 0, "the phantom's scars must differ in size"
+    ids = sorted(found)
+    ours, theirs = [0.5, 0.6, 0.7, 0.8], [0.6, 0.5, 0.7, 0.6]
+    rows = [row for case, a, b in zip(ids, ours, theirs)
+            for row in hand_made("immseg", 0, case, a, 0.3) + hand_made("transunet_early", 0, case, b, 0.3)]
+    benchmark.append_results(tmp_path / "out" / "results.jsonl", rows)
+    assert benchmark.main(["cases", "--out", str(tmp_path / "out"), "--variant", "immseg", "--reference",
+                           "transunet_early", "--src", str(tmp_path / "raw"), "--dataset", "Phantom"]) == 0
+    text = capsys.readouterr().out
+    table = [cells for cells in ([c.strip() for c in line.strip("|").split("|")] for line in text.splitlines()
+                                 if line.startswith("| ")) if cells[0] in ids]
+    by_size = sorted(ids, key=scar_ml.get)
+    assert by_size != ids, "ordered by size, not by name"
+    assert [cells[0] for cells in table] == by_size
+    difference = {case: 100 * (a - b) for case, a, b in zip(ids, ours, theirs)}
+    for cells in table:
+        assert float(cells[2]) == pytest.approx(scar_ml[cells[0]], abs=0.005)
+        assert float(cells[5]) == pytest.approx(difference[cells[0]], abs=0.005)
+    smaller = np.mean([difference[c] for c in by_size[:2]])
+    assert f"- smaller 2 ({scar_ml[by_size[0]]:.2f}-{scar_ml[by_size[1]]:.2f} ml): Δ {smaller:+.2f}" in text
+    rho = scipy.stats.spearmanr([scar_ml[c] for c in by_size], [difference[c] for c in by_size])[0]
+    assert f"Spearman correlation of Δ with the volume: {rho:+.2f}" in text
+    assert benchmark.main(["cases", "--out", str(tmp_path / "out"), "--variant", "immseg", "--reference",
+                           "no_cfm", "--src", str(tmp_path / "raw"), "--dataset", "Phantom"]) == 1, "no records of it"
 
 
 def test_committed_results_hold_whole_folds_of_the_committed_split_and_make_the_report():
