@@ -787,10 +787,11 @@ def case_comparison(records, variant, reference, structure, volumes):
     """Markdown: the per-case Dice of ``variant`` and ``reference`` in one structure, ordered by the structure's
     label volume, then the mean difference in the smaller and the larger half and its rank correlation with the
     volume (does a gap follow the structure's size?)."""
-    ours = {(r["input"], r["setting"], r["fold"], r["case"]): r["dice"] for r in records
-            if r["variant"] == variant and r["structure"] == structure and r["dice"] is not None}
-    theirs = {(r["input"], r["setting"], r["fold"], r["case"]): r["dice"] for r in records
-              if r["variant"] == reference and r["structure"] == structure and r["dice"] is not None}
+    def dice_by_case(name):
+        return {(r["input"], r["setting"], r["fold"], r["case"]): r["dice"] for r in records
+                if r["variant"] == name and r["structure"] == structure and r["dice"] is not None}
+
+    ours, theirs = dice_by_case(variant), dice_by_case(reference)
     keys = sorted(set(ours) & set(theirs), key=lambda key: (volumes[key[3]], key))
     if len({key[:2] for key in keys}) > 1:
         raise BenchmarkError(f"{variant} and {reference} are both recorded on several inputs or budgets "
