@@ -14,7 +14,7 @@ run: one variant on one fold. In --mode time, the variant's own training step (l
 recipe's batch size, each stage of its schedule) is timed first, and the wall-clock budget becomes
 iterations; --mode iterations takes a fixed --iterations. The schedule is fitted to those iterations
 (epochs, the poly learning rate's end, the contrastive and fused stages at the paper's 20/300 and
-100/300 of the run), train.py trains, test.py scores the fold's test cases in the original image space,
+100/300 of the run, or the fused stage at E/300 with --fused_start_epoch E), train.py trains, test.py scores the fold's test cases in the original image space,
 and the per-case results are appended to <out>/results.jsonl. A (variant, fold) already in the results
 for the same input and budget is skipped; an interrupted one resumes from its last checkpoint. With --members N,
 the budget goes to N trainings of the variant that differ in their seed (and, with a list of --augmentation presets,
@@ -373,6 +373,14 @@ def training_name(variant_name, augmentation, amp="none"):
     return with_amp(name, amp)
 
 
+def schedule_name(variant_name, fused_start_epoch, paper_fusion):
+    """The variant with ``+fused<E>`` when its fused stage starts at epoch E of the paper's schedule instead of the
+    paper's own (which keeps the plain name)."""
+    if fused_start_epoch is None or fused_start_epoch == paper_fusion:
+        return variant_name
+    return f"{variant_name}+fused{fused_start_epoch}"
+
+
 def paper_schedule():
     """The paper's schedule, as train.py's defaults: (epochs, contrast start, fused start)."""
     defaults = train_script.parse_args([])
@@ -452,6 +460,8 @@ def plan_run(options, base_flags, run_dir):
     iterations = (budget_to_iterations(options.budget_minutes, seconds) if options.mode == "time"
                   else options.iterations)
     paper_epochs, paper_contrast, paper_fusion = paper_schedule()
+    if options.fused_start_epoch is not None:
+        paper_fusion = options.fused_start_epoch
     schedule = fit_schedule(iterations, per_epoch, paper_epochs, paper_contrast, paper_fusion)
     plan = {"base_flags": base_flags, "seconds_per_step": seconds, "seconds_per_stage": per_stage,
             "iterations_per_epoch": per_epoch, "iterations": iterations, "schedule": schedule,
@@ -569,6 +579,14 @@ def check_budget_flags(options):
     if options.timed_steps < 1 or options.warmup_steps < 0:
         raise BenchmarkError(f"--timed_steps {options.timed_steps} must be at least 1 and --warmup_steps "
                              f"{options.warmup_steps} not negative")
+    if options.fused_start_epoch is not None:
+        paper_epochs = paper_schedule()[0]
+        if "--model" in VARIANTS[options.variant].flags:
+            raise BenchmarkError(f"--fused_start_epoch: {options.variant} has no fused head (only I-MMSeg's variants "
+                                 "train one)")
+        if not 0 <= options.fused_start_epoch < paper_epochs:
+            raise BenchmarkError(f"--fused_start_epoch {options.fused_start_epoch}: expected an epoch of the paper's "
+                                 f"schedule, 0 to {paper_epochs - 1}")
     if options.members < 1 or (options.mode == "iterations" and options.iterations < options.members):
         raise BenchmarkError(f"--members {options.members}: at least 1, and each member needs an iteration")
 
@@ -590,7 +608,8 @@ def run(options):
     out = Path(options.out)
     results = out / "results.jsonl"
     augmentations = member_augmentations(options)
-    scored_variant = ensemble_name(options.variant, augmentations, options.amp)
+    named = schedule_name(options.variant, options.fused_start_epoch, paper_schedule()[2])
+    scored_variant = ensemble_name(named, augmentations, options.amp)
     inference = [name for name, on in (("tta", options.tta), ("pp", options.postprocess)) if on]
     recorded_variant = "+".join([scored_variant, *inference])
     key = (input_name, recorded_variant, label, options.fold)
@@ -600,7 +619,7 @@ def run(options):
                     input_name, results)
         return 0
     options.dataset = setting["dataset"]
-    runs = member_runs(out, input_name, options.variant, member_label, options.fold, augmentations, options.amp)
+    runs = member_runs(out, input_name, named, member_label, options.fold, augmentations, options.amp)
     plans = {}  # augmentation -> its first member's folder, train.py flags and plan, shared by its other members
     for run_dir, augmentation, _ in runs:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -618,7 +637,7 @@ def run(options):
                                  f"differently; remove {run_dir} to start it over")
     train_seconds = 0.0
     for run_dir, augmentation, seed in runs:
-        trained = training_name(options.variant, augmentation, options.amp)
+        trained = training_name(named, augmentation, options.amp)
         standalone = [] if seed != RUN_DEFAULTS["seed"] else [
             r for r in earlier if run_key(r) == (input_name, trained, member_label, options.fold)]
         _, flags, plan = plans[augmentation]
@@ -882,6 +901,9 @@ def parse_args(argv=None):
                          "reused if the plain variant is already recorded")
     go.add_argument("--postprocess", action="store_true",
                     help="score with test.py --postprocess (one connected myocardium); recorded as <variant>+pp")
+    go.add_argument("--fused_start_epoch", type=int, default=None,
+                    help="epoch of the paper's 300 at which the fused head starts training, scaled to the run like "
+                         "the paper's 100 (the default); recorded as <variant>+fused<E>")
     go.add_argument("--warmup_steps", type=int, default=6, help="untimed steps per stage before timing")
     go.add_argument("--timed_steps", type=int, default=20,
                     help="timed steps per stage from an epoch's start (at most an epoch; the save is added)")

@@ -261,6 +261,32 @@ def test_members_with_a_list_of_augmentations_train_each_preset_from_its_own_pla
     assert (members[1][0] / "last.pth").stat().st_mtime_ns == stamp and "is trained (" in caplog.text
 
 
+def test_an_earlier_fused_stage_is_scaled_to_the_run_and_trained_under_its_own_name(prepared, caplog):
+    assert benchmark.fit_schedule(825, 11, paper_fusion=50) == {
+        "max_epochs": 75, "max_iterations": 825, "start_contrast_epoch": 5, "region_fusion_start_epoch": 13}
+    assert benchmark.fit_schedule(825, 11, paper_fusion=0)["start_contrast_epoch"] == 0, "contrast never after fusion"
+    assert benchmark.schedule_name("immseg", 100, 100) == "immseg" and benchmark.schedule_name("immseg", None, 100) == (
+        "immseg")
+    for variant, epoch, message in (("transunet_early", 50, "transunet_early has no fused head"),
+                                    ("immseg", 300, "expected an epoch of the paper's schedule, 0 to 299")):
+        assert benchmark.main(run_args(prepared, variant, 2, "--mode", "iterations", "--iterations", "30",
+                                       "--fused_start_epoch", str(epoch))) == 1
+        assert message in caplog.text
+    runs = prepared / "out" / "runs" / "data"
+    assert not (runs / "transunet_early+fused50").exists() and not (runs / "immseg+fused300").exists()
+
+    assert benchmark.main(run_args(prepared, "immseg", 2, "--mode", "iterations", "--iterations", "30",
+                                   "--fused_start_epoch", "0")) == 0
+    run_dir = runs / "immseg+fused0" / "iterations_30" / "fold2"
+    plan = json.loads((run_dir / "plan.json").read_text())
+    paper = benchmark.fit_schedule(30, plan["iterations_per_epoch"])
+    assert paper["region_fusion_start_epoch"] > 0, "the phantom's run is long enough to tell the schedules apart"
+    assert plan["schedule"] == {**paper, "start_contrast_epoch": 0, "region_fusion_start_epoch": 0}
+    assert load_checkpoint(run_dir / "last.pth")["args"]["region_fusion_start_epoch"] == 0
+    records = [r for r in benchmark.read_results(prepared / "out" / "results.jsonl") if r["variant"] == "immseg+fused0"]
+    assert len(records) == 10 and {(r["region_fusion_start_epoch"], r["fold"]) for r in records} == {(0, 2)}
+
+
 def hand_made(variant, fold, case, scar, edema):
     return [{"input": "in", "variant": variant, "setting": "time 42 min", "fold": fold, "case": case,
              "structure": structure, "dice": dice, "hd95": None if dice is None else 10 * (1 - dice),
