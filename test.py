@@ -3,6 +3,7 @@
     python test.py <the train.py flags of the run>            # finds the run folder the same way
     python test.py --output_dir weights/TU_MyoPS2020128/<run> --checkpoint best --save_png
     python test.py --output_dir <run> --checkpoint last --ensemble <run_2> <run_3>   # probabilities averaged
+    python test.py --output_dir <run> --heads fused,LGE,T2w   # I-MMSeg: average the fused and two modality heads
 
 The model configuration comes from the checkpoint; a flag given here that
 contradicts it is an error, and so is test data preprocessed with other settings
@@ -38,7 +39,8 @@ from datasets.export import save_nifti, save_overlay
 from datasets.geometry import probabilities_to_original
 from datasets.layouts import DataError, map_labels
 from datasets.postprocessing import keep_largest_myocardium
-from networks.inference import predict_volume
+from datasets.vocabulary import MODALITIES
+from networks.inference import HeadAverage, predict_volume
 from trainer import (ABLATIONS, CheckpointError, add_run_arguments, configure_logging, ensemble_checkpoints, filled,
                      inference_model, load_checkpoint, preprocessing_differences, read_preprocessing, run_directory,
                      seed_everything, setup_distributed)
@@ -50,6 +52,18 @@ logger = logging.getLogger("test")
 TABLE_NAMES = {"scar": "Scar", "edema": "Edema", "myocardium": "Myocardium", "scar_edema": "Scar+edema",
                "whole_myocardium": "Whole myocardium"}
 HD95_UNITS = {"original": "mm", "processed": "mm", "voxels": "voxel"}  # voxels: no geometry, unit spacing
+
+
+HEADS = ("fused", *MODALITIES)
+
+
+def head_list(text):
+    """--heads: a comma-separated list of distinct head names -> tuple."""
+    heads = tuple(name.strip() for name in text.split(","))
+    unknown = [name for name in heads if name not in HEADS]
+    if unknown or len(set(heads)) != len(heads):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected distinct names from {', '.join(HEADS)}")
+    return heads
 
 
 def parse_args(argv=None):
@@ -70,6 +84,10 @@ def parse_args(argv=None):
                         help="further run folders whose --checkpoint (by name) is averaged with this run's: the class "
                              "probabilities of all members (each after its flip TTA with --tta) are averaged before "
                              "the argmax; each must have been trained on data preprocessed as the test data")
+    parser.add_argument("--heads", default="fused", type=head_list,
+                        help="I-MMSeg heads whose class probabilities are averaged, comma-separated from fused, "
+                             f"{', '.join(MODALITIES)} (default fused, the method's output; the modality heads are "
+                             "trained beside it)")
     parser.add_argument("--postprocess", action="store_true",
                         help="keep only the largest 3-D connected component of the whole myocardium (scar and "
                              "edema outside it become background), in every label volume scored or written: the "
@@ -204,7 +222,13 @@ def load_members(args, device):
     for path in ensemble_checkpoints([args.run_dir, *args.ensemble], args.checkpoint, "--ensemble"):
         checkpoint = load_checkpoint(path, map_location="cpu")
         check_flags_against(checkpoint["spec"], args)
-        members.append((path, checkpoint, inference_model(checkpoint, path, device)))
+        model = inference_model(checkpoint, path, device)
+        if args.heads != ("fused",):
+            if checkpoint["spec"]["model"] != "immseg":
+                raise CheckpointError(f"{path}: --heads {','.join(args.heads)} needs I-MMSeg's modality heads; this "
+                                      f"{checkpoint['spec']['model']} checkpoint has one head (leave --heads out)")
+            model = HeadAverage(model, args.heads)
+        members.append((path, checkpoint, model))
     return members
 
 
@@ -280,7 +304,8 @@ def evaluate(args):
         temporary.write_text(json.dumps(summary, indent=2) + "\n")
     info = {"checkpoint": str(args.checkpoint_path), "epoch": checkpoint["train_state"]["epoch"],
             "ensemble": [str(path) for path, _, _ in members],
-            "split": args.split, "tta": args.tta, "postprocess": args.postprocess, "protocol": args.protocol,
+            "split": args.split, "tta": args.tta, "postprocess": args.postprocess, "heads": list(args.heads),
+            "protocol": args.protocol,
             "root_path": str(root), "space": spaces,
             "spec": checkpoint["spec"], "seconds": round(time.time() - start, 2),
             "structures": {k: list(v) for k, v in STRUCTURES.items()}}

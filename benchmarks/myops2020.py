@@ -579,6 +579,9 @@ def check_budget_flags(options):
     if options.timed_steps < 1 or options.warmup_steps < 0:
         raise BenchmarkError(f"--timed_steps {options.timed_steps} must be at least 1 and --warmup_steps "
                              f"{options.warmup_steps} not negative")
+    if options.heads != ("fused",) and "--model" in VARIANTS[options.variant].flags:
+        raise BenchmarkError(f"--heads {','.join(options.heads)}: {options.variant} has one head (only I-MMSeg's "
+                             "variants have modality heads)")
     if options.fused_start_epoch is not None:
         paper_epochs = paper_schedule()[0]
         if "--model" in VARIANTS[options.variant].flags:
@@ -611,6 +614,8 @@ def run(options):
     named = schedule_name(options.variant, options.fused_start_epoch, paper_schedule()[2])
     scored_variant = ensemble_name(named, augmentations, options.amp)
     inference = [name for name, on in (("tta", options.tta), ("pp", options.postprocess)) if on]
+    if options.heads != ("fused",):
+        inference.append("heads_" + "_".join(options.heads))
     recorded_variant = "+".join([scored_variant, *inference])
     key = (input_name, recorded_variant, label, options.fold)
     earlier = read_results(results)
@@ -646,7 +651,8 @@ def run(options):
     base_flags, schedule = plans[augmentations[0]][1], member_plans[0]["schedule"]
     scored_dir = run_folder(out, input_name, scored_variant, label, options.fold)
     test_dir = scored_dir / "_".join(["test_last", *inference])
-    inference_flags = (["--tta"] if options.tta else []) + (["--postprocess"] if options.postprocess else [])
+    inference_flags = ((["--tta"] if options.tta else []) + (["--postprocess"] if options.postprocess else [])
+                       + ["--heads", ",".join(options.heads)])
     ensemble_flags = ["--ensemble", *[str(run_dir) for run_dir, _, _ in runs[1:]]] if options.members > 1 else []
     code = test_script.main(["--output_dir", str(runs[0][0]), "--root_path", str(fold_dir.resolve()),
                              "--checkpoint", "last", "--test_save_dir", str(test_dir), "--no_save_nii", "--device",
@@ -901,6 +907,9 @@ def parse_args(argv=None):
                          "reused if the plain variant is already recorded")
     go.add_argument("--postprocess", action="store_true",
                     help="score with test.py --postprocess (one connected myocardium); recorded as <variant>+pp")
+    go.add_argument("--heads", default=("fused",), type=test_script.head_list,
+                    help="score with test.py --heads (I-MMSeg heads averaged, e.g. fused,LGE,T2w); recorded as "
+                         "<variant>+heads_<names>, the training reused")
     go.add_argument("--fused_start_epoch", type=int, default=None,
                     help="epoch of the paper's 300 at which the fused head starts training, scaled to the run like "
                          "the paper's 100 (the default); recorded as <variant>+fused<E>")

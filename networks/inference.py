@@ -65,6 +65,22 @@ def autocast_context(device, amp):
     return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
 
 
+class HeadAverage(nn.Module):
+    """I-MMSeg with the class probabilities of several of its heads averaged (``heads``: names of its
+    ``head_logits``, e.g. ("fused", "LGE")). It returns the log of the mean probabilities, so a softmax of its
+    output, as ``predict_slices`` takes, is that mean."""
+
+    def __init__(self, model, heads):
+        super().__init__()
+        self.model = model
+        self.heads = tuple(heads)
+
+    def forward(self, images):
+        logits = self.model.head_logits(images)
+        mean = torch.stack([logits[name].float().softmax(dim=1) for name in self.heads]).mean(dim=0)
+        return mean.clamp_min(torch.finfo(mean.dtype).tiny).log()
+
+
 FLIPS = ((), (-1,), (-2,), (-2, -1))
 
 

@@ -290,9 +290,8 @@ class VisionTransformer(nn.Module):
             raise ValueError(f"intensity_priors and class_embeddings differ in dimension: {sorted(dims)}")
         return dims.pop()
 
-    def forward(self, images, fused=True, contrast=True):
-        """Eval: fused logits (B, K, H, W). Training: a SegmentationOutput; ``fused``/``contrast``
-        select whether the fused head and the contrastive embeddings are computed."""
+    def _encode(self, images):
+        """Per modality the bottleneck (after CMFE), the skips and the decoder output; the projected class features."""
         _check_images(images, self.config.n_modalities, self.img_size)
         encoded = [transformer(images[:, m:m + 1]) for m, transformer in enumerate(self.transformers)]
         bottlenecks = [x for x, _ in encoded]
@@ -300,26 +299,42 @@ class VisionTransformer(nn.Module):
         if self.cmfe is not None:
             bottlenecks = self.cmfe(bottlenecks, self.intensity_priors)
         decoded = [decoder(x, s) for decoder, x, s in zip(self.decoders, bottlenecks, skips)]
-        class_features = self.class_proj(self.class_embeddings)
+        return bottlenecks, skips, decoded, self.class_proj(self.class_embeddings)
 
-        fused_logits = None
-        if fused or not self.training:
-            fused_skips = [fusion(list(scale)) for fusion, scale in zip(self.skip_fusions, zip(*skips))]
-            fused_logits = self.fused_head(fused_skips, class_features, self.decoder_fusion(decoded))
-        if not self.training:
-            return fused_logits
+    def _fused_logits(self, skips, decoded, class_features):
+        fused_skips = [fusion(list(scale)) for fusion, scale in zip(self.skip_fusions, zip(*skips))]
+        return self.fused_head(fused_skips, class_features, self.decoder_fusion(decoded))
 
+    def _modality_logits(self, bottlenecks, skips, decoded, class_features):
         if self.cfm is not None:
             modality_classes = self.cfm(bottlenecks, self.intensity_priors, class_features)
         else:
             modality_classes = [class_features] * len(decoded)
-        modality_logits = tuple(head(s, q, d) for head, s, q, d in
-                                zip(self.modality_heads, skips, modality_classes, decoded))
+        return tuple(head(s, q, d) for head, s, q, d in zip(self.modality_heads, skips, modality_classes, decoded))
+
+    def forward(self, images, fused=True, contrast=True):
+        """Eval: fused logits (B, K, H, W). Training: a SegmentationOutput; ``fused``/``contrast``
+        select whether the fused head and the contrastive embeddings are computed."""
+        bottlenecks, skips, decoded, class_features = self._encode(images)
+        fused_logits = None
+        if fused or not self.training:
+            fused_logits = self._fused_logits(skips, decoded, class_features)
+        if not self.training:
+            return fused_logits
+        modality_logits = self._modality_logits(bottlenecks, skips, decoded, class_features)
         embeddings = anchors = None
         if contrast and self.config.use_contrast:
             embeddings = tuple(proj(s[::-1]) for proj, s in zip(self.contrast_projections, skips))
             anchors = tuple(proj(self.class_embeddings) for proj in self.anchor_projections)
         return SegmentationOutput(fused_logits, modality_logits, embeddings, anchors)
+
+    def head_logits(self, images):
+        """{head: logits (B, K, H, W)} of the fused head ("fused", the method's output) and of each modality head
+        (named by its sequence; trained beside the fused head, not used for prediction by the method)."""
+        bottlenecks, skips, decoded, class_features = self._encode(images)
+        modality_logits = self._modality_logits(bottlenecks, skips, decoded, class_features)
+        return {"fused": self._fused_logits(skips, decoded, class_features),
+                **dict(zip(MODALITIES[:self.config.n_modalities], modality_logits))}
 
     def load_from(self, weights, source="npz"):
         """Load Google's R50-ViT-B_16 npz (a mapping of key -> array) into all three encoders."""

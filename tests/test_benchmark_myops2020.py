@@ -286,6 +286,20 @@ def test_an_earlier_fused_stage_is_scaled_to_the_run_and_trained_under_its_own_n
     records = [r for r in benchmark.read_results(prepared / "out" / "results.jsonl") if r["variant"] == "immseg+fused0"]
     assert len(records) == 10 and {(r["region_fusion_start_epoch"], r["fold"]) for r in records} == {(0, 2)}
 
+    # the same training scored with three heads averaged: recorded apart, not trained again; a baseline is refused
+    stamp = (run_dir / "last.pth").stat().st_mtime_ns
+    assert benchmark.main(run_args(prepared, "immseg", 2, "--mode", "iterations", "--iterations", "30",
+                                   "--fused_start_epoch", "0", "--heads", "fused,LGE,T2w")) == 0
+    assert (run_dir / "last.pth").stat().st_mtime_ns == stamp
+    rescored = [r for r in benchmark.read_results(prepared / "out" / "results.jsonl")
+                if r["variant"] == "immseg+fused0+heads_fused_LGE_T2w"]
+    assert len(rescored) == 10 and rescored[0]["inference"] == ["heads_fused_LGE_T2w"]
+    assert json.loads((run_dir / "test_last_heads_fused_LGE_T2w" / "test_info.json").read_text())["heads"] == [
+        "fused", "LGE", "T2w"]
+    assert benchmark.main(run_args(prepared, "transunet_early", 2, "--mode", "iterations", "--iterations", "30",
+                                   "--heads", "fused,LGE")) == 1
+    assert "transunet_early has one head" in caplog.text
+
 
 def hand_made(variant, fold, case, scar, edema):
     return [{"input": "in", "variant": variant, "setting": "time 42 min", "fold": fold, "case": case,

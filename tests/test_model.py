@@ -234,3 +234,29 @@ def test_flip_averaging_at_inference(tiny_config):
     torch.testing.assert_close(averaged, expected, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(plain.sum(1), torch.ones(3, IMG_SIZE, IMG_SIZE))
     assert not torch.allclose(plain, averaged)
+
+
+def test_every_head_and_their_average_at_inference(tiny_config):
+    from networks.inference import HeadAverage, predict_slices
+
+    model = _trained_briefly(tiny_config)
+    images, _ = make_batch(3, seed=11)
+    model.train()
+    torch.manual_seed(0)
+    trained = model(images)
+    torch.manual_seed(0)
+    heads = model.head_logits(images)
+    assert list(heads) == ["fused", "bSSFP", "LGE", "T2w"]
+    torch.testing.assert_close(heads["fused"], trained.fused_logits)
+    for name, logits in zip(("bSSFP", "LGE", "T2w"), trained.modality_logits):
+        torch.testing.assert_close(heads[name], logits)
+    model.eval()
+    with torch.no_grad():
+        heads = model.head_logits(images)
+        torch.testing.assert_close(heads["fused"], model(images))
+    assert not torch.allclose(heads["fused"], heads["LGE"]), "the heads differ: an average can tell them apart"
+
+    expected = (heads["fused"].softmax(1) + heads["LGE"].softmax(1)) / 2
+    torch.testing.assert_close(predict_slices(HeadAverage(model, ("fused", "LGE")), images), expected)
+    torch.testing.assert_close(predict_slices(HeadAverage(fuse_for_inference(model), ("fused",)), images),
+                               heads["fused"].softmax(1), rtol=1e-4, atol=1e-5)

@@ -16,7 +16,7 @@ from datasets.geometry import probabilities_to_original
 from datasets.layouts import find_cases, load_case
 from datasets.postprocessing import keep_largest_myocardium
 from datasets.preprocessing import preprocess_case
-from networks.inference import predict_volume
+from networks.inference import HeadAverage, predict_volume
 from trainer import inference_model, load_checkpoint
 
 
@@ -128,6 +128,30 @@ def test_test_py_scores_the_averaged_probabilities_of_an_ensemble(runs, caplog):
     refused = runs / "test_ensemble_twice"
     assert run_test_script(runs, refused, "--ensemble", str(runs / "a")) == 1
     assert "would enter the ensemble more than once" in caplog.text and not refused.exists()
+
+
+def test_test_py_averages_the_heads_it_is_given_and_refuses_them_for_a_baseline(runs, caplog):
+    out = runs / "test_heads"
+    assert run_test_script(runs, out, "--heads", "fused,LGE") == 0
+    assert json.loads((out / "test_info.json").read_text())["heads"] == ["fused", "LGE"]
+    model = inference_model(load_checkpoint(runs / "a" / "last.pth"), "a", "cpu")
+    volume = MyoPSDataset(runs / "data", runs / "data", "test_vol")[0]
+    expected = probabilities_to_original(predict_volume(HeadAverage(model, ("fused", "LGE")), volume["image"], 64)
+                                         .numpy(), volume["geometry"])
+    written = np.asarray(nib.load(str(out / f"{volume['case_name']}_pred.nii.gz")).dataobj)
+    np.testing.assert_array_equal(written, expected)
+
+    with pytest.raises(SystemExit):
+        run_test_script(runs, runs / "test_heads_unknown", "--heads", "fused,scar")
+    with pytest.raises(SystemExit):
+        run_test_script(runs, runs / "test_heads_twice", "--heads", "LGE,LGE")
+    baseline = runs / "early"
+    assert train_tiny_run(runs / "data", runs / "priors.pt", baseline, "--max_epochs", "1", "--model",
+                          "transunet_early") == 0
+    refused = runs / "test_heads_baseline"
+    assert test_script.main(["--output_dir", str(baseline), "--checkpoint", "last", "--test_save_dir", str(refused),
+                             "--device", "cpu", "--heads", "fused,LGE"]) == 1
+    assert "transunet_early checkpoint has one head" in caplog.text and not refused.exists()
 
 
 def labels_of_runs(runs, names, tta):
