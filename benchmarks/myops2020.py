@@ -730,12 +730,33 @@ def dice_comparison_cells(records, reference_records, structure):
             f"{np.mean(hd95):+.2f}" if hd95 else "n/a"]
 
 
-def report_table(records, reference="immseg", reference_setting=None):
-    """The Markdown table: one row per (input, budget, variant) and structure, paired against ``reference`` on the
-    same input at ``reference_setting`` (default: each row's own budget)."""
+def _budget_groups(records, pool_budgets):
+    """{(input, budget, variant): records}; with ``pool_budgets`` a variant's budgets on an input are one group,
+    labelled by them all (runs matched fold by fold, e.g. equal iterations per fold), each case at most once."""
+    budgets = {}
+    for record in records:
+        budgets.setdefault((record["input"], record["variant"]), set()).add(record["setting"])
     groups = {}
     for record in records:
-        groups.setdefault((record["input"], record["setting"], record["variant"]), []).append(record)
+        budget = " + ".join(sorted(budgets[record["input"], record["variant"]])) if pool_budgets else record["setting"]
+        groups.setdefault((record["input"], budget, record["variant"]), []).append(record)
+    for (input_name, budget, variant), group in groups.items():
+        seen = [(r["fold"], r["case"], r["structure"]) for r in group]
+        if len(set(seen)) != len(seen):
+            raise BenchmarkError(f"{variant} on {input_name} at {budget} scores a case more than once (several "
+                                 "budgets on one fold); pool only runs that differ in budget between folds")
+    return groups
+
+
+def report_table(records, reference="immseg", reference_setting=None, pool_budgets=False):
+    """The Markdown table: one row per (input, budget, variant) and structure, paired against ``reference`` on the
+    same input at ``reference_setting`` (default: each row's own budget). ``pool_budgets``: one row per (input,
+    variant) over its budgets, paired with the reference's own row on that input."""
+    if pool_budgets and reference_setting:
+        raise BenchmarkError("--pool_budgets pairs each variant with the reference's pooled runs: leave out "
+                             "--reference_setting")
+    groups = _budget_groups(records, pool_budgets)
+    pooled_reference = {key[0]: group for key, group in groups.items() if key[2] == reference}
     order = list(VARIANTS)
     keys = sorted(groups, key=lambda k: (k[0], k[1], order.index(k[2]) if k[2] in order else len(order), k[2]))
     lines = [f"| variant | input | budget | folds | structure | cases | Dice (%) | HD95 (mm) | iterations | s / step "
@@ -745,7 +766,7 @@ def report_table(records, reference="immseg", reference_setting=None):
     for key in keys:
         group = groups[key]
         reference_key = (key[0], reference_setting or key[1], reference)
-        reference_group = groups.get(reference_key)
+        reference_group = pooled_reference.get(key[0]) if pool_budgets else groups.get(reference_key)
         per_case = {}
         for record in group:
             per_case.setdefault((record["fold"], record["case"]), dict.fromkeys(STRUCTURES, (math.nan, math.nan)))[
@@ -769,7 +790,7 @@ def report_table(records, reference="immseg", reference_setting=None):
     return "\n".join(lines)
 
 
-def report(out, reference="immseg", path=None, reference_setting=None):
+def report(out, reference="immseg", path=None, reference_setting=None, pool_budgets=False):
     results = Path(out) / "results.jsonl"
     records = read_results(results)
     if not records:
@@ -780,11 +801,12 @@ def report(out, reference="immseg", path=None, reference_setting=None):
         f"# MyoPS 2020 benchmark ({results})", "",
         f"Runs from {dates[0]} to {dates[-1]}, commit(s) {', '.join(commits)}. Mean ± standard deviation over all "
         "cases of all folds, undefined values left out (`cases` counts all). Δ: mean per-case paired difference "
-        f"against {reference} on the same input at {reference_setting or 'the same budget'} (Dice in points); better "
+        f"against {reference} on the same input at "
+        f"{'its budgets (pooled)' if pool_budgets else reference_setting or 'the same budget'} (Dice in points); better "
         "Dice: cases where the variant's Dice is higher, of the cases where both are defined; 95% interval: percentile "
         "bootstrap of the mean Δ Dice over those cases (10000 resamples, seed 0); p: two-sided Wilcoxon signed-rank "
         "test of the per-case Dice differences.", "",
-        report_table(records, reference, reference_setting), ""])
+        report_table(records, reference, reference_setting, pool_budgets), ""])
     path = Path(path) if path else Path(out) / "report.md"
     with atomic_path(path) as temporary:
         temporary.write_text(text)
@@ -923,6 +945,9 @@ def parse_args(argv=None):
     rep.add_argument("--reference_setting", default=None,
                      help="the reference's budget, e.g. 'time 38 min' when a heart-centred input's fine runs got "
                           "the budget less the locator's minutes (default: each row's own budget)")
+    rep.add_argument("--pool_budgets", action="store_true",
+                     help="one row per variant over its budgets (e.g. equal iterations fitted per fold), paired with "
+                          "the reference's runs on the same folds")
     rep.add_argument("--report_file", type=Path, default=None, help="default: <out>/report.md")
 
     cases = commands.add_parser("cases", help="per-case Dice of two variants in one structure, by its label volume")
@@ -954,7 +979,7 @@ def main(argv=None):
         elif args.command == "cases":
             compare_cases(args.out, args.variant, args.reference, args.structure, args.src, args.dataset)
         else:
-            report(args.out, args.reference, args.report_file, args.reference_setting)
+            report(args.out, args.reference, args.report_file, args.reference_setting, args.pool_budgets)
     except (ValueError, FileNotFoundError, EncoderUnavailableError) as error:  # the project's errors name the cause
         logger.error("%s", error)
         return 1

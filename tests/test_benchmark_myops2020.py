@@ -355,6 +355,29 @@ def test_report_pairs_with_the_reference_at_another_budget(tmp_path):
     assert "| nnunet_own | in | time 42 min | 0 | scar | 1 | 50.00 ± 0.00 |" in default and "+40.00" in default
 
 
+def test_report_pools_a_variants_budgets_matched_fold_by_fold(tmp_path):
+    reference = hand_made("immseg", 0, "a", 0.60, 0.40) + hand_made("immseg", 1, "c", 0.70, 0.30)
+    matched = ([{**row, "setting": "iterations 100"} for row in hand_made("offline_priors", 0, "a", 0.70, 0.40)]
+               + [{**row, "setting": "iterations 101"} for row in hand_made("offline_priors", 1, "c", 0.50, 0.30)])
+    benchmark.append_results(tmp_path / "results.jsonl", reference + matched)
+    split = benchmark.report(tmp_path)
+    assert "+10.00" not in split, "without pooling each fold's row has no reference at its own budget"
+    text = benchmark.report(tmp_path, pool_budgets=True)
+    assert "against immseg on the same input at its budgets (pooled)" in text
+    table = {(cells[0], cells[4]): cells for cells in
+             ([c.strip() for c in line.strip("|").split("|")] for line in text.splitlines() if line.startswith("| "))}
+    scar = table[("offline_priors", "scar")]
+    assert (scar[2], scar[3], scar[5], scar[8]) == ("iterations 100 + iterations 101", "0,1", "2", "100-101")
+    assert (scar[11], scar[13]) == ("-5.00", "1/2"), "per case +0.10 and -0.20"
+    assert table[("immseg", "scar")][11] == ""
+    with pytest.raises(benchmark.BenchmarkError, match="leave out --reference_setting"):
+        benchmark.report(tmp_path, reference_setting="time 42 min", pool_budgets=True)
+    twice = [{**row, "setting": "iterations 102"} for row in hand_made("offline_priors", 0, "a", 0.20, 0.40)]
+    benchmark.append_results(tmp_path / "results.jsonl", twice)
+    with pytest.raises(benchmark.BenchmarkError, match="scores a case more than once"):
+        benchmark.report(tmp_path, pool_budgets=True)
+
+
 def test_cases_orders_the_paired_dice_by_the_structure_volume_in_the_labels(tmp_path, capsys):
     from datasets.phantom import write_phantom
     from datasets.layouts import load_case
