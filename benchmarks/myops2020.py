@@ -731,14 +731,18 @@ def dice_comparison_cells(records, reference_records, structure):
 
 
 def _budget_groups(records, pool_budgets):
-    """{(input, budget, variant): records}; with ``pool_budgets`` a variant's budgets on an input are one group,
-    labelled by them all (runs matched fold by fold, e.g. equal iterations per fold), each case at most once."""
+    """{(input, budget, variant): records}; with ``pool_budgets`` a variant's budgets of one mode (time or
+    iterations) on an input are one group, labelled by them all (runs matched fold by fold, e.g. equal iterations
+    per fold), each case at most once."""
+    def pool(record):
+        return record["input"], record["variant"], record["setting"].split()[0]
+
     budgets = {}
     for record in records:
-        budgets.setdefault((record["input"], record["variant"]), set()).add(record["setting"])
+        budgets.setdefault(pool(record), set()).add(record["setting"])
     groups = {}
     for record in records:
-        budget = " + ".join(sorted(budgets[record["input"], record["variant"]])) if pool_budgets else record["setting"]
+        budget = " + ".join(sorted(budgets[pool(record)])) if pool_budgets else record["setting"]
         groups.setdefault((record["input"], budget, record["variant"]), []).append(record)
     for (input_name, budget, variant), group in groups.items():
         seen = [(r["fold"], r["case"], r["structure"]) for r in group]
@@ -756,7 +760,14 @@ def report_table(records, reference="immseg", reference_setting=None, pool_budge
         raise BenchmarkError("--pool_budgets pairs each variant with the reference's pooled runs: leave out "
                              "--reference_setting")
     groups = _budget_groups(records, pool_budgets)
-    pooled_reference = {key[0]: group for key, group in groups.items() if key[2] == reference}
+    pooled_reference = {}
+    for key, group in groups.items():
+        if key[2] == reference:
+            pooled_reference.setdefault(key[0], []).append(group)
+    ambiguous = sorted(name for name, found in pooled_reference.items() if len(found) > 1)
+    if pool_budgets and ambiguous:
+        raise BenchmarkError(f"--pool_budgets: {reference} has runs in both modes (time, iterations) on {ambiguous}; "
+                             "pool against a reference with one")
     order = list(VARIANTS)
     keys = sorted(groups, key=lambda k: (k[0], k[1], order.index(k[2]) if k[2] in order else len(order), k[2]))
     lines = [f"| variant | input | budget | folds | structure | cases | Dice (%) | HD95 (mm) | iterations | s / step "
@@ -766,7 +777,7 @@ def report_table(records, reference="immseg", reference_setting=None, pool_budge
     for key in keys:
         group = groups[key]
         reference_key = (key[0], reference_setting or key[1], reference)
-        reference_group = pooled_reference.get(key[0]) if pool_budgets else groups.get(reference_key)
+        reference_group = pooled_reference.get(key[0], [None])[0] if pool_budgets else groups.get(reference_key)
         per_case = {}
         for record in group:
             per_case.setdefault((record["fold"], record["case"]), dict.fromkeys(STRUCTURES, (math.nan, math.nan)))[
@@ -946,8 +957,8 @@ def parse_args(argv=None):
                      help="the reference's budget, e.g. 'time 38 min' when a heart-centred input's fine runs got "
                           "the budget less the locator's minutes (default: each row's own budget)")
     rep.add_argument("--pool_budgets", action="store_true",
-                     help="one row per variant over its budgets (e.g. equal iterations fitted per fold), paired with "
-                          "the reference's runs on the same folds")
+                     help="one row per variant and mode over its budgets (e.g. equal iterations fitted per fold), "
+                          "paired with the reference's runs on the same folds")
     rep.add_argument("--report_file", type=Path, default=None, help="default: <out>/report.md")
 
     cases = commands.add_parser("cases", help="per-case Dice of two variants in one structure, by its label volume")

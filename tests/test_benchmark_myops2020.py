@@ -372,6 +372,15 @@ def test_report_pools_a_variants_budgets_matched_fold_by_fold(tmp_path):
     assert table[("immseg", "scar")][11] == ""
     with pytest.raises(benchmark.BenchmarkError, match="leave out --reference_setting"):
         benchmark.report(tmp_path, reference_setting="time 42 min", pool_budgets=True)
+    timed = hand_made("offline_priors", 0, "a", 0.20, 0.40)  # the same fold in the other mode: a row of its own
+    benchmark.append_results(tmp_path / "results.jsonl", timed)
+    table = {(cells[0], cells[2], cells[4]): cells for cells in
+             ([c.strip() for c in line.strip("|").split("|")] for line in benchmark.report(
+                 tmp_path, pool_budgets=True).splitlines() if line.startswith("| "))}
+    assert table[("offline_priors", "time 42 min", "scar")][11] == "-40.00"
+    assert table[("offline_priors", "iterations 100 + iterations 101", "scar")][11] == "-5.00"
+    with pytest.raises(benchmark.BenchmarkError, match="has runs in both modes"):
+        benchmark.report(tmp_path, reference="offline_priors", pool_budgets=True)
     twice = [{**row, "setting": "iterations 102"} for row in hand_made("offline_priors", 0, "a", 0.20, 0.40)]
     benchmark.append_results(tmp_path / "results.jsonl", twice)
     with pytest.raises(benchmark.BenchmarkError, match="scores a case more than once"):
