@@ -14,8 +14,9 @@ run: one variant on one fold. In --mode time, the variant's own training step (l
 recipe's batch size, each stage of its schedule) is timed first, and the wall-clock budget becomes
 iterations; --mode iterations takes a fixed --iterations. The schedule is fitted to those iterations
 (epochs, the poly learning rate's end, the contrastive and fused stages at the paper's 20/300 and
-100/300 of the run, or the fused stage at E/300 with --fused_start_epoch E), train.py trains, test.py scores the fold's test cases in the original image space,
-and the per-case results are appended to <out>/results.jsonl. A (variant, fold) already in the results
+100/300 of the run, or the fused stage at E/300 with --fused_start_epoch E), train.py trains, test.py
+scores the fold's test cases in the original image space, and the per-case results are appended to
+<out>/results.jsonl. A (variant, fold) already in the results
 for the same input and budget is skipped; an interrupted one resumes from its last checkpoint. With --members N,
 the budget goes to N trainings of the variant that differ in their seed (and, with a list of --augmentation presets,
 in their augmentation), scored as one ensemble (<variant>+ensN).
@@ -755,7 +756,7 @@ def _budget_groups(records, pool_budgets):
 def report_table(records, reference="immseg", reference_setting=None, pool_budgets=False):
     """The Markdown table: one row per (input, budget, variant) and structure, paired against ``reference`` on the
     same input at ``reference_setting`` (default: each row's own budget). ``pool_budgets``: one row per (input,
-    variant) over its budgets, paired with the reference's own row on that input."""
+    variant, mode) over its budgets, paired with the reference's one pooled row on that input."""
     if pool_budgets and reference_setting:
         raise BenchmarkError("--pool_budgets pairs each variant with the reference's pooled runs: leave out "
                              "--reference_setting")
