@@ -580,12 +580,13 @@ def check_budget_flags(options):
     if options.timed_steps < 1 or options.warmup_steps < 0:
         raise BenchmarkError(f"--timed_steps {options.timed_steps} must be at least 1 and --warmup_steps "
                              f"{options.warmup_steps} not negative")
-    if options.heads != ("fused",) and "--model" in VARIANTS[options.variant].flags:
+    baseline = "--model" in VARIANTS[options.variant].flags  # a TransUNet: one head, no fused stage
+    if options.heads != ("fused",) and baseline:
         raise BenchmarkError(f"--heads {','.join(options.heads)}: {options.variant} has one head (only I-MMSeg's "
                              "variants have modality heads)")
     if options.fused_start_epoch is not None:
         paper_epochs = paper_schedule()[0]
-        if "--model" in VARIANTS[options.variant].flags:
+        if baseline:
             raise BenchmarkError(f"--fused_start_epoch: {options.variant} has no fused head (only I-MMSeg's variants "
                                  "train one)")
         if not 0 <= options.fused_start_epoch < paper_epochs:
