@@ -81,10 +81,12 @@ class Variant:
     flags: tuple = ()
     priors: str = None  # "biomedclip" (--biomedclip_priors), "offline" (the offline encoder), None (no text)
     prompts: str = "intensity.json"
+    config: str = None  # the configuration it trains instead of the recipe's (--vit_name), None: the recipe's
 
 
 VARIANTS = {
     "immseg": Variant("I-MMSeg, full", (), "biomedclip"),
+    "immseg_half": Variant("I-MMSeg, half the ResNet and decoder widths", (), "biomedclip", config="compact-half"),
     "no_cmfe": Variant("I-MMSeg without CMFE", ("--no_cmfe",), "biomedclip"),
     "no_cfm": Variant("I-MMSeg without CFM", ("--no_cfm",), "biomedclip"),
     "no_contrast": Variant("I-MMSeg without the contrastive loss", ("--no_contrast",), "biomedclip"),
@@ -341,7 +343,8 @@ def recipe_flags(variant_name, fold_dir, crop_size, options, out):
     """train.py flags of a variant before the schedule: the recipe, the variant's own, its priors."""
     variant = VARIANTS[variant_name]
     flags = ["--dataset", options.dataset, "--root_path", str(fold_dir.resolve()), "--img_size", str(crop_size),
-             "--vit_name", options.vit_name, "--batch_size", str(options.batch_size), "--device", options.device,
+             "--vit_name", variant.config or options.vit_name, "--batch_size", str(options.batch_size),
+             "--device", options.device,
              "--augmentation", options.augmentation, *RECIPE_SWITCHES, *variant.flags]
     if options.amp != "none":
         flags += ["--amp", options.amp]
@@ -580,7 +583,11 @@ def check_budget_flags(options):
     if options.timed_steps < 1 or options.warmup_steps < 0:
         raise BenchmarkError(f"--timed_steps {options.timed_steps} must be at least 1 and --warmup_steps "
                              f"{options.warmup_steps} not negative")
-    baseline = "--model" in VARIANTS[options.variant].flags  # a TransUNet: one head, no fused stage
+    variant = VARIANTS[options.variant]
+    if variant.config is not None and options.vit_name != RECIPE_FLAGS["vit_name"]:
+        raise BenchmarkError(f"--vit_name {options.vit_name}: {options.variant} trains its own configuration, "
+                             f"{variant.config}, in place of the recipe's {RECIPE_FLAGS['vit_name']}")
+    baseline = "--model" in variant.flags  # a TransUNet: one head, no fused stage
     if options.heads != ("fused",) and baseline:
         raise BenchmarkError(f"--heads {','.join(options.heads)}: {options.variant} has one head (only I-MMSeg's "
                              "variants have modality heads)")

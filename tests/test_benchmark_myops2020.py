@@ -97,8 +97,9 @@ def test_every_variant_is_a_set_of_train_py_flags(prepared):
         parsed[name] = train_script.parse_args(flags)
         assert (parsed[name].augmentation, parsed[name].no_pretrain, parsed[name].img_size) == ("strong", True, 64)
     assert [name for name, args in parsed.items() if args.model == "immseg"] == [
-        "immseg", "no_cmfe", "no_cfm", "no_contrast", "names_only", "offline_priors"]
+        "immseg", "immseg_half", "no_cmfe", "no_cfm", "no_contrast", "names_only", "offline_priors"]
     assert parsed["no_cfm"].no_cfm and not parsed["immseg"].no_cfm and parsed["no_contrast"].no_contrast
+    assert parsed["immseg_half"].vit_name == "compact-half" and parsed["immseg"].vit_name == "testing"
     single = parsed["transunet_single_t2w"]
     assert (single.model, single.modality) == ("transunet_single", "T2w")
     assert parsed["names_only"].prompts.name == "names_only.json" and parsed["names_only"].prior_encoder == "offline"
@@ -120,6 +121,8 @@ def test_run_refuses_contradicting_budget_flags_and_an_unknown_fold(prepared, ca
     assert "--budget_minutes goes with --mode time" in caplog.text
     assert benchmark.main(run_args(prepared, "immseg", 3, "--budget_minutes", "1")) == 1
     assert "has folds 0 to 2" in caplog.text
+    assert benchmark.main(run_args(prepared, "immseg_half", 0, "--budget_minutes", "1")) == 1
+    assert "--vit_name testing: immseg_half trains its own configuration, compact-half" in caplog.text
     assert not (prepared / "out" / "runs").exists()
 
 

@@ -9,13 +9,28 @@ from utils import IMMSegLoss, loss_weights
 
 
 def test_named_configurations_exist():
-    for name in ("R50-ViT-B_16", "R50-only", "compact", "testing"):
+    for name in ("R50-ViT-B_16", "R50-only", "compact", "compact-half", "testing"):
         assert name in CONFIG_FACTORIES and name in CONFIGS
+    compact, half = get_config("compact"), get_config("compact-half")
+    assert half.resnet.width_factor == compact.resnet.width_factor / 2
+    assert tuple(half.decoder_channels) == tuple(c // 2 for c in compact.decoder_channels)
+    assert (half.hidden_size, tuple(half.contrast.dims)) == (compact.hidden_size, tuple(compact.contrast.dims))
     assert get_config("R50-only").transformer.num_layers == 0
     paper = get_config("R50-ViT-B_16")
     assert (paper.hidden_size, paper.transformer.num_layers, tuple(paper.resnet.num_layers)) == (768, 12, (3, 4, 9))
     with pytest.raises(ValueError, match="R50-ViT-B_16"):
         get_config("R50-ViT-B_32")
+
+
+def test_compact_half_trains_a_step_with_half_the_widths():
+    half, compact = make_model(get_config("compact-half"), img_size=32), make_model(get_config("compact"), img_size=32)
+    widths = [model.transformers[0].hybrid_model.width for model in (half, compact)]
+    assert widths == [8, 16]
+    images, labels = make_batch(2, img_size=32)
+    half.train()
+    loss, _ = IMMSegLoss(4, half.config.contrast)(half(images), labels, loss_weights(epoch=150))
+    loss.backward()
+    assert torch.isfinite(loss) and all(p.grad is not None for p in half.fused_head.parameters())
 
 
 def test_factories_return_independent_copies():
