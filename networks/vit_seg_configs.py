@@ -11,8 +11,8 @@ Every size the networks build comes from here. The factories return a fresh
   that it computes the released review code's function (``networks.convert_release``
   maps the release's checkpoint onto it).
 - ``compact``: a narrow, shallow variant for CPU experiments.
-- ``compact-half``: ``compact`` with half its ResNet and decoder widths (I-MMSeg's three encoders at about
-  half the step cost on a CPU; the benchmark's ``immseg_half``).
+- ``compact-half``: ``compact`` with half its ResNet and decoder widths (I-MMSeg's step at 0.5-0.6 of
+  ``compact``'s on a CPU; the benchmark's ``immseg_half``).
 - ``testing``: a tiny variant for unit tests; ``testing-release`` adds the release's switches.
 """
 import ml_collections
@@ -179,9 +179,10 @@ def get_compact_config():
 
 
 def get_compact_half_config():
-    """``compact`` with half the ResNet width and half the decoder channels; the transformer, the text
-    projections and the contrastive dimensions stay. On a 2-core CPU, I-MMSeg's bf16 step at batch 8 and 128 px
-    takes about half of ``compact``'s (README, MyoPS 2020 benchmark)."""
+    """``compact`` with half the ResNet width, half the decoder channels and 64 (not 96) channels in the
+    decoder's first convolution; the transformer, the text projections and the contrastive dimensions stay. On a
+    2-core CPU, I-MMSeg's bf16 step at batch 8 and 128 px takes 0.5-0.6 of ``compact``'s (README, MyoPS 2020
+    benchmark)."""
     config = get_compact_config()
     config.name = "compact-half"
     config.resnet.width_factor = 0.125
