@@ -43,6 +43,9 @@ def parse_args(argv=None):
                         help="pixels sampled per image and class: 5, 2, 1 times this at H/2, H/4, H/8")
     parser.add_argument("--contrast_w", type=float, default=0.1, help="contrastive loss weight")
     parser.add_argument("--weight_decay", type=float, default=1e-4)
+    parser.add_argument("--dice_class_weights", type=class_weight_list, default=None,
+                        help="soft Dice weight of each class, comma-separated, e.g. 0.5,1,2,1 to weight scar twice "
+                             "(default: method.md's 0.5 for the background, 1 for the other classes)")
     parser.add_argument("--augmentation", default="paper", choices=list(AUGMENTATIONS),
                         help="augmentation ranges: method.md's, wider ones for small datasets, or the wider ones "
                              "with nnU-Net's elastic deformation, contrast and blur")
@@ -68,7 +71,22 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.overwrite and args.resume:
         parser.error("--overwrite deletes the checkpoints that --resume continues from: give one of them")
-    return filled(args)
+    args = filled(args)
+    if args.dice_class_weights is not None and len(args.dice_class_weights) != args.num_classes:
+        parser.error(f"--dice_class_weights: {len(args.dice_class_weights)} weights for --num_classes "
+                     f"{args.num_classes}; give one per class")
+    return args
+
+
+def class_weight_list(text):
+    """``0.5,1,2,1`` -> [0.5, 1.0, 2.0, 1.0]: non-negative numbers, at least one positive."""
+    try:
+        weights = [float(value) for value in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated numbers, e.g. 0.5,1,2,1") from None
+    if not all(np.isfinite(weight) and weight >= 0 for weight in weights) or not any(weights):
+        raise argparse.ArgumentTypeError(f"{text!r}: weights must be finite, non-negative and not all zero")
+    return weights
 
 
 def prepare_priors(args, ctx):

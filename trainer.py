@@ -563,7 +563,8 @@ class Trainer:
         self.max_iterations = iteration_budget(args, len(self.loader), spec["model"])
         self.optimizer = make_optimizer(self.model.parameters(), args.base_lr, args.weight_decay, ctx.device)
         self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=args.amp == "fp16")
-        self.criterion = IMMSegLoss(args.num_classes, model.config.contrast).to(ctx.device)
+        self.criterion = IMMSegLoss(args.num_classes, model.config.contrast,
+                                    getattr(args, "dice_class_weights", None)).to(ctx.device)
         self.state = TrainState()
         self.stop = StopRequest()
         self.writer = None

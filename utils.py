@@ -146,13 +146,14 @@ class IMMSegLoss(nn.Module):
 
     fused: segmentation loss of the fused head; modality: sum over the modality
     heads; contrast: mean over modalities of the text-anchored contrastive loss,
-    each with its modality's ignored classes. Returns the total and the unweighted
-    terms that were computed (detached, for logging).
+    each with its modality's ignored classes. ``dice_class_weights`` replaces the soft
+    Dice's class weights of every head (default method.md's: 0.5 background, 1 the rest).
+    Returns the total and the unweighted terms that were computed (detached, for logging).
     """
 
-    def __init__(self, num_classes, contrast_config):
+    def __init__(self, num_classes, contrast_config, dice_class_weights=None):
         super().__init__()
-        self.segmentation = SegmentationLoss(num_classes)
+        self.segmentation = SegmentationLoss(num_classes, class_weights=dice_class_weights)
         counts = [int(s * contrast_config.sample_num) for s in contrast_config.samples_per_scale]
         self.contrast = TextAnchoredContrastiveLoss(counts, contrast_config.temperature, contrast_config.anchor_copies)
         self.ignore_classes = tuple(tuple(c) for c in contrast_config.ignore_classes)

@@ -87,6 +87,8 @@ class Variant:
 VARIANTS = {
     "immseg": Variant("I-MMSeg, full", (), "biomedclip"),
     "immseg_half": Variant("I-MMSeg, half the ResNet and decoder widths", (), "biomedclip", config="compact-half"),
+    "immseg_scar2": Variant("I-MMSeg, scar's soft Dice weighted 2 (0.5, 1, 2, 1)",
+                            ("--dice_class_weights", "0.5,1,2,1"), "biomedclip"),
     "no_cmfe": Variant("I-MMSeg without CMFE", ("--no_cmfe",), "biomedclip"),
     "no_cfm": Variant("I-MMSeg without CFM", ("--no_cfm",), "biomedclip"),
     "no_contrast": Variant("I-MMSeg without the contrastive loss", ("--no_contrast",), "biomedclip"),

@@ -97,9 +97,10 @@ def test_every_variant_is_a_set_of_train_py_flags(prepared):
         parsed[name] = train_script.parse_args(flags)
         assert (parsed[name].augmentation, parsed[name].no_pretrain, parsed[name].img_size) == ("strong", True, 64)
     assert [name for name, args in parsed.items() if args.model == "immseg"] == [
-        "immseg", "immseg_half", "no_cmfe", "no_cfm", "no_contrast", "names_only", "offline_priors"]
+        "immseg", "immseg_half", "immseg_scar2", "no_cmfe", "no_cfm", "no_contrast", "names_only", "offline_priors"]
     assert parsed["no_cfm"].no_cfm and not parsed["immseg"].no_cfm and parsed["no_contrast"].no_contrast
     assert parsed["immseg_half"].vit_name == "compact-half" and parsed["immseg"].vit_name == "testing"
+    assert parsed["immseg_scar2"].dice_class_weights == [0.5, 1, 2, 1] and parsed["immseg"].dice_class_weights is None
     single = parsed["transunet_single_t2w"]
     assert (single.model, single.modality) == ("transunet_single", "T2w")
     assert parsed["names_only"].prompts.name == "names_only.json" and parsed["names_only"].prior_encoder == "offline"

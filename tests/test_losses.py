@@ -97,6 +97,21 @@ def test_schedule_stages():
     assert loss_weights(5, start_contrast_epoch=2, region_fusion_start_epoch=4, contrast_w=0.2) == (1.0, 0.5, 0.1)
 
 
+def test_dice_class_weights_reach_every_head(tiny_config):
+    from conftest import make_batch, make_model
+    model = make_model(tiny_config).train()
+    images, labels = make_batch(2)
+    output = model(images)
+    scar_twice = [0.5, 1.0, 2.0, 1.0]
+    _, weighted = IMMSegLoss(4, tiny_config.contrast, dice_class_weights=scar_twice)(output, labels, loss_weights(150))
+    _, default = IMMSegLoss(4, tiny_config.contrast)(output, labels, loss_weights(150))
+    segmentation = SegmentationLoss(4, class_weights=scar_twice)
+    torch.testing.assert_close(weighted["fused"], segmentation(output.fused_logits, labels).detach())
+    torch.testing.assert_close(weighted["modality"],
+                               sum(segmentation(logits, labels) for logits in output.modality_logits).detach())
+    assert weighted["fused"] > default["fused"], "an imperfect scar prediction costs more with scar weighted twice"
+
+
 def test_combined_loss_uses_only_the_weighted_terms(tiny_config):
     from conftest import make_batch, make_model
     model = make_model(tiny_config).train()

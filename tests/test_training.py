@@ -70,6 +70,21 @@ def test_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(works
     assert last.read_bytes() == before
 
 
+def test_dice_class_weights_flag_sets_the_trainers_loss_and_bad_values_are_refused(workspace, capsys):
+    from trainer import Trainer, setup_distributed
+    args = train_script.parse_args(train_args(workspace, "scar_weighted", "--dice_class_weights", "0.5,1,2,1"))
+    ctx = setup_distributed("cpu")
+    model, spec, _ = train_script.build(args, ctx)
+    trainer = Trainer(args, ctx, model, spec, workspace / "scar_weighted")
+    assert trainer.criterion.segmentation.dice.class_weights.tolist() == [0.5, 1.0, 2.0, 1.0]
+    for bad, message in (("0.5,1,2", "3 weights for --num_classes 4"), ("0.5,1,two,1", "comma-separated numbers"),
+                         ("0.5,-1,2,1", "non-negative"), ("0,0,0,0", "not all zero"), ("0.5,nan,1,1", "finite")):
+        with pytest.raises(SystemExit):
+            train_script.parse_args(train_args(workspace, "refused", "--dice_class_weights", bad))
+        assert message in capsys.readouterr().err
+    assert not (workspace / "refused").exists()
+
+
 def test_resume_from_another_configuration_is_refused(workspace, caplog):
     assert train_script.main(train_args(workspace, "other", "--max_epochs", "1")) == 0
     code = train_script.main(train_args(workspace, "other_resumed", "--max_epochs", "2", "--n_skip", "2",
