@@ -8,7 +8,8 @@ Several GPUs, or several nodes (torchrun's rendezvous flags):
     torchrun --nnodes 2 --node_rank 0 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HOST:29500 train.py ...
 Resume (also after Ctrl-C or SIGTERM, which save the exact position in the epoch):
     python train.py <the same flags> --resume auto
-A run folder that holds an earlier run's checkpoints is refused unless --resume or --overwrite.
+A run folder that holds an earlier run's checkpoints is refused unless --resume or --overwrite, and one where
+another process trains (its train.lock) is refused.
 """
 import argparse
 import logging
@@ -26,7 +27,7 @@ from priors import DEFAULT_PROMPTS, EncoderUnavailableError, PriorFileError, Pro
 from priors.store import embeddings_sha256
 from trainer import (ROOT, CheckpointError, Trainer, TrainingInterrupted, add_run_arguments, build_config,
                      check_run_folder, clear_run_folder, configure_logging, filled, model_spec, run_directory,
-                     seed_everything, setup_distributed, write_run_config)
+                     run_folder_lock, seed_everything, setup_distributed, write_run_config)
 
 logger = logging.getLogger("train")
 
@@ -136,6 +137,25 @@ def open_run_folder(run_dir, overwrite, ctx):
     configure_logging(run_dir, ctx.is_main)
 
 
+def train_in(run_dir, args, ctx):
+    """Build, resume if asked, and train in ``run_dir`` (whose lock this process holds)."""
+    model, spec, priors = build(args, ctx)
+    trainer = Trainer(args, ctx, model, spec, run_dir, prior_provenance(priors))
+    resume = run_dir / "last.pth" if args.resume == "auto" else args.resume
+    if args.resume == "auto" and not resume.is_file():
+        logger.info("--resume auto: no %s yet, starting from scratch", resume)
+        resume = None
+    elif resume:
+        trainer.resume(Path(resume))
+    open_run_folder(run_dir, args.overwrite, ctx)
+    logger.info("run folder %s; %d process(es) on %s; %s; arguments %s", run_dir, ctx.world_size, ctx.device,
+                f"continuing {resume} at epoch {trainer.state.epoch}, iteration {trainer.state.iteration}"
+                if resume else "from scratch", vars(args))
+    if ctx.is_main:
+        write_run_config(run_dir, args, spec, trainer.priors_provenance, trainer.preprocessing)
+    trainer.fit()
+
+
 def main(argv=None):
     args = parse_args(argv)
     ctx = setup_distributed(args.device)
@@ -149,21 +169,8 @@ def main(argv=None):
     seed_everything(args.seed + ctx.rank, args.deterministic)
     try:
         check_run_folder(run_dir, args.resume, args.overwrite)
-        model, spec, priors = build(args, ctx)
-        trainer = Trainer(args, ctx, model, spec, run_dir, prior_provenance(priors))
-        resume = run_dir / "last.pth" if args.resume == "auto" else args.resume
-        if args.resume == "auto" and not resume.is_file():
-            logger.info("--resume auto: no %s yet, starting from scratch", resume)
-            resume = None
-        elif resume:
-            trainer.resume(Path(resume))
-        open_run_folder(run_dir, args.overwrite, ctx)
-        logger.info("run folder %s; %d process(es) on %s; %s; arguments %s", run_dir, ctx.world_size, ctx.device,
-                    f"continuing {resume} at epoch {trainer.state.epoch}, iteration {trainer.state.iteration}"
-                    if resume else "from scratch", vars(args))
-        if ctx.is_main:
-            write_run_config(run_dir, args, spec, trainer.priors_provenance, trainer.preprocessing)
-        trainer.fit()
+        with run_folder_lock(run_dir, ctx.is_main):
+            train_in(run_dir, args, ctx)
     except TrainingInterrupted as interruption:
         return 128 + interruption.signal_number
     except KeyboardInterrupt:

@@ -9,6 +9,7 @@ the arguments, the prior file's provenance, the training data's preprocessing
 record and the git commit. Augmentation is seeded by each sample's position in the
 run, so a resumed run continues the same stream whatever the loader workers did.
 """
+import contextlib
 import copy
 import datetime
 import json
@@ -18,6 +19,7 @@ import os
 import random
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -263,6 +265,76 @@ def check_run_folder(run_dir, resume, overwrite=False):
     raise RunFolderError(f"run folder {run_dir} already holds checkpoints of an earlier run ({names}): continue it "
                          "with --resume auto, or start afresh with --overwrite (deletes the earlier run's files "
                          "first), or choose another --output_dir")
+
+
+LOCK_NAME = "train.lock"
+
+
+def _process_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _take_lock(lock, owner):
+    """Create ``lock`` holding ``owner``, or take over one left by a dead process of this machine."""
+    for _ in range(2):
+        try:
+            descriptor = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                holder = json.loads(lock.read_text())
+            except (OSError, ValueError):
+                holder = {}
+            if holder.get("host") == owner["host"] and isinstance(holder.get("pid"), int) and not _process_alive(
+                    holder["pid"]):
+                logger.warning("%s was left by process %d, which no longer runs: taking it over", lock, holder["pid"])
+                lock.unlink(missing_ok=True)
+                continue
+            raise RunFolderError(
+                f"run folder {lock.parent} is in use: {lock} names process {holder.get('pid', '?')} on "
+                f"{holder.get('host', '?')}, started {holder.get('started', '?')}. Two runs in one folder would "
+                f"overwrite each other's checkpoints: wait for that run to end, choose another --output_dir, or "
+                f"delete {lock} if no process uses the folder any more") from None
+        with os.fdopen(descriptor, "w") as handle:
+            json.dump(owner, handle)
+        return
+    raise RunFolderError(f"{lock}: another process took the run folder's lock at the same time; try again")
+
+
+@contextlib.contextmanager
+def run_folder_lock(run_dir, active=True):
+    """Hold ``<run_dir>/train.lock`` while this process trains (or times its step) in the folder.
+
+    A second process that would write the same checkpoints is refused with the first's pid, host and start. A
+    lock left by a process of this machine that no longer runs (killed) is taken over; one from another machine
+    must be deleted by hand. A folder this call created is removed again if it is still empty at the end.
+    ``active=False`` (the other processes of a distributed run) does nothing.
+    """
+    if not active:
+        yield
+        return
+    run_dir = Path(run_dir)
+    created = not run_dir.exists()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = run_dir / LOCK_NAME
+    owner = {"pid": os.getpid(), "host": socket.gethostname(),
+             "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    try:
+        _take_lock(lock, owner)
+        yield
+    finally:
+        try:
+            if json.loads(lock.read_text()) == owner:
+                lock.unlink()
+        except (OSError, ValueError):
+            pass
+        if created and run_dir.is_dir() and not any(run_dir.iterdir()):
+            run_dir.rmdir()
 
 
 def clear_run_folder(run_dir):

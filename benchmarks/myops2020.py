@@ -54,7 +54,7 @@ from datasets.dataset_myops import AUGMENTATIONS  # noqa: E402
 from datasets.layouts import load_case  # noqa: E402
 from priors import EncoderUnavailableError  # noqa: E402
 from trainer import (RUN_DEFAULTS, Trainer, all_rng_states, configure_logging, git_commit,  # noqa: E402
-                     seed_everything, setup_distributed)
+                     run_folder_lock, seed_everything, setup_distributed)
 from utils import STRUCTURES, atomic_path, atomic_torch_save, summarise  # noqa: E402
 
 logger = logging.getLogger("benchmark")
@@ -642,7 +642,8 @@ def run(options):
         if augmentation not in plans:
             flags = recipe_flags(options.variant, fold_dir, dataset["settings"]["crop_size"],
                                  argparse.Namespace(**{**vars(options), "augmentation": augmentation}), out)
-            plans[augmentation] = run_dir, flags, plan_run(member_options, flags, run_dir)
+            with run_folder_lock(run_dir):  # no timing beside a training of the same run
+                plans[augmentation] = run_dir, flags, plan_run(member_options, flags, run_dir)
             continue
         first, _, plan = plans[augmentation]
         member_plan = run_dir / "plan.json"

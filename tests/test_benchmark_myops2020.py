@@ -3,6 +3,8 @@ import argparse
 import json
 import os
 import random
+import shutil
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -125,6 +127,18 @@ def test_run_refuses_contradicting_budget_flags_and_an_unknown_fold(prepared, ca
     assert benchmark.main(run_args(prepared, "immseg_half", 0, "--budget_minutes", "1")) == 1
     assert "--vit_name testing: immseg_half trains its own configuration, compact-half" in caplog.text
     assert not (prepared / "out" / "runs").exists()
+
+
+def test_run_is_refused_while_another_process_trains_in_its_folder(prepared, caplog):
+    variant_dir = prepared / "out" / "runs" / "data" / "no_cfm"
+    run_dir = variant_dir / "iterations_4" / "fold2"
+    run_dir.mkdir(parents=True)
+    lock = run_dir / "train.lock"
+    lock.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": "earlier"}))
+    assert benchmark.main(run_args(prepared, "no_cfm", 2, "--mode", "iterations", "--iterations", "4")) == 1
+    assert f"{lock} names process {os.getpid()}" in caplog.text
+    assert [path.name for path in run_dir.iterdir()] == ["train.lock"], "nothing timed or planned beside it"
+    shutil.rmtree(variant_dir)
 
 
 def test_run_appends_per_case_results_and_a_rerun_is_skipped(prepared, caplog):

@@ -3,6 +3,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 
@@ -106,6 +107,26 @@ def test_resume_with_another_prior_file_is_refused(workspace, straight, caplog):
     assert code == 1
     assert "other text priors" in caplog.text and "embeddings_sha256" in caplog.text
     assert not (workspace / "other_priors").exists()
+
+
+def test_a_run_folder_in_use_is_refused_and_a_dead_processs_lock_is_taken_over(workspace, caplog):
+    run = workspace / "locked"
+    run.mkdir()
+    lock = run / "train.lock"
+    here = socket.gethostname()
+    for holder in ({"pid": os.getpid(), "host": here}, {"pid": 1, "host": "another-machine"}):
+        lock.write_text(json.dumps({**holder, "started": "earlier"}))
+        assert train_script.main(train_args(workspace, "locked", "--max_epochs", "1")) == 1
+        assert f"{lock} names process {holder['pid']} on {holder['host']}" in caplog.text
+        assert [path.name for path in run.iterdir()] == ["train.lock"], "nothing written beside the other run"
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    lock.write_text(json.dumps({"pid": int(ended.stdout), "host": here, "started": "earlier"}))
+    assert train_script.main(train_args(workspace, "locked", "--max_epochs", "1")) == 0
+    assert f"was left by process {int(ended.stdout)}, which no longer runs: taking it over" in caplog.text
+    assert (run / "last.pth").is_file() and not lock.exists(), "the lock goes with the run that held it"
+    assert train_script.main(train_args(workspace, "fresh_but_failing", "--max_epochs", "1", "--prior_embeddings",
+                                        str(workspace / "priors_missing.pt"), "--prior_encoder", "nonexistent")) == 1
+    assert not (workspace / "fresh_but_failing").exists(), "a folder created for a run that failed at once is removed"
 
 
 @pytest.mark.parametrize("root", ["missing", "empty"])
