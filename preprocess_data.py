@@ -44,6 +44,7 @@ from datasets.layouts import DataError, find_myops2020_cases, find_myops380_case
 from datasets.preprocessing import PreprocessingSettings, preprocess_case
 from datasets.roi import CROP_CENTRES, heart_centre, read_centres
 from datasets.vocabulary import CLASS_NAMES, LABEL_MAPS, MODALITIES
+from utils import process_alive
 
 logger = logging.getLogger("preprocess")
 
@@ -226,23 +227,11 @@ def _prepare_destination(dst):
                             "another --dst_path")
 
 
-def _process_alive(pid):
-    if os.name != "posix":
-        return True  # no safe check here: keep the folder
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _remove_stale_staging(dst):
     """Delete the staging folders beside dst that killed runs left behind (only those whose process is gone)."""
     for folder in dst.parent.glob(f".{dst.name}.staging-*"):
         pid = folder.name.rsplit("-", 1)[1]
-        if pid.isdigit() and not _process_alive(int(pid)):
+        if pid.isdigit() and not process_alive(int(pid)):
             shutil.rmtree(folder, ignore_errors=True)
             logger.info("removed %s, left by a run that was stopped (process %s is gone)", folder, pid)
 

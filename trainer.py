@@ -42,7 +42,7 @@ from networks.vit_seg_configs import get_config, with_switch_defaults
 from networks.vit_seg_modeling import MODEL_NAMES, build_model
 from priors.store import embeddings_sha256
 from utils import (BASELINE_WEIGHTS, PATHOLOGY, IMMSegLoss, atomic_path, atomic_torch_save, case_metrics,
-                   loss_weights)
+                   loss_weights, process_alive)
 
 logger = logging.getLogger("trainer")
 
@@ -270,16 +270,6 @@ def check_run_folder(run_dir, resume, overwrite=False):
 LOCK_NAME = "train.lock"
 
 
-def _process_alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
-
-
 def _take_lock(lock, owner):
     """Create ``lock`` holding ``owner``, or take over one left by a dead process of this machine."""
     for _ in range(2):
@@ -290,7 +280,7 @@ def _take_lock(lock, owner):
                 holder = json.loads(lock.read_text())
             except (OSError, ValueError):
                 holder = {}
-            if holder.get("host") == owner["host"] and isinstance(holder.get("pid"), int) and not _process_alive(
+            if holder.get("host") == owner["host"] and isinstance(holder.get("pid"), int) and not process_alive(
                     holder["pid"]):
                 logger.warning("%s was left by process %d, which no longer runs: taking it over", lock, holder["pid"])
                 lock.unlink(missing_ok=True)
@@ -636,7 +626,7 @@ class Trainer:
         self.optimizer = make_optimizer(self.model.parameters(), args.base_lr, args.weight_decay, ctx.device)
         self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=args.amp == "fp16")
         self.criterion = IMMSegLoss(args.num_classes, model.config.contrast,
-                                    getattr(args, "dice_class_weights", None)).to(ctx.device)
+                                    args.dice_class_weights).to(ctx.device)
         self.state = TrainState()
         self.stop = StopRequest()
         self.writer = None

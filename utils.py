@@ -174,6 +174,19 @@ class IMMSegLoss(nn.Module):
         return total, {name: value.detach() for name, value in terms.items()}
 
 
+def process_alive(pid):
+    """Whether process ``pid`` of this machine runs (True where that cannot be checked safely)."""
+    if os.name != "posix":
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 @contextlib.contextmanager
 def atomic_path(path):
     """Yield a temporary file beside ``path`` that replaces ``path`` only if the block succeeds.
