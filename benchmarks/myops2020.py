@@ -22,6 +22,8 @@ the budget goes to N trainings of the variant that differ in their seed (and, wi
 in their augmentation), scored as one ensemble (<variant>+ensN).
 report: one Markdown table over all cases of all folds, with paired differences against a reference variant.
 cases: two variants' per-case Dice in one structure, ordered by its volume in the labels (where does a gap sit?).
+fit: one trained run scored on its fold's training cases and on its test cases (-> <out>/fit.jsonl and the table
+<out>/fit.md): how much of what a run learnt carries over to cases it did not see.
 """
 import argparse
 import contextlib
@@ -52,6 +54,7 @@ import test as test_script  # noqa: E402
 import train as train_script  # noqa: E402
 from datasets.dataset_myops import AUGMENTATIONS  # noqa: E402
 from datasets.layouts import load_case  # noqa: E402
+from datasets.vocabulary import MODALITIES  # noqa: E402
 from priors import EncoderUnavailableError  # noqa: E402
 from trainer import (RUN_DEFAULTS, Trainer, all_rng_states, configure_logging, git_commit,  # noqa: E402
                      run_folder_lock, seed_everything, setup_distributed)
@@ -695,6 +698,120 @@ def run(options):
     return 0
 
 
+# ---------------------------------------------------------------------------------------------- fit
+FIT_RESULTS = "fit.jsonl"
+
+
+def link_training_cases(setting, data, fold, root):
+    """A test.py data folder at ``root`` over fold ``fold``'s training cases, each case's volumes linked from the
+    fold where it is a test case (cropped there as a test case: on a heart-centred input, around the centre that
+    fold's locator found). Returns the cases."""
+    cases = []
+    for other, test_cases in enumerate(setting["folds"]):
+        if other == fold:
+            continue
+        for case in test_cases:
+            for modality in MODALITIES:
+                source = (Path(data) / f"fold{other}" / modality / "test_vol_h5" / f"{case}.npy.h5").resolve()
+                if not source.is_file():
+                    raise BenchmarkError(f"{source} is missing (case {case}, a test case of fold {other}): "
+                                         f"prepare {data} again")
+                link = root / modality / "test_vol_h5" / source.name
+                link.parent.mkdir(parents=True, exist_ok=True)
+                link.symlink_to(source)
+            cases.append(case)
+    (root / "dataset.json").write_bytes((Path(data) / f"fold{fold}" / "dataset.json").read_bytes())
+    (root / "test_vol.txt").write_text("".join(f"{case}\n" for case in cases))
+    return cases
+
+
+def fit(options):
+    """Score one trained run on its fold's training cases and on its test cases, as ``run`` scores it (test.py in
+    the original space, its own precision, no TTA): how far its Dice falls from the cases it learnt to those it
+    did not. Appended to <out>/fit.jsonl (a run already there is skipped); then the table of that file."""
+    setting, fold_dir, dataset = read_input(options.data, options.fold)
+    input_name = Path(options.data).resolve().name
+    run_dir = run_folder(options.out, input_name, options.variant, options.setting, options.fold)
+    if not (run_dir / "last.pth").is_file():
+        raise BenchmarkError(f"{run_dir} holds no trained run (last.pth): expected a training of --variant "
+                             f"{options.variant} at --setting '{options.setting}' on fold {options.fold} (one run's "
+                             "name, e.g. immseg+bf16 or immseg+bf16+seed1235, not an ensemble's)")
+    results = Path(options.out) / FIT_RESULTS
+    key = (input_name, options.variant, options.setting, options.fold)
+    if any(run_key(record) == key for record in read_results(results)):
+        logger.info("%s fold %d (%s) is already in %s: skipped", options.variant, options.fold, options.setting,
+                    results)
+    else:
+        amp = _read_json(run_dir / "config.json", "run configuration")["args"].get("amp") or "none"
+        common = {"input": input_name, "variant": options.variant, "setting": options.setting,
+                  "fold": options.fold, "iterations": _read_json(run_dir / "plan.json", "run plan")["schedule"][
+                      "max_iterations"], "amp": amp,
+                  "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                  "git_commit": git_commit()}
+        records = []
+        with tempfile.TemporaryDirectory(prefix="fit_") as scratch:
+            training_root = Path(scratch) / "training_cases"
+            training_cases = link_training_cases(setting, options.data, options.fold, training_root)
+            for cases, root, expected in (("training", training_root, training_cases),
+                                          ("test", fold_dir.resolve(), dataset["split"]["test"])):
+                scores = Path(scratch) / f"scores_{cases}"
+                code = test_script.main(["--output_dir", str(run_dir), "--root_path", str(root), "--checkpoint",
+                                         "last", "--test_save_dir", str(scores), "--no_save_nii", "--device",
+                                         options.device, "--amp", amp])
+                if code != 0:
+                    raise BenchmarkError(f"test.py failed on the {cases} cases of {run_dir} (exit {code})")
+                records += [{**common, "cases": cases, "case": case, "structure": structure, "dice": _defined(dice),
+                             "hd95": _defined(hd95)}
+                            for case, per_structure in sorted(read_metrics(scores / "metrics.csv", expected).items())
+                            for structure, (dice, hd95) in per_structure.items()]
+        append_results(results, records)
+        logger.info("%s fold %d (%s): %d training and %d test cases -> %s", options.variant, options.fold,
+                    options.setting, len(training_cases), len(dataset["split"]["test"]), results)
+    return fit_report(options.out)
+
+
+def fit_table(records):
+    """Markdown: per input, variant and budget (iterations-mode settings of a variant pooled over its folds), the
+    mean Dice on the training cases, on the test cases and their difference, per structure."""
+    groups = {}
+    for record in records:
+        budget = record["setting"] if record["setting"].startswith("time") else "iterations"
+        groups.setdefault((record["input"], record["variant"], budget), []).append(record)
+    header = ["variant", "input", "budget", "folds", "iterations", *(
+        f"{STRUCTURE_NAMES[s]}: training / test (drop)" for s in STRUCTURE_NAMES)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for (input_name, variant, budget), group in sorted(groups.items()):
+        seen = [(r["cases"], r["case"], r["structure"]) for r in group]
+        if len(seen) != len(set(seen)):
+            raise BenchmarkError(f"{variant} ({input_name}, {budget}) scores a case twice on one fold (two "
+                                 "iterations-mode settings?): keep one per fold in the fit results")
+        cells = []
+        for structure in STRUCTURE_NAMES:
+            means = {cases: np.mean([r["dice"] for r in group if r["cases"] == cases and r["structure"] == structure
+                                     and r["dice"] is not None]) * 100 for cases in ("training", "test")}
+            cells.append(f"{means['training']:.2f} / {means['test']:.2f} ({means['training'] - means['test']:.2f})")
+        folds = ",".join(str(f) for f in sorted({r["fold"] for r in group}))
+        iterations = _span([r["iterations"] for r in group], "{:d}")
+        lines.append("| " + " | ".join([variant, input_name, budget, folds, iterations, *cells]) + " |")
+    return "\n".join(lines)
+
+
+def fit_report(out):
+    results = Path(out) / FIT_RESULTS
+    records = read_results(results)
+    if not records:
+        raise BenchmarkError(f"{results} holds no scores yet: run fit first")
+    text = "\n".join([f"# Training against test cases ({results})", "",
+                      "Mean Dice (%) over the cases of all folds scored: on each run's own training cases, on its "
+                      "test cases, and the drop from the first to the second.", "", fit_table(records), ""])
+    path = Path(out) / "fit.md"
+    with atomic_path(path) as temporary:
+        temporary.write_text(text)
+    sys.stdout.write(text)
+    logger.info("table written to %s", path)
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------- report
 def _mean_std(entry, key, scale):
     mean, std = entry[key], entry[f"{key}_std"]
@@ -973,6 +1090,16 @@ def parse_args(argv=None):
                           "paired with the reference's runs on the same folds")
     rep.add_argument("--report_file", type=Path, default=None, help="default: <out>/report.md")
 
+    fit_parser = commands.add_parser("fit", help="Dice of one trained run on its fold's training cases against its "
+                                                 "test cases (-> <out>/fit.jsonl, <out>/fit.md)")
+    fit_parser.add_argument("--data", type=Path, required=True, help="folder written by prepare")
+    fit_parser.add_argument("--out", type=Path, required=True, help="benchmark folder the run trained in")
+    fit_parser.add_argument("--variant", required=True,
+                            help="a trained run's name under <out>/runs/<input>, e.g. immseg+bf16")
+    fit_parser.add_argument("--setting", required=True, help="its budget as recorded, e.g. 'time 6 min'")
+    fit_parser.add_argument("--fold", type=int, required=True)
+    fit_parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
+
     cases = commands.add_parser("cases", help="per-case Dice of two variants in one structure, by its label volume")
     cases.add_argument("--out", type=Path, required=True)
     cases.add_argument("--variant", required=True)
@@ -999,6 +1126,8 @@ def main(argv=None):
                     args.locator)
         elif args.command == "run":
             return run(args)
+        elif args.command == "fit":
+            return fit(args)
         elif args.command == "cases":
             compare_cases(args.out, args.variant, args.reference, args.structure, args.src, args.dataset)
         else:

@@ -15,6 +15,7 @@ import torch
 from benchmarks import myops2020 as benchmark
 from conftest import prepare_benchmark_phantom, write_test_priors
 import preprocess_data
+import test as test_script
 import train as train_script
 from trainer import load_checkpoint
 
@@ -317,6 +318,48 @@ def test_an_earlier_fused_stage_is_scaled_to_the_run_and_trained_under_its_own_n
     assert benchmark.main(run_args(prepared, "transunet_early", 2, "--mode", "iterations", "--iterations", "30",
                                    "--heads", "fused,LGE")) == 1
     assert "transunet_early has one head" in caplog.text
+
+
+def _dice_by_case(metrics):
+    return {(case, structure): dice for case, per_structure in metrics.items()
+            for structure, (dice, _) in per_structure.items()}
+
+
+def test_fit_scores_a_run_on_its_training_cases_as_test_py_scores_them_where_they_are_test_cases(
+        prepared, tmp_path, caplog):
+    out = prepared / "out"
+    assert benchmark.main(run_args(prepared, "immseg", 2, "--mode", "iterations", "--iterations", "3")) == 0
+    run_dir = out / "runs" / "data" / "immseg" / "iterations_3" / "fold2"
+    args = ["fit", "--data", str(prepared / "data"), "--out", str(out), "--variant", "immseg", "--setting",
+            "iterations 3", "--fold", "2", "--device", "cpu"]
+    assert benchmark.main(args) == 0
+    records = benchmark.read_results(out / "fit.jsonl")
+    folds = json.loads((prepared / "split.json").read_text())["folds"]
+    nan = float("nan")
+    scored = {cases: {(r["case"], r["structure"]): nan if r["dice"] is None else r["dice"]
+                      for r in records if r["cases"] == cases} for cases in ("training", "test")}
+    assert sorted({case for case, _ in scored["training"]}) == sorted(folds[0] + folds[1])
+    assert {r["iterations"] for r in records} == {3} and {r["amp"] for r in records} == {"none"}
+    for other in (0, 1):  # each training case scored directly in the fold where it is a test case
+        direct = tmp_path / f"fold{other}"
+        assert test_script.main(["--output_dir", str(run_dir), "--root_path", str(prepared / "data" / f"fold{other}"),
+                                 "--checkpoint", "last", "--test_save_dir", str(direct), "--no_save_nii",
+                                 "--device", "cpu"]) == 0
+        expected = _dice_by_case(benchmark.read_metrics(direct / "metrics.csv", folds[other]))
+        assert {key: scored["training"][key] for key in expected} == pytest.approx(expected, nan_ok=True)
+    recorded = {(r["case"], r["structure"]): nan if r["dice"] is None else r["dice"]
+                for r in benchmark.read_results(out / "results.jsonl")
+                if (r["variant"], r["setting"], r["fold"]) == ("immseg", "iterations 3", 2)}
+    assert scored["test"] == pytest.approx(recorded, nan_ok=True), "the test cases as run scored them"
+    table = (out / "fit.md").read_text()
+    assert "| immseg | data | iterations | 2 | 3 |" in table
+
+    before = (out / "fit.jsonl").read_bytes()
+    assert benchmark.main(args) == 0 and "already in" in caplog.text
+    assert (out / "fit.jsonl").read_bytes() == before
+    untrained = args[:args.index("iterations 3")] + ["iterations 99"] + args[args.index("iterations 3") + 1:]
+    assert benchmark.main(untrained) == 1 and "holds no trained run" in caplog.text
+    assert (out / "fit.jsonl").read_bytes() == before
 
 
 def hand_made(variant, fold, case, scar, edema):
