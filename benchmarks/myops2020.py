@@ -781,15 +781,19 @@ def fit_table(records):
         f"{STRUCTURE_NAMES[s]}: training / test (drop)" for s in STRUCTURE_NAMES)]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for (input_name, variant, budget), group in sorted(groups.items()):
-        seen = [(r["cases"], r["case"], r["structure"]) for r in group]
+        seen = [(r["fold"], r["cases"], r["case"], r["structure"]) for r in group]
         if len(seen) != len(set(seen)):
             raise BenchmarkError(f"{variant} ({input_name}, {budget}) scores a case twice on one fold (two "
                                  "iterations-mode settings?): keep one per fold in the fit results")
         cells = []
         for structure in STRUCTURE_NAMES:
-            means = {cases: np.mean([r["dice"] for r in group if r["cases"] == cases and r["structure"] == structure
-                                     and r["dice"] is not None]) * 100 for cases in ("training", "test")}
-            cells.append(f"{means['training']:.2f} / {means['test']:.2f} ({means['training'] - means['test']:.2f})")
+            dice = {cases: [r["dice"] * 100 for r in group if r["cases"] == cases and r["structure"] == structure
+                            and r["dice"] is not None] for cases in ("training", "test")}
+            if not (dice["training"] and dice["test"]):
+                cells.append("-")
+                continue
+            training, test = np.mean(dice["training"]), np.mean(dice["test"])
+            cells.append(f"{training:.2f} / {test:.2f} ({training - test:.2f})")
         folds = ",".join(str(f) for f in sorted({r["fold"] for r in group}))
         iterations = _span([r["iterations"] for r in group], "{:d}")
         lines.append("| " + " | ".join([variant, input_name, budget, folds, iterations, *cells]) + " |")

@@ -362,6 +362,28 @@ def test_fit_scores_a_run_on_its_training_cases_as_test_py_scores_them_where_the
     assert (out / "fit.jsonl").read_bytes() == before
 
 
+def test_fit_table_pools_the_folds_and_refuses_a_case_scored_twice_on_one_fold():
+    """Each case is a training case of every fold but its own: the table pools those scorings; two iterations-mode
+    settings of one run name on one fold would score a case twice there and are refused."""
+    def scored(fold, setting, cases, case, dice):
+        return {"input": "in", "variant": "immseg+bf16", "setting": setting, "fold": fold, "iterations": 10 + fold,
+                "cases": cases, "case": case, "structure": "scar", "dice": dice, "hd95": 1.0}
+
+    folds = [["a"], ["b"], ["c"]]
+    records = []
+    for fold, test_cases in enumerate(folds):
+        training = [case for other, cases in enumerate(folds) if other != fold for case in cases]
+        records += [scored(fold, f"iterations {10 + fold}", "training", case, 0.9) for case in training]
+        records += [scored(fold, f"iterations {10 + fold}", "test", case, 0.5 + 0.1 * fold) for case in test_cases]
+    rows = [line for line in benchmark.fit_table(records).splitlines() if line.startswith("| immseg+bf16 |")]
+    assert len(rows) == 1
+    cells = [cell.strip() for cell in rows[0].strip("|").split("|")]
+    assert cells[2:5] == ["iterations", "0,1,2", "10-12"]
+    assert cells[5:] == ["-", "90.00 / 60.00 (30.00)", "-", "-", "-"], "training cases pooled over the folds"
+    with pytest.raises(benchmark.BenchmarkError, match="scores a case twice on one fold"):
+        benchmark.fit_table(records + [scored(0, "iterations 99", "test", "a", 0.4)])
+
+
 def hand_made(variant, fold, case, scar, edema):
     return [{"input": "in", "variant": variant, "setting": "time 42 min", "fold": fold, "case": case,
              "structure": structure, "dice": dice, "hd95": None if dice is None else 10 * (1 - dice),
@@ -506,6 +528,18 @@ def test_committed_results_hold_whole_folds_of_the_committed_split_and_make_the_
     for structure in benchmark.STRUCTURE_NAMES:
         defined = [r for r in ours if r["structure"] == structure and r["dice"] is not None]
         assert len(benchmark.paired_differences(ours, early, structure, "dice")) == len(defined), "a case unpaired"
+    fits = benchmark.read_results(folder / "fit.jsonl")
+    assert fits, "README's training-against-test table is not in the records"
+    fitted = {}
+    for record in fits:
+        fitted.setdefault(benchmark.run_key(record), []).append((record["cases"], record["case"], record["structure"]))
+    for (input_name, variant, setting, fold), scored in fitted.items():
+        case_sets = {"training": [case for other, cases in enumerate(folds) if other != fold for case in cases],
+                     "test": folds[fold]}
+        expected = sorted((name, case, structure) for name, cases in case_sets.items() for case in cases
+                          for structure in benchmark.STRUCTURE_NAMES)
+        assert sorted(scored) == expected, f"fit of {variant} ({input_name}, {setting}) fold {fold}: not its cases"
+    assert benchmark.fit_table(fits).count("| immseg+bf16 |") == 2
     table = benchmark.report_table(records, reference="transunet_early+ens6_strong4_nnunet2+bf16")
     assert sum(line.startswith("| immseg+ens6_strong4_nnunet2+bf16 |") for line in table.splitlines()) == len(
         benchmark.STRUCTURE_NAMES)
