@@ -19,7 +19,7 @@ scores the fold's test cases in the original image space, and the per-case resul
 <out>/results.jsonl. A (variant, fold) already in the results
 for the same input and budget is skipped; an interrupted one resumes from its last checkpoint. With --members N,
 the budget goes to N trainings of the variant that differ in their seed (and, with a list of --augmentation presets,
-in their augmentation), scored as one ensemble (<variant>+ensN).
+in their augmentation; with --member_variants, in their variant), scored as one ensemble (<variant>+ensN).
 report: one Markdown table over all cases of all folds, with paired differences against a reference variant.
 cases: two variants' per-case Dice in one structure, ordered by its volume in the labels (where does a gap sit?).
 fit: one trained run scored on its fold's training cases and on its test cases (-> <out>/fit.jsonl and the table
@@ -529,28 +529,61 @@ def member_augmentations(options):
     return presets
 
 
-def ensemble_name(variant_name, augmentations, amp="none"):
-    """The recorded name: the variant as trained, with ``+ensN`` for an ensemble; members with different
-    augmentations give ``<variant>+ensN_<preset><count>...`` (e.g. immseg+ens4_strong3_nnunet1)."""
-    if len(set(augmentations)) == 1:
-        trained = training_name(variant_name, augmentations[0], amp)
-        return trained if len(augmentations) == 1 else f"{trained}+ens{len(augmentations)}"
+def member_variants(options):
+    """The benchmark variant of each member: ``--variant`` for all, or ``--member_variants``, a comma-separated
+    list with one per member that starts with ``--variant``."""
+    if options.member_variants is None:
+        return [options.variant] * options.members
+    names = options.member_variants.split(",")
+    unknown = [name for name in names if name not in VARIANTS]
+    if unknown:
+        raise BenchmarkError(f"--member_variants {options.member_variants}: unknown variant(s) {unknown}; expected "
+                             f"{sorted(VARIANTS)}")
+    if len(names) != options.members or names[0] != options.variant:
+        raise BenchmarkError(f"--member_variants {options.member_variants}: expected one variant per member "
+                             f"(--members {options.members}), the first being --variant {options.variant}")
+    return names
+
+
+def ensemble_name(variant_names, augmentations, amp="none"):
+    """The recorded name of the members' variants (as trained, one per member) and augmentations: the variant as
+    trained, with ``+ensN`` for an ensemble; members with different augmentations give
+    ``<variant>+ensN_<preset><count>...`` (e.g. immseg+ens4_strong3_nnunet1); members of different variants give
+    ``<variant>_x<count>+...+ensN_<preset><count>...`` (e.g. immseg_x3+immseg_half_x3+ens6_strong4_nnunet2)."""
+    variants = list(dict.fromkeys(variant_names))
     counts = "_".join(f"{preset}{augmentations.count(preset)}" for preset in dict.fromkeys(augmentations))
-    return with_amp(f"{variant_name}+ens{len(augmentations)}_{counts}", amp)
+    if len(variants) > 1:
+        mixed = "+".join(f"{variant}_x{variant_names.count(variant)}" for variant in variants)
+        return with_amp(f"{mixed}+ens{len(augmentations)}_{counts}", amp)
+    if len(set(augmentations)) == 1:
+        trained = training_name(variants[0], augmentations[0], amp)
+        return trained if len(augmentations) == 1 else f"{trained}+ens{len(augmentations)}"
+    return with_amp(f"{variants[0]}+ens{len(augmentations)}_{counts}", amp)
 
 
-def member_runs(out, input_name, variant_name, member_label, fold, augmentations, amp="none"):
-    """[(run folder, augmentation, seed)] of an ensemble's members. Seeds count up from the default one within each
-    augmentation, so the first member of each is the standalone run of that training at the member budget (reused
-    when already made) and a later one is the same training with another seed, in a folder of its own."""
+def member_runs(out, input_name, variant_names, member_label, fold, augmentations, amp="none"):
+    """[(run folder, (variant, augmentation), seed)] of an ensemble's members, given each member's variant (as
+    trained) and augmentation. Seeds count up from the default one within each (variant, augmentation), so the first
+    member of each is the standalone run of that training at the member budget (reused when already made) and a
+    later one is the same training with another seed, in a folder of its own."""
     seed = RUN_DEFAULTS["seed"]
+    trainings = list(zip(variant_names, augmentations))
     runs = []
-    for number, augmentation in enumerate(augmentations):
-        member_seed = seed + augmentations[:number].count(augmentation)
+    for number, (variant_name, augmentation) in enumerate(trainings):
+        member_seed = seed + trainings[:number].count((variant_name, augmentation))
         name = training_name(variant_name, augmentation, amp)
         name = name if member_seed == seed else f"{name}+seed{member_seed}"
-        runs.append((run_folder(out, input_name, name, member_label, fold), augmentation, member_seed))
+        runs.append((run_folder(out, input_name, name, member_label, fold), (variant_name, augmentation),
+                     member_seed))
     return runs
+
+
+def score_run(run_dir, root, save_dir, device, amp, extra_flags=()):
+    """test.py on a run's last checkpoint over the test cases of ``root``, scored in the original space, no NIfTI
+    written; its exit code."""
+    return test_script.main(["--output_dir", str(run_dir), "--root_path", str(root), "--checkpoint", "last",
+                             "--test_save_dir", str(save_dir), "--no_save_nii", "--device", device, "--amp", amp,
+                             *extra_flags])
 
 
 def train_member(base_flags, plan, run_dir, seed, recorded):
@@ -577,7 +610,7 @@ def train_member(base_flags, plan, run_dir, seed, recorded):
     return train_seconds
 
 
-def check_budget_flags(options):
+def check_budget_flags(options, variant_names):
     if options.mode == "time" and options.budget_minutes is None:
         raise BenchmarkError("--mode time needs --budget_minutes")
     if options.mode == "iterations" and options.iterations is None:
@@ -588,19 +621,20 @@ def check_budget_flags(options):
     if options.timed_steps < 1 or options.warmup_steps < 0:
         raise BenchmarkError(f"--timed_steps {options.timed_steps} must be at least 1 and --warmup_steps "
                              f"{options.warmup_steps} not negative")
-    variant = VARIANTS[options.variant]
-    if variant.config is not None and options.vit_name != RECIPE_FLAGS["vit_name"]:
-        raise BenchmarkError(f"--vit_name {options.vit_name}: {options.variant} trains its own configuration, "
-                             f"{variant.config}, in place of the recipe's {RECIPE_FLAGS['vit_name']}")
-    baseline = "--model" in variant.flags  # a TransUNet: one head, no fused stage
-    if options.heads != ("fused",) and baseline:
-        raise BenchmarkError(f"--heads {','.join(options.heads)}: {options.variant} has one head (only I-MMSeg's "
-                             "variants have modality heads)")
+    for name in dict.fromkeys(variant_names):
+        variant = VARIANTS[name]
+        if variant.config is not None and options.vit_name != RECIPE_FLAGS["vit_name"]:
+            raise BenchmarkError(f"--vit_name {options.vit_name}: {name} trains its own configuration, "
+                                 f"{variant.config}, in place of the recipe's {RECIPE_FLAGS['vit_name']}")
+        baseline = "--model" in variant.flags  # a TransUNet: one head, no fused stage
+        if options.heads != ("fused",) and baseline:
+            raise BenchmarkError(f"--heads {','.join(options.heads)}: {name} has one head (only I-MMSeg's "
+                                 "variants have modality heads)")
+        if options.fused_start_epoch is not None and baseline:
+            raise BenchmarkError(f"--fused_start_epoch: {name} has no fused head (only I-MMSeg's variants "
+                                 "train one)")
     if options.fused_start_epoch is not None:
         paper_epochs = paper_schedule()[0]
-        if baseline:
-            raise BenchmarkError(f"--fused_start_epoch: {options.variant} has no fused head (only I-MMSeg's variants "
-                                 "train one)")
         if not 0 <= options.fused_start_epoch < paper_epochs:
             raise BenchmarkError(f"--fused_start_epoch {options.fused_start_epoch}: expected an epoch of the paper's "
                                  f"schedule, 0 to {paper_epochs - 1}")
@@ -610,10 +644,11 @@ def check_budget_flags(options):
 
 def run(options):
     """Plan, train, test and record one variant on one fold; skipped if the results already hold it. With
-    ``--members N``, N runs of the variant (seeds or augmentations differ) share the budget and are scored as an
-    ensemble."""
+    ``--members N``, N runs of the variant (seeds, augmentations or, with ``--member_variants``, variants differ)
+    share the budget and are scored as an ensemble."""
     setting, fold_dir, dataset = read_input(options.data, options.fold)
-    check_budget_flags(options)
+    variants = member_variants(options)
+    check_budget_flags(options, variants)
     label = setting_label(options.mode, options.budget_minutes, options.iterations)
     member_options = argparse.Namespace(**vars(options))
     if options.mode == "time":
@@ -625,8 +660,8 @@ def run(options):
     out = Path(options.out)
     results = out / "results.jsonl"
     augmentations = member_augmentations(options)
-    named = schedule_name(options.variant, options.fused_start_epoch, paper_schedule()[2])
-    scored_variant = ensemble_name(named, augmentations, options.amp)
+    named = {variant: schedule_name(variant, options.fused_start_epoch, paper_schedule()[2]) for variant in variants}
+    scored_variant = ensemble_name([named[variant] for variant in variants], augmentations, options.amp)
     inference = [name for name, on in (("tta", options.tta), ("pp", options.postprocess)) if on]
     if options.heads != ("fused",):
         inference.append("heads_" + "_".join(options.heads))
@@ -638,17 +673,20 @@ def run(options):
                     input_name, results)
         return 0
     options.dataset = setting["dataset"]
-    runs = member_runs(out, input_name, named, member_label, options.fold, augmentations, options.amp)
-    plans = {}  # augmentation -> its first member's folder, train.py flags and plan, shared by its other members
-    for run_dir, augmentation, _ in runs:
+    trained_variants = {named[variant]: variant for variant in variants}
+    runs = member_runs(out, input_name, [named[variant] for variant in variants], member_label, options.fold,
+                       augmentations, options.amp)
+    plans = {}  # (variant, augmentation) -> its first member's folder, train.py flags and plan, shared by the others
+    for run_dir, training, _ in runs:
         run_dir.mkdir(parents=True, exist_ok=True)
-        if augmentation not in plans:
-            flags = recipe_flags(options.variant, fold_dir, dataset["settings"]["crop_size"],
+        if training not in plans:
+            trained_variant, augmentation = training
+            flags = recipe_flags(trained_variants[trained_variant], fold_dir, dataset["settings"]["crop_size"],
                                  argparse.Namespace(**{**vars(options), "augmentation": augmentation}), out)
             with run_folder_lock(run_dir):  # no timing beside a training of the same run
-                plans[augmentation] = run_dir, flags, plan_run(member_options, flags, run_dir)
+                plans[training] = run_dir, flags, plan_run(member_options, flags, run_dir)
             continue
-        first, _, plan = plans[augmentation]
+        first, _, plan = plans[training]
         member_plan = run_dir / "plan.json"
         if not member_plan.exists():
             _write_json(member_plan, plan)
@@ -656,22 +694,21 @@ def run(options):
             raise BenchmarkError(f"{member_plan} is not the plan of {first / 'plan.json'}: the members would train "
                                  f"differently; remove {run_dir} to start it over")
     train_seconds = 0.0
-    for run_dir, augmentation, seed in runs:
-        trained = training_name(named, augmentation, options.amp)
+    for run_dir, training, seed in runs:
+        trained = training_name(*training, options.amp)
         standalone = [] if seed != RUN_DEFAULTS["seed"] else [
             r for r in earlier if run_key(r) == (input_name, trained, member_label, options.fold)]
-        _, flags, plan = plans[augmentation]
+        _, flags, plan = plans[training]
         train_seconds += train_member(flags, plan, run_dir, seed, standalone)
-    member_plans = [plans[augmentation][2] for _, augmentation, _ in runs]
-    base_flags, schedule = plans[augmentations[0]][1], member_plans[0]["schedule"]
+    member_plans = [plans[training][2] for _, training, _ in runs]
+    base_flags, schedule = plans[runs[0][1]][1], member_plans[0]["schedule"]
     scored_dir = run_folder(out, input_name, scored_variant, label, options.fold)
     test_dir = scored_dir / "_".join(["test_last", *inference])
     inference_flags = ((["--tta"] if options.tta else []) + (["--postprocess"] if options.postprocess else [])
                        + ["--heads", ",".join(options.heads)])
     ensemble_flags = ["--ensemble", *[str(run_dir) for run_dir, _, _ in runs[1:]]] if options.members > 1 else []
-    code = test_script.main(["--output_dir", str(runs[0][0]), "--root_path", str(fold_dir.resolve()),
-                             "--checkpoint", "last", "--test_save_dir", str(test_dir), "--no_save_nii", "--device",
-                             options.device, "--amp", options.amp, *inference_flags, *ensemble_flags])
+    code = score_run(runs[0][0], fold_dir.resolve(), test_dir, options.device, options.amp,
+                     inference_flags + ensemble_flags)
     if code != 0:
         raise BenchmarkError(f"test.py failed for {recorded_variant} fold {options.fold} (exit {code})")
     metrics = read_metrics(test_dir / "metrics.csv", dataset["split"]["test"])
@@ -688,8 +725,9 @@ def run(options):
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "git_commit": git_commit(), "machine": machine_description(options.device)}
     if options.members > 1:
-        common["member_runs"] = [{"augmentation": augmentation, "seed": seed, "iterations": plan["schedule"][
-            "max_iterations"]} for (_, augmentation, seed), plan in zip(runs, member_plans)]
+        common["member_runs"] = [{"variant": variant, "augmentation": augmentation, "seed": seed,
+                                  "iterations": plan["schedule"]["max_iterations"]}
+                                 for (_, (variant, augmentation), seed), plan in zip(runs, member_plans)]
     records = [{**common, "case": case, "structure": structure, "dice": _defined(dice), "hd95": _defined(hd95)}
                for case, per_structure in sorted(metrics.items()) for structure, (dice, hd95) in per_structure.items()]
     append_results(results, records)
@@ -755,9 +793,7 @@ def fit(options):
             for cases, root, expected in (("training", training_root, training_cases),
                                           ("test", fold_dir.resolve(), dataset["split"]["test"])):
                 scores = Path(scratch) / f"scores_{cases}"
-                code = test_script.main(["--output_dir", str(run_dir), "--root_path", str(root), "--checkpoint",
-                                         "last", "--test_save_dir", str(scores), "--no_save_nii", "--device",
-                                         options.device, "--amp", amp])
+                code = score_run(run_dir, root, scores, options.device, amp)
                 if code != 0:
                     raise BenchmarkError(f"test.py failed on the {cases} cases of {run_dir} (exit {code})")
                 records += [{**common, "cases": cases, "case": case, "structure": structure, "dice": _defined(dice),
@@ -1068,6 +1104,11 @@ def parse_args(argv=None):
     go.add_argument("--members", type=int, default=1,
                     help="train N runs of the variant (seeds differ), each with 1/N of the budget, and score their "
                          "ensemble (probabilities averaged): recorded as <variant>+ensN at the whole budget")
+    go.add_argument("--member_variants", default=None, metavar="VARIANT,...",
+                    help="with --members N, one variant per member, the first being --variant (e.g. "
+                         "immseg,immseg,immseg,immseg_half,immseg_half,immseg_half); each (variant, augmentation) is "
+                         "timed and planned once, its seeds count up, and the ensemble is recorded as "
+                         "<variant>_x<count>+...+ensN_<preset><count>...")
     go.add_argument("--tta", action="store_true",
                     help="score with test.py --tta (flip averaging); recorded as variant <variant>+tta, the training "
                          "reused if the plain variant is already recorded")

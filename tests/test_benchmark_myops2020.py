@@ -205,8 +205,10 @@ def test_mixed_precision_trains_and_scores_under_its_own_name(prepared):
     run_dir = prepared / "out" / "runs" / "data" / "immseg+bf16" / "iterations_3" / "fold1"
     assert load_checkpoint(run_dir / "last.pth")["args"]["amp"] == "bf16"
     assert "--amp" in json.loads((run_dir / "plan.json").read_text())["base_flags"], "timed as it trains"
-    assert benchmark.ensemble_name("immseg", ["strong", "nnunet"], "bf16") == "immseg+ens2_strong1_nnunet1+bf16"
-    assert benchmark.ensemble_name("immseg", ["strong"] * 2, "bf16") == "immseg+bf16+ens2"
+    assert benchmark.ensemble_name(["immseg"] * 2, ["strong", "nnunet"], "bf16") == "immseg+ens2_strong1_nnunet1+bf16"
+    assert benchmark.ensemble_name(["immseg"] * 2, ["strong"] * 2, "bf16") == "immseg+bf16+ens2"
+    assert benchmark.ensemble_name(["immseg", "immseg_half"] * 2, ["strong", "strong", "nnunet", "nnunet"], "bf16") == (
+        "immseg_x2+immseg_half_x2+ens4_strong2_nnunet2+bf16")
 
 
 def test_members_share_the_budget_and_are_scored_as_one_ensemble(prepared, caplog):
@@ -272,12 +274,44 @@ def test_members_with_a_list_of_augmentations_train_each_preset_from_its_own_pla
     records = [r for r in benchmark.read_results(prepared / "out" / "results.jsonl")
                if r["variant"] == "immseg+ens3_strong2_nnunet1"]
     assert len(records) == 10 and records[0]["iterations"] == 6 and records[0]["member_runs"] == [
-        {"augmentation": augmentation, "seed": seed, "iterations": 2} for _, augmentation, seed in members]
+        {"variant": "immseg", "augmentation": augmentation, "seed": seed, "iterations": 2}
+        for _, augmentation, seed in members]
     # the nnunet member is the standalone nnunet run at the member budget: scoring that alone trains nothing
     stamp = (members[1][0] / "last.pth").stat().st_mtime_ns
     assert benchmark.main(run_args(prepared, "immseg", 1, "--mode", "iterations", "--iterations", "2",
                                    "--augmentation", "nnunet")) == 0
     assert (members[1][0] / "last.pth").stat().st_mtime_ns == stamp and "is trained (" in caplog.text
+
+
+def test_members_of_different_variants_train_each_variant_from_its_own_plan(prepared, caplog):
+    runs = prepared / "out" / "runs" / "data"
+    budget = ["--mode", "iterations", "--iterations", "4", "--members", "2"]
+    for wrong, message in (("immseg,immseg_scar2,immseg", "expected one variant per member (--members 2)"),
+                           ("immseg_scar2,immseg", "the first being --variant immseg"),
+                           ("immseg,immseg_wide", "unknown variant(s) ['immseg_wide']")):
+        assert benchmark.main(run_args(prepared, "immseg", 0, *budget, "--member_variants", wrong)) == 1
+        assert message in caplog.text
+    assert benchmark.main(run_args(prepared, "immseg", 0, *budget, "--member_variants", "immseg,immseg_half")) == 1
+    assert "immseg_half trains its own configuration" in caplog.text
+    assert not (runs / "immseg" / "iterations_2" / "fold0").exists(), "nothing planned or trained"
+
+    assert benchmark.main(run_args(prepared, "immseg", 0, *budget, "--member_variants", "immseg,immseg_scar2")) == 0
+    members = [runs / "immseg" / "iterations_2" / "fold0", runs / "immseg_scar2" / "iterations_2" / "fold0"]
+    arguments = [load_checkpoint(member / "last.pth")["args"] for member in members]
+    assert [a["seed"] for a in arguments] == [1234, 1234], "each variant's first member is its standalone run"
+    assert [a["dice_class_weights"] for a in arguments] == [None, [0.5, 1.0, 2.0, 1.0]]
+    plans = [json.loads((member / "plan.json").read_text()) for member in members]
+    assert "--dice_class_weights" in plans[1]["base_flags"] and "--dice_class_weights" not in plans[0]["base_flags"]
+    name = "immseg_x1+immseg_scar2_x1+ens2_strong2"
+    info = json.loads((runs / name / "iterations_4" / "fold0" / "test_last" / "test_info.json").read_text())
+    assert info["ensemble"] == [str(member / "last.pth") for member in members]
+    records = [r for r in benchmark.read_results(prepared / "out" / "results.jsonl") if r["variant"] == name]
+    assert len(records) == 10 and records[0]["member_runs"] == [
+        {"variant": variant, "augmentation": "strong", "seed": 1234, "iterations": 2}
+        for variant in ("immseg", "immseg_scar2")]
+    stamp = (members[1] / "last.pth").stat().st_mtime_ns
+    assert benchmark.main(run_args(prepared, "immseg_scar2", 0, "--mode", "iterations", "--iterations", "2")) == 0
+    assert (members[1] / "last.pth").stat().st_mtime_ns == stamp and "is trained (" in caplog.text
 
 
 def test_an_earlier_fused_stage_is_scaled_to_the_run_and_trained_under_its_own_name(prepared, caplog):
