@@ -452,12 +452,20 @@ def time_training_step(train_flags, warmup_steps, timed_steps):
     return seconds, described, per_epoch
 
 
+def checkout_independent(flags):
+    """train.py flags with the repository's own prompt files named from the repository's root, so that the flags of
+    a run planned in another checkout of it (a moved clone, a worktree) compare equal."""
+    marker = f"{os.sep}priors{os.sep}prompts{os.sep}"
+    return [f"<repository>/priors/prompts/{value.rsplit(marker, 1)[1]}" if marker in value else value
+            for value in flags]
+
+
 def plan_run(options, base_flags, run_dir):
     """Time the step (both modes, recorded), then iterations and the fitted schedule; reused from plan.json."""
     plan_file = run_dir / "plan.json"
     if plan_file.exists():
         plan = _read_json(plan_file, "run plan")
-        if plan.get("base_flags") != base_flags:
+        if checkout_independent(plan.get("base_flags") or []) != checkout_independent(base_flags):
             raise BenchmarkError(f"{plan_file} was planned with other train.py flags; remove {run_dir} to start over")
         logger.info("reusing the plan in %s: %d iterations", plan_file, plan["iterations"])
         return plan

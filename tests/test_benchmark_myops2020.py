@@ -314,6 +314,18 @@ def test_members_of_different_variants_train_each_variant_from_its_own_plan(prep
     assert (members[1] / "last.pth").stat().st_mtime_ns == stamp and "is trained (" in caplog.text
 
 
+def test_a_plan_made_in_another_checkout_is_reused_and_one_with_other_flags_refused(tmp_path):
+    here = [str(benchmark.PROMPTS / "intensity.json"), "--batch_size", "8"]
+    elsewhere = ["/elsewhere/clone/priors/prompts/intensity.json", "--batch_size", "8"]
+    plan = {"base_flags": elsewhere, "iterations": 5}
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    assert benchmark.plan_run(None, here, tmp_path) == plan, "reused without timing"
+    for other in (["/elsewhere/clone/priors/prompts/names_only.json", "--batch_size", "8"],
+                  [here[0], "--batch_size", "4"]):
+        with pytest.raises(benchmark.BenchmarkError, match="was planned with other train.py flags"):
+            benchmark.plan_run(None, other, tmp_path)
+
+
 def test_an_earlier_fused_stage_is_scaled_to_the_run_and_trained_under_its_own_name(prepared, caplog):
     assert benchmark.fit_schedule(825, 11, paper_fusion=50) == {
         "max_epochs": 75, "max_iterations": 825, "start_contrast_epoch": 5, "region_fusion_start_epoch": 13}
