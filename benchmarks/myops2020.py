@@ -24,12 +24,15 @@ report: one Markdown table over all cases of all folds, with paired differences 
 cases: two variants' per-case Dice in one structure, ordered by its volume in the labels (where does a gap sit?).
 fit: one trained run scored on its fold's training cases and on its test cases (-> <out>/fit.jsonl and the table
 <out>/fit.md): how much of what a run learnt carries over to cases it did not see.
+agreement: each member of a recorded ensemble scored alone and the mean Dice between every two members' predictions
+(-> <out>/agreement.jsonl and the table <out>/agreement.md): how much an ensemble gains over its members, and why.
 """
 import argparse
 import contextlib
 import csv
 import datetime
 import gc
+import itertools
 import json
 import logging
 import math
@@ -41,6 +44,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import scipy.stats
 import torch
@@ -586,12 +590,12 @@ def member_runs(out, input_name, variant_names, member_label, fold, augmentation
     return runs
 
 
-def score_run(run_dir, root, save_dir, device, amp, extra_flags=()):
-    """test.py on a run's last checkpoint over the test cases of ``root``, scored in the original space, no NIfTI
-    written; its exit code."""
+def score_run(run_dir, root, save_dir, device, amp, extra_flags=(), save_nii=False):
+    """test.py on a run's last checkpoint over the test cases of ``root``, scored in the original space, its
+    predictions written as NIfTI only with ``save_nii``; its exit code."""
     return test_script.main(["--output_dir", str(run_dir), "--root_path", str(root), "--checkpoint", "last",
-                             "--test_save_dir", str(save_dir), "--no_save_nii", "--device", device, "--amp", amp,
-                             *extra_flags])
+                             "--test_save_dir", str(save_dir), "--save_nii" if save_nii else "--no_save_nii",
+                             "--device", device, "--amp", amp, *extra_flags])
 
 
 def train_member(base_flags, plan, run_dir, seed, recorded):
@@ -853,6 +857,131 @@ def fit_report(out):
                       "Mean Dice (%) over the cases of all folds scored: on each run's own training cases, on its "
                       "test cases, and the drop from the first to the second.", "", fit_table(records), ""])
     path = Path(out) / "fit.md"
+    with atomic_path(path) as temporary:
+        temporary.write_text(text)
+    sys.stdout.write(text)
+    logger.info("table written to %s", path)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- agreement
+AGREEMENT_RESULTS = "agreement.jsonl"
+
+
+def pairwise_agreement(predictions, structure):
+    """Mean Dice between the masks of a structure in every two of the members' label maps; None when every pair
+    has both masks empty."""
+    masks = [np.isin(prediction, STRUCTURES[structure]) for prediction in predictions]
+    values = [2 * np.logical_and(first, second).sum() / (first.sum() + second.sum())
+              for first, second in itertools.combinations(masks, 2) if first.any() or second.any()]
+    return float(np.mean(values)) if values else None
+
+
+def ensemble_members(scored_dir):
+    """The run folders of an ensemble scored by ``run``, from its test_info.json."""
+    info_file = scored_dir / "test_last" / "test_info.json"
+    if not info_file.is_file():
+        raise BenchmarkError(f"{info_file} is missing: expected an ensemble scored by run (its plain scoring, "
+                             "without --tta, --postprocess or --heads)")
+    info = _read_json(info_file, "ensemble scoring")
+    members = [Path(checkpoint).parent for checkpoint in info.get("ensemble") or []]
+    if len(members) < 2:
+        raise BenchmarkError(f"{info_file} scores one run, not an ensemble: agreement needs two members or more")
+    return members, info
+
+
+def agreement(options):
+    """Score each member of a recorded ensemble alone on the fold's test cases (as ``run`` scores: test.py, the
+    original space, each member's own precision) and measure how far the members agree: per case and structure,
+    the members' Dice, the ensemble's recorded Dice and the mean Dice between every two members' predictions.
+    Appended to <out>/agreement.jsonl (an ensemble already there is skipped); then the table of that file."""
+    _, fold_dir, dataset = read_input(options.data, options.fold)
+    input_name = Path(options.data).resolve().name
+    key = (input_name, options.variant, options.setting, options.fold)
+    ensemble = {(r["case"], r["structure"]): r["dice"] for r in read_results(Path(options.out) / "results.jsonl")
+                if run_key(r) == key}
+    if not ensemble:
+        raise BenchmarkError(f"{Path(options.out) / 'results.jsonl'} holds no records of {options.variant} "
+                             f"({options.setting}, input {input_name}) on fold {options.fold}: run it first")
+    members, info = ensemble_members(run_folder(options.out, input_name, options.variant, options.setting,
+                                                options.fold))
+    results = Path(options.out) / AGREEMENT_RESULTS
+    if any(run_key(record) == key for record in read_results(results)):
+        logger.info("%s fold %d (%s) is already in %s: skipped", options.variant, options.fold, options.setting,
+                    results)
+        return agreement_report(options.out)
+    cases = dataset["split"]["test"]
+    member_dice, predictions = [], {case: [] for case in cases}
+    with tempfile.TemporaryDirectory(prefix="agreement_") as scratch:
+        for number, member in enumerate(members):
+            amp = _read_json(member / "config.json", "run configuration")["args"].get("amp") or "none"
+            scores = Path(scratch) / f"member{number}"
+            code = score_run(member, fold_dir.resolve(), scores, options.device, amp,
+                             ["--heads", ",".join(info.get("heads") or ["fused"])], save_nii=True)
+            if code != 0:
+                raise BenchmarkError(f"test.py failed on member {member} (exit {code})")
+            member_dice.append(read_metrics(scores / "metrics.csv", cases))
+            for case in cases:
+                predictions[case].append(np.asarray(nib.load(scores / f"{case}_pred.nii.gz").dataobj))
+    common = {"input": input_name, "variant": options.variant, "setting": options.setting, "fold": options.fold,
+              "members": [str(member) for member in members],
+              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "git_commit": git_commit()}
+    records = [{**common, "case": case, "structure": structure,
+                "member_dice": [_defined(scores[case][structure][0]) for scores in member_dice],
+                "ensemble_dice": ensemble[case, structure],
+                "agreement": pairwise_agreement(predictions[case], structure)}
+               for case in sorted(cases) for structure in STRUCTURE_NAMES]
+    append_results(results, records)
+    logger.info("%s fold %d (%s): %d members on %d cases -> %s", options.variant, options.fold, options.setting,
+                len(members), len(cases), results)
+    return agreement_report(options.out)
+
+
+def _mean_defined(values):
+    values = [value for value in values if value is not None]
+    return float(np.mean(values)) if values else None
+
+
+def agreement_table(records):
+    """Markdown: per input, ensemble and budget, over the cases of its folds, per structure: the members' mean Dice,
+    the ensemble's, the gain of the ensemble over its members, and the members' mean pairwise agreement (Dice)."""
+    groups = {}
+    for record in records:
+        groups.setdefault((record["input"], record["variant"], record["setting"]), []).append(record)
+    header = ["ensemble", "input", "budget", "folds", "members", *(
+        f"{STRUCTURE_NAMES[s]}: members / ensemble (gain); agreement" for s in STRUCTURE_NAMES)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for (input_name, variant, budget), group in sorted(groups.items()):
+        cells = []
+        for structure in STRUCTURE_NAMES:
+            rows = [r for r in group if r["structure"] == structure and r["ensemble_dice"] is not None]
+            members = _mean_defined([_mean_defined(r["member_dice"]) for r in rows])
+            together = _mean_defined([r["ensemble_dice"] for r in rows])
+            agreed = _mean_defined([r["agreement"] for r in group if r["structure"] == structure])
+            if members is None or together is None:
+                cells.append("-")
+                continue
+            agreed_text = "-" if agreed is None else f"{agreed * 100:.2f}"
+            cells.append(f"{members * 100:.2f} / {together * 100:.2f} ({(together - members) * 100:+.2f}); "
+                         f"{agreed_text}")
+        folds = ",".join(str(f) for f in sorted({r["fold"] for r in group}))
+        count = _span([len(r["members"]) for r in group], "{:d}")
+        lines.append("| " + " | ".join([variant, input_name, budget, folds, count, *cells]) + " |")
+    return "\n".join(lines)
+
+
+def agreement_report(out):
+    results = Path(out) / AGREEMENT_RESULTS
+    records = read_results(results)
+    if not records:
+        raise BenchmarkError(f"{results} holds no scores yet: run agreement first")
+    text = "\n".join([f"# How far an ensemble's members agree ({results})", "",
+                      "Mean Dice (%) over the cases of all folds scored: of the members alone (their mean), of the "
+                      "ensemble, the ensemble's gain over its members, and the mean Dice between every two members' "
+                      "predictions (agreement; cases where both predictions of a pair are empty left out).", "",
+                      agreement_table(records), ""])
+    path = Path(out) / "agreement.md"
     with atomic_path(path) as temporary:
         temporary.write_text(text)
     sys.stdout.write(text)
@@ -1153,6 +1282,16 @@ def parse_args(argv=None):
     fit_parser.add_argument("--fold", type=int, required=True)
     fit_parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
 
+    agree = commands.add_parser("agreement", help="each member of a recorded ensemble scored alone, and how far the "
+                                                  "members' predictions agree (-> <out>/agreement.jsonl, .md)")
+    agree.add_argument("--data", type=Path, required=True, help="folder written by prepare")
+    agree.add_argument("--out", type=Path, required=True, help="benchmark folder the ensemble was scored in")
+    agree.add_argument("--variant", required=True,
+                       help="an ensemble's recorded name, e.g. immseg+ens3_strong2_nnunet1+bf16")
+    agree.add_argument("--setting", required=True, help="its budget as recorded, e.g. 'time 36 min'")
+    agree.add_argument("--fold", type=int, required=True)
+    agree.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
+
     cases = commands.add_parser("cases", help="per-case Dice of two variants in one structure, by its label volume")
     cases.add_argument("--out", type=Path, required=True)
     cases.add_argument("--variant", required=True)
@@ -1181,6 +1320,8 @@ def main(argv=None):
             return run(args)
         elif args.command == "fit":
             return fit(args)
+        elif args.command == "agreement":
+            return agreement(args)
         elif args.command == "cases":
             compare_cases(args.out, args.variant, args.reference, args.structure, args.src, args.dataset)
         else:

@@ -408,6 +408,55 @@ def test_fit_scores_a_run_on_its_training_cases_as_test_py_scores_them_where_the
     assert (out / "fit.jsonl").read_bytes() == before
 
 
+def test_agreement_scores_each_member_as_run_scores_it_and_compares_their_predictions(prepared, caplog):
+    out, results = prepared / "out", prepared / "out" / "results.jsonl"
+    agreement = ["agreement", "--data", str(prepared / "data"), "--out", str(out), "--fold", "1", "--device", "cpu"]
+    assert benchmark.main(agreement + ["--variant", "immseg+ens2", "--setting", "iterations 4"]) == 1
+    assert "holds no records of immseg+ens2 (iterations 4" in caplog.text
+    assert benchmark.main(run_args(prepared, "immseg", 1, "--mode", "iterations", "--iterations", "2")) == 0
+    assert benchmark.main(agreement + ["--variant", "immseg", "--setting", "iterations 2"]) == 1
+    assert "scores one run, not an ensemble" in caplog.text
+    assert not (out / benchmark.AGREEMENT_RESULTS).exists(), "nothing written"
+
+    assert benchmark.main(run_args(prepared, "immseg", 1, "--mode", "iterations", "--iterations", "4", "--members",
+                                   "2")) == 0
+    assert benchmark.main(agreement + ["--variant", "immseg+ens2", "--setting", "iterations 4"]) == 0
+    records = benchmark.read_results(out / benchmark.AGREEMENT_RESULTS)
+    runs = out / "runs" / "data"
+    assert records[0]["members"] == [str(runs / name / "iterations_2" / "fold1") for name in ("immseg",
+                                                                                            "immseg+seed1235")]
+    recorded = benchmark.read_results(results)
+    alone = {(r["case"], r["structure"]): r["dice"] for r in recorded
+             if (r["variant"], r["setting"], r["fold"]) == ("immseg", "iterations 2", 1)}
+    together = {(r["case"], r["structure"]): r["dice"] for r in recorded
+                if (r["variant"], r["setting"], r["fold"]) == ("immseg+ens2", "iterations 4", 1)}
+    assert len(records) == len(together) == len(alone)
+    for record in records:
+        key = record["case"], record["structure"]
+        assert (record["member_dice"][0] is None and alone[key] is None) or record["member_dice"][0] == pytest.approx(
+            alone[key]), "member 0 scored as run scored it alone"
+        assert record["ensemble_dice"] == together[key]
+        assert record["agreement"] is None or 0 <= record["agreement"] <= 1
+    size = (out / benchmark.AGREEMENT_RESULTS).stat().st_size
+    assert benchmark.main(agreement + ["--variant", "immseg+ens2", "--setting", "iterations 4"]) == 0
+    assert (out / benchmark.AGREEMENT_RESULTS).stat().st_size == size and "is already in" in caplog.text
+    assert "| immseg+ens2 | data | iterations 4 | 1 | 2 |" in (out / "agreement.md").read_text()
+
+    scar = np.zeros((2, 4), dtype=np.uint8)
+    first, second, empty = scar.copy(), scar.copy(), scar.copy()
+    first[0, :] = 2
+    second[0, :2], second[1, :2] = 2, 2
+    assert benchmark.pairwise_agreement([first, second], "scar") == pytest.approx(0.5)
+    assert benchmark.pairwise_agreement([first, second, first], "scar") == pytest.approx((0.5 + 1 + 0.5) / 3)
+    assert benchmark.pairwise_agreement([empty, empty], "scar") is None
+    assert benchmark.pairwise_agreement([first, empty], "whole_myocardium") == pytest.approx(0.0)
+    table = benchmark.agreement_table([
+        {"input": "x", "variant": "e", "setting": "time 1 min", "fold": 0, "members": ["a", "b"], "case": case,
+         "structure": "scar", "member_dice": members, "ensemble_dice": ensemble, "agreement": agreed}
+        for case, members, ensemble, agreed in (("c1", [0.4, 0.6], 0.6, 0.5), ("c2", [0.8, None], 0.9, None))])
+    assert "| e | x | time 1 min | 0 | 2 | - | 65.00 / 75.00 (+10.00); 50.00 |" in table
+
+
 def test_fit_table_pools_the_folds_and_refuses_a_case_scored_twice_on_one_fold():
     """Each case is a training case of every fold but its own: the table pools those scorings; two iterations-mode
     settings of one run name on one fold would score a case twice there and are refused."""
