@@ -635,6 +635,19 @@ def test_committed_results_hold_whole_folds_of_the_committed_split_and_make_the_
                           for structure in benchmark.STRUCTURE_NAMES)
         assert sorted(scored) == expected, f"fit of {variant} ({input_name}, {setting}) fold {fold}: not its cases"
     assert benchmark.fit_table(fits).count("| immseg+bf16 |") == 2
+    agreements = benchmark.read_results(folder / benchmark.AGREEMENT_RESULTS)
+    assert agreements, "README's agreement table is not in the records"
+    ensemble_dice = {benchmark.run_key(r) + (r["case"], r["structure"]): r["dice"] for r in records}
+    agreed = {}
+    for record in agreements:
+        key = benchmark.run_key(record)
+        agreed.setdefault(key, []).append((record["case"], record["structure"]))
+        assert record["ensemble_dice"] == ensemble_dice[key + (record["case"], record["structure"])], (
+            f"agreement of {key}: the ensemble's Dice is not its record's")
+        assert len(record["member_dice"]) == len(record["members"]) >= 2
+    for (input_name, variant, setting, fold), scored in agreed.items():
+        expected = sorted((case, structure) for case in folds[fold] for structure in benchmark.STRUCTURE_NAMES)
+        assert sorted(scored) == expected, f"agreement of {variant} ({input_name}, {setting}) fold {fold}: not its cases"
     table = benchmark.report_table(records, reference="transunet_early+ens6_strong4_nnunet2+bf16")
     assert sum(line.startswith("| immseg+ens6_strong4_nnunet2+bf16 |") for line in table.splitlines()) == len(
         benchmark.STRUCTURE_NAMES)
