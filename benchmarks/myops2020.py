@@ -598,6 +598,11 @@ def score_run(run_dir, root, save_dir, device, amp, extra_flags=(), save_nii=Fal
                              "--device", device, "--amp", amp, *extra_flags])
 
 
+def trained_amp(run_dir):
+    """The precision a run trained in (its config.json), so that it is scored in the same."""
+    return _read_json(run_dir / "config.json", "run configuration")["args"].get("amp") or "none"
+
+
 def train_member(base_flags, plan, run_dir, seed, recorded):
     """Train one run to its plan unless done (recorded in the results or its training.json); training seconds."""
     if recorded:  # the same training, scored with other inference options: not trained again
@@ -792,7 +797,7 @@ def fit(options):
         logger.info("%s fold %d (%s) is already in %s: skipped", options.variant, options.fold, options.setting,
                     results)
     else:
-        amp = _read_json(run_dir / "config.json", "run configuration")["args"].get("amp") or "none"
+        amp = trained_amp(run_dir)
         common = {"input": input_name, "variant": options.variant, "setting": options.setting,
                   "fold": options.fold, "iterations": _read_json(run_dir / "plan.json", "run plan")["schedule"][
                       "max_iterations"], "amp": amp,
@@ -848,19 +853,29 @@ def fit_table(records):
     return "\n".join(lines)
 
 
-def fit_report(out):
-    results = Path(out) / FIT_RESULTS
+def records_or_refuse(results, command):
+    """The records of a results file, refused when there are none yet."""
     records = read_results(results)
     if not records:
-        raise BenchmarkError(f"{results} holds no scores yet: run fit first")
-    text = "\n".join([f"# Training against test cases ({results})", "",
-                      "Mean Dice (%) over the cases of all folds scored: on each run's own training cases, on its "
-                      "test cases, and the drop from the first to the second.", "", fit_table(records), ""])
-    path = Path(out) / "fit.md"
+        raise BenchmarkError(f"{results} holds no records yet: run {command} first")
+    return records
+
+
+def publish(text, path):
+    """A Markdown table: written atomically to ``path`` and to stdout."""
     with atomic_path(path) as temporary:
         temporary.write_text(text)
     sys.stdout.write(text)
     logger.info("table written to %s", path)
+
+
+def fit_report(out):
+    results = Path(out) / FIT_RESULTS
+    records = records_or_refuse(results, "fit")
+    publish("\n".join([f"# Training against test cases ({results})", "",
+                       "Mean Dice (%) over the cases of all folds scored: on each run's own training cases, on its "
+                       "test cases, and the drop from the first to the second.", "", fit_table(records), ""]),
+            Path(out) / "fit.md")
     return 0
 
 
@@ -914,7 +929,7 @@ def agreement(options):
     member_dice, predictions = [], {case: [] for case in cases}
     with tempfile.TemporaryDirectory(prefix="agreement_") as scratch:
         for number, member in enumerate(members):
-            amp = _read_json(member / "config.json", "run configuration")["args"].get("amp") or "none"
+            amp = trained_amp(member)
             scores = Path(scratch) / f"member{number}"
             code = score_run(member, fold_dir.resolve(), scores, options.device, amp,
                              ["--heads", ",".join(info.get("heads") or ["fused"])], save_nii=True)
@@ -973,19 +988,13 @@ def agreement_table(records):
 
 def agreement_report(out):
     results = Path(out) / AGREEMENT_RESULTS
-    records = read_results(results)
-    if not records:
-        raise BenchmarkError(f"{results} holds no scores yet: run agreement first")
-    text = "\n".join([f"# How far an ensemble's members agree ({results})", "",
-                      "Mean Dice (%) over the cases of all folds scored: of the members alone (their mean), of the "
-                      "ensemble, the ensemble's gain over its members, and the mean Dice between every two members' "
-                      "predictions (agreement; cases where both predictions of a pair are empty left out).", "",
-                      agreement_table(records), ""])
-    path = Path(out) / "agreement.md"
-    with atomic_path(path) as temporary:
-        temporary.write_text(text)
-    sys.stdout.write(text)
-    logger.info("table written to %s", path)
+    records = records_or_refuse(results, "agreement")
+    publish("\n".join([f"# How far an ensemble's members agree ({results})", "",
+                       "Mean Dice (%) over the cases of all folds scored: of the members alone (their mean), of the "
+                       "ensemble, the ensemble's gain over its members, and the mean Dice between every two members' "
+                       "predictions (agreement; cases where both predictions of a pair are empty left out).", "",
+                       agreement_table(records), ""]),
+            Path(out) / "agreement.md")
     return 0
 
 
@@ -1109,9 +1118,7 @@ def report_table(records, reference="immseg", reference_setting=None, pool_budge
 
 def report(out, reference="immseg", path=None, reference_setting=None, pool_budgets=False):
     results = Path(out) / "results.jsonl"
-    records = read_results(results)
-    if not records:
-        raise BenchmarkError(f"{results} holds no results yet: run the benchmark first")
+    records = records_or_refuse(results, "the benchmark")
     commits = sorted({r["git_commit"] or "unknown" for r in records})
     dates = sorted(r["date"] for r in records)
     text = "\n".join([
@@ -1124,11 +1131,7 @@ def report(out, reference="immseg", path=None, reference_setting=None, pool_budg
         "bootstrap of the mean Δ Dice over those cases (10000 resamples, seed 0); p: two-sided Wilcoxon signed-rank "
         "test of the per-case Dice differences.", "",
         report_table(records, reference, reference_setting, pool_budgets), ""])
-    path = Path(path) if path else Path(out) / "report.md"
-    with atomic_path(path) as temporary:
-        temporary.write_text(text)
-    sys.stdout.write(text)
-    logger.info("report written to %s", path)
+    publish(text, Path(path) if path else Path(out) / "report.md")
     return text
 
 
