@@ -359,6 +359,8 @@ def recipe_flags(variant_name, fold_dir, crop_size, options, out):
         flags += ["--amp", options.amp]
     if options.num_workers is not None:
         flags += ["--num_workers", str(options.num_workers)]
+    if custom_lr(options) is not None:
+        flags += ["--base_lr", f"{options.base_lr:g}"]
     prompts = PROMPTS / variant.prompts
     if variant.priors == "biomedclip":
         if options.biomedclip_priors is None:
@@ -386,18 +388,28 @@ def training_name(variant_name, augmentation, amp="none"):
     return with_amp(name, amp)
 
 
-def schedule_name(variant_name, fused_start_epoch, paper_fusion):
+def schedule_name(variant_name, fused_start_epoch, paper_fusion, base_lr=None):
     """The variant with ``+fused<E>`` when its fused stage starts at epoch E of the paper's schedule instead of the
-    paper's own (which keeps the plain name)."""
-    if fused_start_epoch is None or fused_start_epoch == paper_fusion:
-        return variant_name
-    return f"{variant_name}+fused{fused_start_epoch}"
+    paper's own (which keeps the plain name), and ``+lr<rate>`` with a base learning rate ``base_lr`` (None: train.py's
+    default)."""
+    name = variant_name
+    if fused_start_epoch is not None and fused_start_epoch != paper_fusion:
+        name = f"{name}+fused{fused_start_epoch}"
+    if base_lr is not None:
+        name = f"{name}+lr{base_lr:g}"
+    return name
 
 
 def paper_schedule():
     """The paper's schedule, as train.py's defaults: (epochs, contrast start, fused start)."""
     defaults = train_script.parse_args([])
     return defaults.max_epochs, defaults.start_contrast_epoch, defaults.region_fusion_start_epoch
+
+
+def custom_lr(options):
+    """``--base_lr`` when it differs from train.py's default, else None (the recipe's rate, no flag)."""
+    default = train_script.parse_args([]).base_lr
+    return None if options.base_lr is None or options.base_lr == default else options.base_lr
 
 
 def _epoch_start_steps(trainer, weights, count):
@@ -655,6 +667,8 @@ def check_budget_flags(options, variant_names):
         if not 0 <= options.fused_start_epoch < paper_epochs:
             raise BenchmarkError(f"--fused_start_epoch {options.fused_start_epoch}: expected an epoch of the paper's "
                                  f"schedule, 0 to {paper_epochs - 1}")
+    if options.base_lr is not None and not options.base_lr > 0:
+        raise BenchmarkError(f"--base_lr {options.base_lr:g}: expected a positive learning rate")
     if options.members < 1 or (options.mode == "iterations" and options.iterations < options.members):
         raise BenchmarkError(f"--members {options.members}: at least 1, and each member needs an iteration")
 
@@ -677,7 +691,8 @@ def run(options):
     out = Path(options.out)
     results = out / "results.jsonl"
     augmentations = member_augmentations(options)
-    named = {variant: schedule_name(variant, options.fused_start_epoch, paper_schedule()[2]) for variant in variants}
+    named = {variant: schedule_name(variant, options.fused_start_epoch, paper_schedule()[2], custom_lr(options))
+             for variant in variants}
     scored_variant = ensemble_name([named[variant] for variant in variants], augmentations, options.amp)
     inference = [name for name, on in (("tta", options.tta), ("pp", options.postprocess)) if on]
     if options.heads != ("fused",):
@@ -737,7 +752,7 @@ def run(options):
               "train_seconds": round(train_seconds, 1),
               **{name: schedule[name] for name in ("max_epochs", "start_contrast_epoch", "region_fusion_start_epoch")},
               "vit_name": options.vit_name, "batch_size": options.batch_size, "augmentation": options.augmentation,
-              "amp": options.amp,
+              "amp": options.amp, "base_lr": train_script.parse_args(base_flags).base_lr,
               "priors": _flag_value(base_flags, "--prior_embeddings"),
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "git_commit": git_commit(), "machine": machine_description(options.device)}
@@ -1260,6 +1275,8 @@ def parse_args(argv=None):
     go.add_argument("--fused_start_epoch", type=int, default=None,
                     help="epoch of the paper's 300 at which the fused head starts training, scaled to the run like "
                          "the paper's 100 (the default); recorded as <variant>+fused<E>")
+    go.add_argument("--base_lr", type=float, default=None,
+                    help="train.py's base learning rate (its default: 0.001); another is recorded as <variant>+lr<rate>")
     go.add_argument("--warmup_steps", type=int, default=6, help="untimed steps per stage before timing")
     go.add_argument("--timed_steps", type=int, default=20,
                     help="timed steps per stage from an epoch's start (at most an epoch; the save is added)")

@@ -93,7 +93,7 @@ def test_budget_to_iterations_and_schedule_fitting():
 def test_every_variant_is_a_set_of_train_py_flags(prepared):
     options = argparse.Namespace(dataset="Phantom", vit_name="testing", batch_size=8, device="cpu", num_workers=None,
                                  biomedclip_priors=prepared / "priors.pt", names_only_priors=None, augmentation="strong",
-                                 amp="none")
+                                 amp="none", base_lr=None)
     parsed = {}
     for name in benchmark.VARIANTS:
         flags = benchmark.recipe_flags(name, prepared / "data" / "fold0", 64, options, prepared / "out")
@@ -115,6 +115,13 @@ def test_every_variant_is_a_set_of_train_py_flags(prepared):
     assert benchmark.training_name("immseg", "nnunet") == "immseg+nnunet_aug"
     assert benchmark.training_name("immseg", "strong") == "immseg", "the recipe's preset keeps the variant's name"
     assert benchmark.training_name("immseg", "nnunet", "bf16") == "immseg+nnunet_aug+bf16"
+    assert "--base_lr" not in flags, "the recipe trains at train.py's default learning rate"
+    options.base_lr = 0.001
+    assert "--base_lr" not in benchmark.recipe_flags("immseg", prepared / "data" / "fold0", 64, options,
+                                                     prepared / "out"), "the default rate is the recipe's, no flag"
+    options.base_lr = 0.003
+    flags = benchmark.recipe_flags("immseg", prepared / "data" / "fold0", 64, options, prepared / "out")
+    assert train_script.parse_args(flags).base_lr == 0.003
     options.biomedclip_priors = None
     with pytest.raises(benchmark.BenchmarkError, match="needs --biomedclip_priors"):
         benchmark.recipe_flags("no_cmfe", prepared / "data" / "fold0", 64, options, prepared / "out")
@@ -332,6 +339,7 @@ def test_an_earlier_fused_stage_is_scaled_to_the_run_and_trained_under_its_own_n
     assert benchmark.fit_schedule(825, 11, paper_fusion=0)["start_contrast_epoch"] == 0, "contrast never after fusion"
     assert benchmark.schedule_name("immseg", 100, 100) == "immseg" and benchmark.schedule_name("immseg", None, 100) == (
         "immseg")
+    assert benchmark.schedule_name("immseg", 50, 100, 0.003) == "immseg+fused50+lr0.003"
     for variant, epoch, message in (("transunet_early", 50, "transunet_early has no fused head"),
                                     ("immseg", 300, "expected an epoch of the paper's schedule, 0 to 299")):
         assert benchmark.main(run_args(prepared, variant, 2, "--mode", "iterations", "--iterations", "30",
@@ -364,6 +372,21 @@ def test_an_earlier_fused_stage_is_scaled_to_the_run_and_trained_under_its_own_n
     assert benchmark.main(run_args(prepared, "transunet_early", 2, "--mode", "iterations", "--iterations", "30",
                                    "--heads", "fused,LGE")) == 1
     assert "transunet_early has one head" in caplog.text
+
+
+def test_another_learning_rate_is_trained_and_recorded_under_its_own_name(prepared, caplog):
+    budget = ("--mode", "iterations", "--iterations", "10")
+    assert benchmark.main(run_args(prepared, "transunet_early", 1, *budget, "--base_lr", "0")) == 1
+    assert "--base_lr 0: expected a positive learning rate" in caplog.text
+    runs = prepared / "out" / "runs" / "data"
+    assert not (runs / "transunet_early+lr0").exists()
+
+    assert benchmark.main(run_args(prepared, "transunet_early", 1, *budget, "--base_lr", "0.003")) == 0
+    run_dir = runs / "transunet_early+lr0.003" / "iterations_10" / "fold1"
+    assert load_checkpoint(run_dir / "last.pth")["args"]["base_lr"] == 0.003
+    records = [r for r in benchmark.read_results(prepared / "out" / "results.jsonl")
+               if r["variant"] == "transunet_early+lr0.003"]
+    assert len(records) == 10 and {(r["base_lr"], r["fold"]) for r in records} == {(0.003, 1)}
 
 
 def _dice_by_case(metrics):
