@@ -1063,41 +1063,47 @@ def dice_comparison_cells(records, reference_records, structure):
 def _budget_groups(records, pool_budgets):
     """{(input, budget, variant): records}; with ``pool_budgets`` a variant's budgets of one mode (time or
     iterations) on an input are one group, labelled by them all (runs matched fold by fold, e.g. equal iterations
-    per fold), each case at most once."""
+    per fold), when each fold has one of them; a variant with several budgets on a fold keeps a group per budget."""
     def pool(record):
         return record["input"], record["variant"], record["setting"].split()[0]
 
-    budgets = {}
+    per_fold = {}
     for record in records:
-        budgets.setdefault(pool(record), set()).add(record["setting"])
+        per_fold.setdefault(pool(record), {}).setdefault(record["fold"], set()).add(record["setting"])
+    pooled = {key: " + ".join(sorted(set().union(*folds.values()))) for key, folds in per_fold.items()
+              if pool_budgets and all(len(budgets) == 1 for budgets in folds.values())}
     groups = {}
     for record in records:
-        budget = " + ".join(sorted(budgets[pool(record)])) if pool_budgets else record["setting"]
+        budget = pooled.get(pool(record), record["setting"])
         groups.setdefault((record["input"], budget, record["variant"]), []).append(record)
     for (input_name, budget, variant), group in groups.items():
         seen = [(r["fold"], r["case"], r["structure"]) for r in group]
         if len(set(seen)) != len(seen):
-            raise BenchmarkError(f"{variant} on {input_name} at {budget} scores a case more than once (several "
-                                 "budgets on one fold); pool only runs that differ in budget between folds")
+            raise BenchmarkError(f"{variant} on {input_name} at {budget} scores a case more than once")
     return groups
 
 
 def report_table(records, reference="immseg", reference_setting=None, pool_budgets=False):
     """The Markdown table: one row per (input, budget, variant) and structure, paired against ``reference`` on the
     same input at ``reference_setting`` (default: each row's own budget). ``pool_budgets``: one row per (input,
-    variant, mode) over its budgets, paired with the reference's one pooled row on that input."""
-    if pool_budgets and reference_setting:
-        raise BenchmarkError("--pool_budgets pairs each variant with the reference's pooled runs: leave out "
-                             "--reference_setting")
+    variant, mode) over its budgets (see ``_budget_groups``), paired with the reference's row on that input at
+    ``reference_setting`` (default: its one row there)."""
     groups = _budget_groups(records, pool_budgets)
-    pooled_reference = {}
+    reference_groups = {}
     for key, group in groups.items():
         if key[2] == reference:
-            pooled_reference.setdefault(key[0], []).append(group)
-    ambiguous = sorted(name for name, found in pooled_reference.items() if len(found) > 1)
-    if pool_budgets and ambiguous:
-        raise BenchmarkError(f"--pool_budgets: {reference} has runs in both modes (time, iterations) on {ambiguous}; "
-                             "pool against a reference with one")
+            reference_groups.setdefault(key[0], {})[key[1]] = group
+    ambiguous = sorted(name for name, found in reference_groups.items() if len(found) > 1)
+    if pool_budgets and reference_setting is None and ambiguous:
+        raise BenchmarkError(f"--pool_budgets: {reference} has rows at several budgets on {ambiguous} "
+                             f"({', '.join(sorted(reference_groups[ambiguous[0]]))}): name one with --reference_setting")
+
+    def reference_group_of(key):
+        found = reference_groups.get(key[0], {})
+        if reference_setting is not None:
+            return found.get(reference_setting)
+        return next(iter(found.values()), None) if pool_budgets else found.get(key[1])
+
     order = list(VARIANTS)
     keys = sorted(groups, key=lambda k: (k[0], k[1], order.index(k[2]) if k[2] in order else len(order), k[2]))
     lines = [f"| variant | input | budget | folds | structure | cases | Dice (%) | HD95 (mm) | iterations | s / step "
@@ -1106,8 +1112,7 @@ def report_table(records, reference="immseg", reference_setting=None, pool_budge
              "|" + " --- |" * 16]
     for key in keys:
         group = groups[key]
-        reference_key = (key[0], reference_setting or key[1], reference)
-        reference_group = pooled_reference.get(key[0], [None])[0] if pool_budgets else groups.get(reference_key)
+        reference_group = reference_group_of(key)
         per_case = {}
         for record in group:
             per_case.setdefault((record["fold"], record["case"]), dict.fromkeys(STRUCTURES, (math.nan, math.nan)))[
@@ -1122,7 +1127,7 @@ def report_table(records, reference="immseg", reference_setting=None, pool_budge
         minutes = _span([runs[f]["train_seconds"] / 60 for f in folds], "{:.1f}")
         for structure in STRUCTURES:
             cells = [""] * 5
-            if reference_group is not None and key != reference_key:
+            if reference_group is not None and group is not reference_group:
                 cells = dice_comparison_cells(group, reference_group, structure)
             entry = summary[structure]
             lines.append(f"| {key[2]} | {key[0]} | {key[1]} | {','.join(map(str, folds))} | "
@@ -1141,7 +1146,7 @@ def report(out, reference="immseg", path=None, reference_setting=None, pool_budg
         f"Runs from {dates[0]} to {dates[-1]}, commit(s) {', '.join(commits)}. Mean ± standard deviation over all "
         "cases of all folds, undefined values left out (`cases` counts all). Δ: mean per-case paired difference "
         f"against {reference} on the same input at "
-        f"{'its budgets (pooled)' if pool_budgets else reference_setting or 'the same budget'} (Dice in points); better "
+        f"{reference_setting or ('its budget(s), pooled' if pool_budgets else 'the same budget')} (Dice in points); better "
         "Dice: cases where the variant's Dice is higher, of the cases where both are defined; 95% interval: percentile "
         "bootstrap of the mean Δ Dice over those cases (10000 resamples, seed 0); p: two-sided Wilcoxon signed-rank "
         "test of the per-case Dice differences.", "",
@@ -1288,8 +1293,9 @@ def parse_args(argv=None):
                      help="the reference's budget, e.g. 'time 38 min' when a heart-centred input's fine runs got "
                           "the budget less the locator's minutes (default: each row's own budget)")
     rep.add_argument("--pool_budgets", action="store_true",
-                     help="one row per variant and mode over its budgets (e.g. equal iterations fitted per fold), "
-                          "paired with the reference's runs on the same folds")
+                     help="one row per variant and mode over its budgets when each fold has one (e.g. equal "
+                          "iterations fitted per fold), paired with the reference's row (--reference_setting: the "
+                          "one at that budget, as labelled in the table)")
     rep.add_argument("--report_file", type=Path, default=None, help="default: <out>/report.md")
 
     fit_parser = commands.add_parser("fit", help="Dice of one trained run on its fold's training cases against its "
