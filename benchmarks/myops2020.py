@@ -733,6 +733,7 @@ def run(options):
         _, flags, plan = plans[training]
         train_seconds += train_member(flags, plan, run_dir, seed, standalone)
     member_plans = [plans[training][2] for _, training, _ in runs]
+    member_configs = [_flag_value(plans[training][1], "--vit_name") for _, training, _ in runs]
     base_flags, schedule = plans[runs[0][1]][1], member_plans[0]["schedule"]
     scored_dir = run_folder(out, input_name, scored_variant, label, options.fold)
     test_dir = scored_dir / "_".join(["test_last", *inference])
@@ -751,15 +752,16 @@ def run(options):
               "seconds_per_step": float(np.mean([plan["seconds_per_step"] for plan in member_plans])),
               "train_seconds": round(train_seconds, 1),
               **{name: schedule[name] for name in ("max_epochs", "start_contrast_epoch", "region_fusion_start_epoch")},
-              "vit_name": options.vit_name, "batch_size": options.batch_size, "augmentation": options.augmentation,
-              "amp": options.amp, "base_lr": train_script.parse_args(base_flags).base_lr,
+              "vit_name": ",".join(dict.fromkeys(member_configs)), "batch_size": options.batch_size,
+              "augmentation": options.augmentation, "amp": options.amp, "base_lr": train_script.parse_args(base_flags).base_lr,
               "priors": _flag_value(base_flags, "--prior_embeddings"),
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "git_commit": git_commit(), "machine": machine_description(options.device)}
     if options.members > 1:
         common["member_runs"] = [{"variant": variant, "augmentation": augmentation, "seed": seed,
-                                  "iterations": plan["schedule"]["max_iterations"]}
-                                 for (_, (variant, augmentation), seed), plan in zip(runs, member_plans)]
+                                  "iterations": plan["schedule"]["max_iterations"], "vit_name": config}
+                                 for (_, (variant, augmentation), seed), plan, config
+                                 in zip(runs, member_plans, member_configs)]
     records = [{**common, "case": case, "structure": structure, "dice": _defined(dice), "hd95": _defined(hd95)}
                for case, per_structure in sorted(metrics.items()) for structure, (dice, hd95) in per_structure.items()]
     append_results(results, records)

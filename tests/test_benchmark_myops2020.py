@@ -281,7 +281,7 @@ def test_members_with_a_list_of_augmentations_train_each_preset_from_its_own_pla
     records = [r for r in benchmark.read_results(prepared / "out" / "results.jsonl")
                if r["variant"] == "immseg+ens3_strong2_nnunet1"]
     assert len(records) == 10 and records[0]["iterations"] == 6 and records[0]["member_runs"] == [
-        {"variant": "immseg", "augmentation": augmentation, "seed": seed, "iterations": 2}
+        {"variant": "immseg", "augmentation": augmentation, "seed": seed, "iterations": 2, "vit_name": "testing"}
         for _, augmentation, seed in members]
     # the nnunet member is the standalone nnunet run at the member budget: scoring that alone trains nothing
     stamp = (members[1][0] / "last.pth").stat().st_mtime_ns
@@ -314,11 +314,31 @@ def test_members_of_different_variants_train_each_variant_from_its_own_plan(prep
     assert info["ensemble"] == [str(member / "last.pth") for member in members]
     records = [r for r in benchmark.read_results(prepared / "out" / "results.jsonl") if r["variant"] == name]
     assert len(records) == 10 and records[0]["member_runs"] == [
-        {"variant": variant, "augmentation": "strong", "seed": 1234, "iterations": 2}
+        {"variant": variant, "augmentation": "strong", "seed": 1234, "iterations": 2, "vit_name": "testing"}
         for variant in ("immseg", "immseg_scar2")]
     stamp = (members[1] / "last.pth").stat().st_mtime_ns
     assert benchmark.main(run_args(prepared, "immseg_scar2", 0, "--mode", "iterations", "--iterations", "2")) == 0
     assert (members[1] / "last.pth").stat().st_mtime_ns == stamp and "is trained (" in caplog.text
+
+
+def test_a_member_of_its_own_configuration_is_recorded_with_it(prepared, monkeypatch):
+    """As immseg_half trains compact-half beside the recipe's compact: here a variant of testing-release beside
+    testing, so that the records say which configurations were trained, not the recipe's."""
+    monkeypatch.setitem(benchmark.RECIPE_FLAGS, "vit_name", "testing")
+    monkeypatch.setitem(benchmark.VARIANTS, "immseg_release",
+                        benchmark.Variant("I-MMSeg, the review release's switches", (), "biomedclip",
+                                          config="testing-release"))
+    budget = ["--mode", "iterations", "--iterations", "4", "--members", "2"]
+    assert benchmark.main(run_args(prepared, "immseg", 1, *budget, "--member_variants", "immseg,immseg_release")) == 0
+    member = prepared / "out" / "runs" / "data" / "immseg_release" / "iterations_2" / "fold1"
+    assert load_checkpoint(member / "last.pth")["args"]["vit_name"] == "testing-release"
+    records = [r for r in benchmark.read_results(prepared / "out" / "results.jsonl")
+               if r["variant"] == "immseg_x1+immseg_release_x1+ens2_strong2"]
+    assert len(records) == 10 and records[0]["vit_name"] == "testing,testing-release"
+    assert [m["vit_name"] for m in records[0]["member_runs"]] == ["testing", "testing-release"]
+    assert benchmark.main(run_args(prepared, "immseg_release", 1, "--mode", "iterations", "--iterations", "2")) == 0
+    alone = [r for r in benchmark.read_results(prepared / "out" / "results.jsonl") if r["variant"] == "immseg_release"]
+    assert len(alone) == 10 and alone[0]["vit_name"] == "testing-release"
 
 
 def test_a_plan_made_in_another_checkout_is_reused_and_one_with_other_flags_refused(tmp_path):
