@@ -753,7 +753,8 @@ def run(options):
               "train_seconds": round(train_seconds, 1),
               **{name: schedule[name] for name in ("max_epochs", "start_contrast_epoch", "region_fusion_start_epoch")},
               "vit_name": ",".join(dict.fromkeys(member_configs)), "batch_size": options.batch_size,
-              "augmentation": options.augmentation, "amp": options.amp, "base_lr": train_script.parse_args(base_flags).base_lr,
+              "augmentation": options.augmentation, "amp": options.amp,
+              "base_lr": train_script.parse_args(base_flags).base_lr,
               "priors": _flag_value(base_flags, "--prior_embeddings"),
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "git_commit": git_commit(), "machine": machine_description(options.device)}
