@@ -388,15 +388,17 @@ def training_name(variant_name, augmentation, amp="none"):
     return with_amp(name, amp)
 
 
-def schedule_name(variant_name, fused_start_epoch, paper_fusion, base_lr=None):
+def schedule_name(variant_name, fused_start_epoch, paper_fusion, base_lr=None, batch_size=None):
     """The variant with ``+fused<E>`` when its fused stage starts at epoch E of the paper's schedule instead of the
-    paper's own (which keeps the plain name), and ``+lr<rate>`` with a base learning rate ``base_lr`` (None: train.py's
-    default)."""
+    paper's own (which keeps the plain name), ``+lr<rate>`` with a base learning rate ``base_lr`` (None: train.py's
+    default) and ``+bs<N>`` with a batch size other than the recipe's (None: the recipe's)."""
     name = variant_name
     if fused_start_epoch is not None and fused_start_epoch != paper_fusion:
         name = f"{name}+fused{fused_start_epoch}"
     if base_lr is not None:
         name = f"{name}+lr{base_lr:g}"
+    if batch_size is not None and batch_size != RECIPE_FLAGS["batch_size"]:
+        name = f"{name}+bs{batch_size}"
     return name
 
 
@@ -691,7 +693,8 @@ def run(options):
     out = Path(options.out)
     results = out / "results.jsonl"
     augmentations = member_augmentations(options)
-    named = {variant: schedule_name(variant, options.fused_start_epoch, paper_schedule()[2], custom_lr(options))
+    named = {variant: schedule_name(variant, options.fused_start_epoch, paper_schedule()[2], custom_lr(options),
+                                    options.batch_size)
              for variant in variants}
     scored_variant = ensemble_name([named[variant] for variant in variants], augmentations, options.amp)
     inference = [name for name, on in (("tta", options.tta), ("pp", options.postprocess)) if on]
@@ -1254,7 +1257,8 @@ def parse_args(argv=None):
     go.add_argument("--names_only_priors", type=Path, default=None,
                     help="prior file of priors/prompts/names_only.json (default: encoded by the offline encoder)")
     go.add_argument("--vit_name", default=RECIPE_FLAGS["vit_name"], help="configuration (recipe: compact)")
-    go.add_argument("--batch_size", type=int, default=RECIPE_FLAGS["batch_size"], help="recipe: 8")
+    go.add_argument("--batch_size", type=int, default=RECIPE_FLAGS["batch_size"],
+                    help="train.py's --batch_size (recipe: 8); another is recorded as <variant>+bs<N>")
     go.add_argument("--augmentation", default=RECIPE_FLAGS["augmentation"], metavar="{" + ",".join(AUGMENTATIONS) + "}",
                     help="train.py --augmentation (recipe: strong); another preset is recorded as variant "
                          "<variant>+<preset>_aug. With --members, one preset for all or a comma-separated list with "

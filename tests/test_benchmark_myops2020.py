@@ -409,6 +409,20 @@ def test_another_learning_rate_is_trained_and_recorded_under_its_own_name(prepar
     assert len(records) == 10 and {(r["base_lr"], r["fold"]) for r in records} == {(0.003, 1)}
 
 
+def test_another_batch_size_is_trained_and_recorded_under_its_own_name(prepared):
+    assert benchmark.schedule_name("immseg", None, 100, 0.004, 8) == "immseg+lr0.004", "the recipe's batch: no suffix"
+    args = run_args(prepared, "transunet_early", 1, "--mode", "iterations", "--iterations", "10")
+    args[args.index("--batch_size") + 1] = "4"
+    assert benchmark.main(args) == 0
+    runs = prepared / "out" / "runs" / "data"
+    run_dir = runs / "transunet_early+bs4" / "iterations_10" / "fold1"
+    assert load_checkpoint(run_dir / "last.pth")["args"]["batch_size"] == 4
+    assert not (runs / "transunet_early" / "iterations_10" / "fold1").exists()
+    records = [r for r in benchmark.read_results(prepared / "out" / "results.jsonl") if r["fold"] == 1
+               and r["setting"] == "iterations 10"]
+    assert len(records) == 10 and {(r["variant"], r["batch_size"]) for r in records} == {("transunet_early+bs4", 4)}
+
+
 def _dice_by_case(metrics):
     return {(case, structure): dice for case, per_structure in metrics.items()
             for structure, (dice, _) in per_structure.items()}
