@@ -47,7 +47,7 @@ from datasets.postprocessing import keep_largest_myocardium
 from datasets.preprocessing import PreprocessingSettings, preprocess_case
 from datasets.roi import heart_centre
 from datasets.vocabulary import LABEL_MAPS, MODALITIES
-from networks.inference import predict_volume
+from networks.inference import predict_volume, warn_if_bf16_is_emulated
 from trainer import (CheckpointError, configure_logging, ensemble_checkpoints, inference_model, load_checkpoint,
                      read_preprocessing, resolve_checkpoint, setup_distributed)
 from utils import STRUCTURES, atomic_path
@@ -250,6 +250,7 @@ def predict(args):
     cases = find_cases(args.input_dir, labelled=False)
     check_output_dir(args.output_dir, args.overwrite)
     device = setup_distributed(args.device).device
+    warn_if_bf16_is_emulated(device, args.amp, logger)
     members = load_ensemble(args.run, args.checkpoint, device)
     models = [member.model for member in members]
     modalities, settings, img_size = members[0].modalities, members[0].settings, members[0].img_size

@@ -40,7 +40,7 @@ from datasets.geometry import probabilities_to_original
 from datasets.layouts import DataError, map_labels
 from datasets.postprocessing import keep_largest_myocardium
 from datasets.vocabulary import MODALITIES
-from networks.inference import HeadAverage, predict_volume
+from networks.inference import HeadAverage, predict_volume, warn_if_bf16_is_emulated
 from trainer import (ABLATIONS, CheckpointError, add_run_arguments, configure_logging, ensemble_checkpoints, filled,
                      inference_model, load_checkpoint, preprocessing_differences, read_preprocessing, run_directory,
                      seed_everything, setup_distributed)
@@ -234,6 +234,7 @@ def load_members(args, device):
 
 def evaluate(args):
     ctx = setup_distributed(args.device)
+    warn_if_bf16_is_emulated(ctx.device, args.amp, logger)
     members = load_members(args, ctx.device)
     args.checkpoint_path, checkpoint, _ = members[0]
     # Without --root_path, the training run's data and list folder (the release's lists live apart from its data).

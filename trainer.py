@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from datasets.dataset_myops import MyoPSDataset, RandomGenerator
 from datasets.vocabulary import MODALITIES
-from networks.inference import autocast_context, fuse_for_inference, predict_volume
+from networks.inference import autocast_context, fuse_for_inference, predict_volume, warn_if_bf16_is_emulated
 from networks.vit_seg_configs import get_config, with_switch_defaults
 from networks.vit_seg_modeling import MODEL_NAMES, build_model
 from priors.store import embeddings_sha256
@@ -625,6 +625,7 @@ class Trainer:
         self.max_iterations = iteration_budget(args, len(self.loader), spec["model"])
         self.optimizer = make_optimizer(self.model.parameters(), args.base_lr, args.weight_decay, ctx.device)
         self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=args.amp == "fp16")
+        warn_if_bf16_is_emulated(ctx.device, args.amp, logger)
         self.criterion = IMMSegLoss(args.num_classes, model.config.contrast,
                                     args.dice_class_weights).to(ctx.device)
         self.state = TrainState()

@@ -161,3 +161,32 @@ def test_unlabelled_layouts_with_nii_and_nii_gz(tmp_path):
     assert case.images["LGE"].name == "Case9001_DE.nii.gz" and case.label is None
     with pytest.raises(DataError, match="nor does it hold the MyoPS380 layout's Raw_data/ folder"):
         find_cases(tmp_path)
+
+
+def test_bf16_on_a_cpu_without_bf16_kernels_is_warned_about_by_train_test_and_predict(trained, tmp_path, monkeypatch,
+                                                                                       caplog):
+    import networks.inference as inference
+
+    assert inference.cpu_has_bf16_kernels() in (True, False), "this PyTorch tells"
+    warning = "bf16 is emulated and several times slower than float32"
+    monkeypatch.setattr(inference, "cpu_has_bf16_kernels", lambda: False)
+    run = tmp_path / "bf16"
+    assert train_tiny_run(trained / "data", trained / "priors.pt", run, "--max_epochs", "1", "--amp", "bf16") == 0
+    assert warning in caplog.text, "train.py"
+    for name, command in (("test.py", lambda: test_script.main(["--output_dir", str(run), "--checkpoint", "last",
+                                                                 "--amp", "bf16", "--no_save_nii"])),
+                          ("predict.py", lambda: predict.main(["--input_dir", str(trained / "unlabelled"),
+                                                               "--output_dir", str(tmp_path / "predicted"), "--run",
+                                                               str(run), "--checkpoint", "last", "--amp", "bf16"]))):
+        caplog.clear()
+        assert command() == 0
+        assert warning in caplog.text, name
+    caplog.clear()
+    assert test_script.main(["--output_dir", str(run), "--checkpoint", "last", "--amp", "none", "--no_save_nii",
+                             "--test_save_dir", str(tmp_path / "float32")]) == 0
+    monkeypatch.setattr(inference, "cpu_has_bf16_kernels", lambda: True)
+    assert test_script.main(["--output_dir", str(run), "--checkpoint", "last", "--amp", "bf16", "--no_save_nii",
+                             "--test_save_dir", str(tmp_path / "native")]) == 0
+    assert warning not in caplog.text, "float32, or a CPU with bf16 kernels: no warning"
+    inference.warn_if_bf16_is_emulated(torch.device("cuda"), "bf16")
+    assert warning not in caplog.text, "a GPU: no warning"
