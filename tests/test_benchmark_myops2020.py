@@ -423,6 +423,15 @@ def test_another_batch_size_is_trained_and_recorded_under_its_own_name(prepared)
     assert len(records) == 10 and {(r["variant"], r["batch_size"]) for r in records} == {("transunet_early+bs4", 4)}
 
 
+def test_timing_a_bf16_step_on_a_cpu_without_bf16_kernels_warns(prepared, monkeypatch, caplog):
+    import networks.inference as inference
+
+    monkeypatch.setattr(inference, "cpu_has_bf16_kernels", lambda: False)
+    assert benchmark.main(run_args(prepared, "transunet_early", 2, "--mode", "iterations", "--iterations", "10",
+                                   "--amp", "bf16")) == 0
+    assert "bf16 is emulated and several times slower than float32" in caplog.text
+
+
 def _dice_by_case(metrics):
     return {(case, structure): dice for case, per_structure in metrics.items()
             for structure, (dice, _) in per_structure.items()}
