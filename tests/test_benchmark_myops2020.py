@@ -419,7 +419,7 @@ def test_another_batch_size_is_trained_and_recorded_under_its_own_name(prepared)
     assert load_checkpoint(run_dir / "last.pth")["args"]["batch_size"] == 4
     assert not (runs / "transunet_early" / "iterations_10" / "fold1").exists()
     records = [r for r in benchmark.read_results(prepared / "out" / "results.jsonl") if r["fold"] == 1
-               and r["setting"] == "iterations 10"]
+               and r["setting"] == "iterations 10" and r["variant"].startswith("transunet_early+bs")]
     assert len(records) == 10 and {(r["variant"], r["batch_size"]) for r in records} == {("transunet_early+bs4", 4)}
 
 
