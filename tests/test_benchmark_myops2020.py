@@ -164,6 +164,8 @@ def test_run_appends_per_case_results_and_a_rerun_is_skipped(prepared, caplog):
     assert all(r["dice"] is None or 0 <= r["dice"] <= 1 for r in records)
     machine = record["machine"]
     assert machine["cpu"] and machine["cpu_count"] == os.cpu_count() and machine["torch"] == torch.__version__
+    assert machine["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert machine["cpu_bf16_kernels"] in (True, False), "whether bf16 autocast runs natively on this CPU"
     assert "gpu" not in machine, "a run on the CPU names no GPU"
     run_dir = prepared / "out" / "runs" / "data" / "immseg" / "iterations_5" / "fold0"
     last = run_dir / "last.pth"
