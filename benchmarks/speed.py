@@ -9,6 +9,8 @@ backward and optimiser step with all loss terms of the fused stage;
 ``infer_slice_s`` is the median time per slice when a volume of ``--slices``
 slices is predicted in batches of ``--batch_slices`` (the path test.py uses).
 On CUDA, ``peak_cuda_mb`` is torch.cuda.max_memory_allocated over both.
+``cpu_capability`` and ``cpu_bf16_kernels`` say what the CPU offers PyTorch
+(e.g. AVX2 without bf16 kernels: ``--amp bf16`` is emulated there, and slow).
 With ``--reference_dir`` (a checkout of the I_MMSeg review release with its
 ``text_features/*.pth``), its model is timed the way its own scripts run it:
 the same training step, and inference one slice at a time.
@@ -126,11 +128,13 @@ def build_ours(torch, args):
 
 def measure_ours(args):
     torch = _setup(args)
-    from networks.inference import fuse_for_inference, predict_slices
+    from networks.inference import cpu_has_bf16_kernels, fuse_for_inference, predict_slices, warn_if_bf16_is_emulated
 
+    warn_if_bf16_is_emulated(args.device, args.amp, logger)
     model, forward, criterion, optimizer = build_ours(torch, args)
     figures = {"model": f"ours {args.vit_name}",
-               "params": sum(p.numel() for p in model.parameters())}
+               "params": sum(p.numel() for p in model.parameters()),
+               "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu_bf16_kernels": cpu_has_bf16_kernels()}
     figures["train_step_s"] = _time_training(torch, args, forward, optimizer, criterion, lambda out: out)
 
     inference_model = fuse_for_inference(model)

@@ -228,3 +228,14 @@ def test_speed_benchmark_puts_the_model_and_the_loss_on_its_device():
     assert {tensor.device.type for _, tensor in tensors(model) + tensors(criterion)} == {"meta"}
     assert forward(torch.zeros(2, 3, 32, 32, device="meta")).fused_logits.device.type == "meta"
     assert {state.device.type for group in optimizer.param_groups for state in group["params"]} == {"meta"}
+
+
+def test_speed_benchmark_records_the_cpus_capability_and_bf16_kernels():
+    from benchmarks import speed
+
+    args = speed.parse_args(["--vit_name", "testing", "--img_size", "32", "--batch_size", "2", "--warmup", "0",
+                             "--steps", "1", "--slices", "2", "--batch_slices", "2", "--infer_repeats", "1"])
+    figures = speed.measure_ours(args)
+    assert figures["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert figures["cpu_bf16_kernels"] in (True, False)
+    assert figures["train_step_s"] > 0 and figures["infer_slice_s"] > 0
