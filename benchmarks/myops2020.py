@@ -59,7 +59,7 @@ import train as train_script  # noqa: E402
 from datasets.dataset_myops import AUGMENTATIONS  # noqa: E402
 from datasets.layouts import load_case  # noqa: E402
 from datasets.vocabulary import MODALITIES  # noqa: E402
-from networks.inference import cpu_has_bf16_kernels  # noqa: E402
+from networks.inference import cpu_features  # noqa: E402
 from priors import EncoderUnavailableError  # noqa: E402
 from trainer import (RUN_DEFAULTS, Trainer, all_rng_states, configure_logging, git_commit,  # noqa: E402
                      run_folder_lock, seed_everything, setup_distributed)
@@ -201,8 +201,7 @@ def cpu_model():
 def machine_description(device):
     """What a wall-clock budget's iterations depend on besides the code, kept with every record: the same budget
     buys a different number of iterations on another machine."""
-    description = {"cpu": cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-                   "cpu_bf16_kernels": cpu_has_bf16_kernels(), "cpu_count": os.cpu_count(),
+    description = {"cpu": cpu_model(), **cpu_features(), "cpu_count": os.cpu_count(),
                    "torch_threads": torch.get_num_threads(), "torch": torch.__version__}
     if device in ("auto", "cuda") and torch.cuda.is_available():
         description["gpu"] = torch.cuda.get_device_name(0)

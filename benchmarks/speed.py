@@ -128,13 +128,12 @@ def build_ours(torch, args):
 
 def measure_ours(args):
     torch = _setup(args)
-    from networks.inference import cpu_has_bf16_kernels, fuse_for_inference, predict_slices, warn_if_bf16_is_emulated
+    from networks.inference import cpu_features, fuse_for_inference, predict_slices, warn_if_bf16_is_emulated
 
     warn_if_bf16_is_emulated(args.device, args.amp, logger)
     model, forward, criterion, optimizer = build_ours(torch, args)
     figures = {"model": f"ours {args.vit_name}",
-               "params": sum(p.numel() for p in model.parameters()),
-               "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu_bf16_kernels": cpu_has_bf16_kernels()}
+               "params": sum(p.numel() for p in model.parameters()), **cpu_features()}
     figures["train_step_s"] = _time_training(torch, args, forward, optimizer, criterion, lambda out: out)
 
     inference_model = fuse_for_inference(model)

@@ -9,6 +9,8 @@ import torch.nn.functional as F
 
 from .vit_seg_modeling_resnet_skip import StdConv2d
 
+logger = logging.getLogger(__name__)
+
 
 def _standardised_conv(conv):
     """A plain Conv2d holding the standardised kernel of a StdConv2d, on the source's device and in its dtype."""
@@ -73,11 +75,16 @@ def cpu_has_bf16_kernels():
     return None if check is None else bool(check())
 
 
-def warn_if_bf16_is_emulated(device, amp, logger=logging.getLogger(__name__)):
+def cpu_features():
+    """What this CPU offers PyTorch, for records of speed: its capability (e.g. AVX2, AVX512) and bf16 kernels."""
+    return {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu_bf16_kernels": cpu_has_bf16_kernels()}
+
+
+def warn_if_bf16_is_emulated(device, amp, log=logger):
     """Log a warning when bf16 autocast is asked for on a CPU without bf16 kernels: it still runs, with every bf16
     operation emulated, several times slower than float32 (a training step of `compact`, 8.8 times on an AVX2 CPU)."""
     if amp == "bf16" and torch.device(device).type == "cpu" and cpu_has_bf16_kernels() is False:
-        logger.warning("--amp bf16 on a CPU without bf16 kernels (PyTorch's CPU capability: %s): bf16 is emulated and "
+        log.warning("--amp bf16 on a CPU without bf16 kernels (PyTorch's CPU capability: %s): bf16 is emulated and "
                        "several times slower than float32 here; use --amp none on this machine",
                        torch.backends.cpu.get_cpu_capability())
 

@@ -425,7 +425,7 @@ def test_another_batch_size_is_trained_and_recorded_under_its_own_name(prepared)
     assert len(records) == 10 and {(r["variant"], r["batch_size"]) for r in records} == {("transunet_early+bs4", 4)}
 
 
-def test_timing_a_bf16_step_on_a_cpu_without_bf16_kernels_warns(prepared, monkeypatch, caplog):
+def test_a_bf16_run_on_a_cpu_without_bf16_kernels_warns(prepared, monkeypatch, caplog):
     import networks.inference as inference
 
     monkeypatch.setattr(inference, "cpu_has_bf16_kernels", lambda: False)
