@@ -49,7 +49,8 @@ from datasets.roi import heart_centre
 from datasets.vocabulary import LABEL_MAPS, MODALITIES
 from networks.inference import predict_volume, warn_if_bf16_is_emulated
 from trainer import (CheckpointError, configure_logging, ensemble_checkpoints, inference_model, load_checkpoint,
-                     read_preprocessing, resolve_checkpoint, setup_distributed)
+                     read_preprocessing, resolve_checkpoint, resolve_device_defaults,
+                     setup_distributed)
 from utils import STRUCTURES, atomic_path
 
 logger = logging.getLogger("predict")
@@ -76,7 +77,8 @@ def parse_args(argv=None):
                         help="checkpoint file, or a name in the run folder (best, last, epoch_N); "
                              "default: best.pth if present, else last.pth")
     parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
-    parser.add_argument("--amp", default="none", choices=["none", "fp16", "bf16"], help="mixed precision on GPUs")
+    parser.add_argument("--amp", default="auto", choices=["auto", "none", "fp16", "bf16"],
+                        help="mixed precision (auto: bf16 on a GPU that has it, none elsewhere)")
     parser.add_argument("--tta", action="store_true", help="average the predictions over the four flips")
     parser.add_argument("--postprocess", action="store_true",
                         help="keep only the largest 3-D connected component of the whole myocardium (scar and "
@@ -250,6 +252,7 @@ def predict(args):
     cases = find_cases(args.input_dir, labelled=False)
     check_output_dir(args.output_dir, args.overwrite)
     device = setup_distributed(args.device).device
+    resolve_device_defaults(args, device)
     warn_if_bf16_is_emulated(device, args.amp, logger)
     members = load_ensemble(args.run, args.checkpoint, device)
     models = [member.model for member in members]

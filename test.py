@@ -43,7 +43,7 @@ from datasets.vocabulary import MODALITIES
 from networks.inference import HeadAverage, predict_volume, warn_if_bf16_is_emulated
 from trainer import (ABLATIONS, CheckpointError, add_run_arguments, configure_logging, ensemble_checkpoints, filled,
                      inference_model, load_checkpoint, preprocessing_differences, read_preprocessing, run_directory,
-                     seed_everything, setup_distributed)
+                     resolve_device_defaults, seed_everything, setup_distributed)
 from utils import (PATHOLOGY, STRUCTURES, atomic_path, case_metrics, released_case_metrics, summarise,
                    summarise_released)
 
@@ -234,6 +234,8 @@ def load_members(args, device):
 
 def evaluate(args):
     ctx = setup_distributed(args.device)
+    resolve_device_defaults(args, ctx.device)
+    seed_everything(1234 if args.seed is None else args.seed, args.deterministic)
     warn_if_bf16_is_emulated(ctx.device, args.amp, logger)
     members = load_members(args, ctx.device)
     args.checkpoint_path, checkpoint, _ = members[0]
@@ -322,7 +324,6 @@ def evaluate(args):
 def main(argv=None):
     args = parse_args(argv)
     configure_logging()
-    seed_everything(1234 if args.seed is None else args.seed, args.deterministic)
     args.run_dir = Path(args.output_dir) if args.output_dir else run_directory(filled(args))
     try:
         with torch.inference_mode():

@@ -20,14 +20,16 @@ import numpy as np
 import torch
 
 from datasets.dataset_myops import AUGMENTATIONS
+from engine.checkpoint_writer import CheckpointWriteError, remove_interrupted_writes
 from networks.npz_weights import PretrainedWeightsError
 from networks.vit_seg_configs import DEFAULT_PRETRAINED_PATH
 from networks.vit_seg_modeling import build_model
 from priors import DEFAULT_PROMPTS, EncoderUnavailableError, PriorFileError, PromptFileError, resolve_priors
 from priors.store import embeddings_sha256
-from trainer import (ROOT, CheckpointError, Trainer, TrainingInterrupted, add_run_arguments, build_config,
-                     check_run_folder, clear_run_folder, configure_logging, filled, model_spec, run_directory,
-                     run_folder_lock, seed_everything, setup_distributed, write_run_config)
+from trainer import (CUDA_DEFAULTS, ROOT, CheckpointError, Trainer, TrainingInterrupted, add_run_arguments,
+                     build_config, check_run_folder, clear_run_folder, configure_logging, filled, model_spec,
+                     resolve_device_defaults, run_directory, run_folder_lock, seed_everything, setup_distributed,
+                     write_run_config)
 
 logger = logging.getLogger("train")
 
@@ -51,7 +53,14 @@ def parse_args(argv=None):
                         help="augmentation ranges: method.md's, wider ones for small datasets, or the wider ones "
                              "with nnU-Net's elastic deformation, contrast and blur")
     parser.add_argument("--num_workers", type=int, default=None,
-                        help="data loading processes per training process (default: 4 on GPU, 2 on CPU)")
+                        help="data loading processes per training process (default: on a GPU the process's share "
+                             "of the cores less one, 2 to 8; 2 on the CPU)")
+    parser.add_argument("--compile", default="auto", choices=["auto", "off", "on"],
+                        help="torch.compile the model's repeated regions and the loss; a failed compilation warns "
+                             f"and trains eagerly. auto: {CUDA_DEFAULTS['compile']} on a GPU, off on the CPU")
+    parser.add_argument("--log_every", type=int, default=None,
+                        help="read the loss from the device every N steps (progress bar, TensorBoard, non-finite "
+                             "check; always before a save); default 25 on a GPU, 1 on the CPU")
     parser.add_argument("--pretrained_path", type=Path, default=ROOT / DEFAULT_PRETRAINED_PATH,
                         help="Google's R50-ViT-B_16.npz (ImageNet-21k); missing is an error unless --no_pretrain")
     parser.add_argument("--prior_embeddings", type=Path, default=None,
@@ -70,6 +79,8 @@ def parse_args(argv=None):
     parser.add_argument("--image_every", type=int, default=50, help="TensorBoard images every N iterations")
     parser.add_argument("--progress", type=int, default=1, help="1: progress bars")
     args = parser.parse_args(argv)
+    if args.log_every is not None and args.log_every < 1:
+        parser.error(f"--log_every must be at least 1, got {args.log_every}")
     if args.overwrite and args.resume:
         parser.error("--overwrite deletes the checkpoints that --resume continues from: give one of them")
     args = filled(args)
@@ -135,6 +146,10 @@ def open_run_folder(run_dir, overwrite, ctx):
         run_dir.mkdir(parents=True, exist_ok=True)
     ctx.barrier()
     configure_logging(run_dir, ctx.is_main)
+    if ctx.is_main:
+        for path in remove_interrupted_writes(run_dir):
+            logger.warning("removed %s, a checkpoint write cut short by a killed process (the files it would have "
+                           "replaced are whole)", path)
 
 
 def train_in(run_dir, args, ctx):
@@ -164,8 +179,9 @@ def main(argv=None):
     if args.n_gpu is not None and args.n_gpu != ctx.world_size:
         logger.warning("--n_gpu %d ignored: this run has %d process(es); start several with torchrun --nproc_per_node",
                        args.n_gpu, ctx.world_size)
-    if args.num_workers is None:
-        args.num_workers = 4 if ctx.device.type == "cuda" else 2
+    resolve_device_defaults(args, ctx.device)
+    logger.info("on %s: --amp %s, --deterministic %d, --compile %s, --num_workers %d, --log_every %d", ctx.device,
+                args.amp, args.deterministic, args.compile, args.num_workers, args.log_every)
     seed_everything(args.seed + ctx.rank, args.deterministic)
     try:
         check_run_folder(run_dir, args.resume, args.overwrite)
@@ -176,7 +192,7 @@ def main(argv=None):
     except KeyboardInterrupt:
         return 130
     except (CheckpointError, PretrainedWeightsError, PriorFileError, PromptFileError, EncoderUnavailableError,
-            FileNotFoundError, FloatingPointError, ValueError) as error:
+            FileNotFoundError, FloatingPointError, ValueError, CheckpointWriteError) as error:
         logger.error("%s", error)
         return 1
     finally:

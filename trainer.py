@@ -37,11 +37,12 @@ from tqdm import tqdm
 
 from datasets.dataset_myops import MyoPSDataset, RandomGenerator
 from datasets.vocabulary import MODALITIES
+from engine.checkpoint_writer import BackgroundCheckpointWriter, CheckpointWriteError
 from networks.inference import autocast_context, fuse_for_inference, predict_volume, warn_if_bf16_is_emulated
 from networks.vit_seg_configs import get_config, with_switch_defaults
-from networks.vit_seg_modeling import MODEL_NAMES, build_model
+from networks.vit_seg_modeling import MODEL_NAMES, build_model, compile_regions
 from priors.store import embeddings_sha256
-from utils import (BASELINE_WEIGHTS, PATHOLOGY, IMMSegLoss, atomic_path, atomic_torch_save, case_metrics,
+from utils import (BASELINE_WEIGHTS, PATHOLOGY, IMMSegLoss, atomic_path, case_metrics,
                    loss_weights, process_alive)
 
 logger = logging.getLogger("trainer")
@@ -56,6 +57,38 @@ RUN_DEFAULTS = {"dataset": "Myops", "num_classes": 4, "max_iterations": None, "m
                 "vit_name": "R50-ViT-B_16", "vit_patches_size": 16, "model": "immseg", "modality": "LGE"}
 ABLATIONS = {"no_cmfe": "use_cmfe", "no_cfm": "use_cfm", "no_contrast": "use_contrast",
              "no_text_prior": "use_text_prior"}
+
+
+# What an unset --amp, --deterministic and --compile mean on a GPU (documentation/speed.md says on what evidence;
+# --compile stays opt-in until benchmarks/gpu_speed.sh has measured what it costs and saves)
+CUDA_DEFAULTS = {"amp": "bf16", "deterministic": 0, "compile": "off"}
+
+
+def resolve_device_defaults(args, device):
+    """Fill the flags whose default depends on the device: --amp, --deterministic (and --compile, --num_workers,
+    --log_every where the script has them). Returns ``args``, changed in place."""
+    cuda = torch.device(device).type == "cuda"
+    if getattr(args, "amp", None) in (None, "auto"):
+        args.amp = CUDA_DEFAULTS["amp"] if cuda and torch.cuda.is_bf16_supported() else "none"
+    if getattr(args, "deterministic", None) is None:
+        args.deterministic = CUDA_DEFAULTS["deterministic"] if cuda else 1
+    if getattr(args, "compile", "absent") in (None, "auto"):
+        args.compile = CUDA_DEFAULTS["compile"] if cuda else "off"
+    if hasattr(args, "num_workers") and args.num_workers is None:
+        args.num_workers = loader_workers(cuda)
+    if hasattr(args, "log_every") and args.log_every is None:
+        args.log_every = 25 if cuda else 1
+    return args
+
+
+def loader_workers(cuda):
+    """Loader processes per training process: on a GPU the cores of this process's share of the machine, less
+    one for the training process itself, from 2 to 8; on the CPU 2 (the cores compute the model)."""
+    if not cuda:
+        return 2
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    return max(2, min(8, cores // processes - 1))
 
 
 class CheckpointError(ValueError):
@@ -99,9 +132,13 @@ def add_run_arguments(parser, with_defaults=True):
     parser.add_argument("--output_dir", type=Path, default=None,
                         help="run folder (default: weights/TU_<dataset><img_size>/<run name>, the released naming)")
     parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
-    parser.add_argument("--amp", default="none", choices=["none", "fp16", "bf16"],
-                        help="mixed precision (fp16 uses a grad scaler)")
-    parser.add_argument("--deterministic", type=int, default=1, help="1: deterministic algorithms and seeding")
+    parser.add_argument("--amp", default="auto", choices=["auto", "none", "fp16", "bf16"],
+                        help="mixed precision (fp16 uses a grad scaler); auto: bf16 on a GPU that has it, "
+                             "none (float32) elsewhere")
+    parser.add_argument("--deterministic", type=int, default=None, choices=[0, 1],
+                        help="1: deterministic algorithms (bitwise-repeatable runs and resumes); 0: the fastest "
+                             "algorithms (cuDNN benchmark). Default: 1 on the CPU, "
+                             f"{CUDA_DEFAULTS['deterministic']} on a GPU")
 
 
 def filled(args):
@@ -434,6 +471,8 @@ def seed_everything(seed, deterministic):
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
+        # filling every new tensor with NaN only exposes reads of unwritten memory; results do not depend on it
+        torch.utils.deterministic.fill_uninitialized_memory = False
 
 
 def rng_state():
@@ -631,23 +670,42 @@ class Trainer:
         self.state = TrainState()
         self.stop = StopRequest()
         self.writer = None
+        self.git_commit = git_commit()
+        self.checkpoint_writer = BackgroundCheckpointWriter()
+        self.pending_losses = []  # (iteration, lr, loss, terms) of the steps whose losses are still on the device
+        self.last_losses = None  # (loss, {term: value}) of the last step read back
+        self.compile_mode = getattr(args, "compile", "off") or "off"
+        self.compiled_stages = set()  # loss weights whose compiled step has run once
+        if self.compile_mode != "off" and not compile_in_place(self.model, self.criterion, self.compile_mode):
+            self.compile_mode = "off"
 
     # checkpoints -------------------------------------------------------------------------------------------
     def checkpoint(self, rng_states, interrupted=False):
         return {"format": CHECKPOINT_FORMAT, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scaler": self.scaler.state_dict(), "train_state": asdict(self.state), "interrupted": interrupted,
                 "rng": rng_states, "spec": self.spec, "args": _plain(vars(self.args)),
-                "priors": self.priors_provenance, "preprocessing": self.preprocessing, "git_commit": git_commit(),
+                "priors": self.priors_provenance, "preprocessing": self.preprocessing, "git_commit": self.git_commit,
                 "saved": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
-    def save(self, names, interrupted=False):
+    def save(self, names, interrupted=False, wait=False):
+        """Write the training state under ``names`` in the background (``wait``: before returning). The losses
+        of the steps since the last read are checked first, so a non-finite loss never reaches a checkpoint.
+        A save of last.pth alone is skipped while the previous save is still being written (the next epoch's
+        comes soon); every other save waits for it."""
+        self.read_losses()
         rng_states = all_rng_states(self.ctx)
         if not self.ctx.is_main:
             return
-        checkpoint = self.checkpoint(rng_states, interrupted)
-        for name in names:
-            atomic_torch_save(checkpoint, self.run_dir / name)
-        logger.info("saved %s (epoch %d, iteration %d)", ", ".join(names), self.state.epoch, self.state.iteration)
+        paths = [self.run_dir / name for name in names]
+        optional = names == ["last.pth"] and not interrupted and not wait
+        if self.checkpoint_writer.submit(self.checkpoint(rng_states, interrupted), paths, skip_if_busy=optional):
+            logger.info("saving %s (epoch %d, iteration %d)", ", ".join(names), self.state.epoch,
+                        self.state.iteration)
+        else:
+            logger.info("last.pth of epoch %d skipped: the previous checkpoint is still being written",
+                        self.state.epoch)
+        if wait:
+            self.checkpoint_writer.wait()
 
     def resume(self, path):
         # On the CPU: the RNG states must stay CPU tensors; weights and optimizer state are copied to the
@@ -722,7 +780,17 @@ class Trainer:
         return loss_weights(epoch, self.args.start_contrast_epoch, self.args.region_fusion_start_epoch,
                             self.args.contrast_w, use_contrast=not self.args.no_contrast)
 
+    def forward_backward(self, network, images, labels, weights):
+        with autocast_context(images.device, self.args.amp):
+            output = network(images, fused=weights.fused > 0, contrast=weights.contrast > 0)
+            loss, terms = self.criterion(output, labels, weights)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        return output, loss.detach(), terms
+
     def train_step(self, network, batch, weights):
+        """One optimisation step. The loss stays on the device (read_losses reads it every --log_every steps), so
+        the host never waits for the device within a step (except fp16's grad scaler)."""
         device = self.ctx.device
         images = batch["image"].to(device, non_blocking=True)
         if device.type == "cuda":
@@ -731,17 +799,29 @@ class Trainer:
         lr = poly_lr(self.args.base_lr, self.state.iteration, self.max_iterations)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        with autocast_context(device, self.args.amp):
-            output = network(images, fused=weights.fused > 0, contrast=weights.contrast > 0)
-            loss, terms = self.criterion(output, labels, weights)
-        self.check_finite(loss, terms)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
+        first_compiled_step = self.compile_mode != "off" and weights not in self.compiled_stages
+        random_state = rng_state() if first_compiled_step else None
+        try:
+            output, loss, terms = self.forward_backward(network, images, labels, weights)
+        except Exception as error:  # noqa: BLE001 - any failure of compilation falls back to the eager step
+            if not first_compiled_step:
+                raise
+            logger.warning("torch.compile failed (%s: %s); training continues without compilation, as with "
+                           "--compile off", type(error).__name__, (str(error).strip().splitlines() or [""])[0][:500])
+            self.compile_mode = "off"
+            torch.compiler.set_stance("force_eager")
+            set_rng_state(random_state)
+            output, loss, terms = self.forward_backward(network, images, labels, weights)
+        if first_compiled_step:
+            self.compiled_stages.add(weights)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.state.iteration += 1
         self.state.epoch_iteration += 1
-        return output, loss.detach(), terms, lr
+        self.pending_losses.append((self.state.iteration, lr, loss, terms))
+        if len(self.pending_losses) >= getattr(self.args, "log_every", 1):
+            self.read_losses()
+        return output, loss, terms, lr
 
     def stop_if_requested(self):
         """Raise TrainingInterrupted on every rank as soon as any rank has received SIGINT or SIGTERM."""
@@ -753,25 +833,35 @@ class Trainer:
         if number:
             raise TrainingInterrupted(number)
 
-    def check_finite(self, loss, terms):
-        value = loss.detach().float().clone()
-        if self.ctx.distributed:
-            dist.all_reduce(value)
-        if not torch.isfinite(value):
-            described = ", ".join(f"{k} {v.item():.4g}" for k, v in terms.items())
-            raise FloatingPointError(f"non-finite loss at epoch {self.state.epoch + 1}, iteration "
-                                     f"{self.state.iteration + 1} ({described}); the last good checkpoint is kept "
-                                     f"in {self.run_dir}")
-
-    def log_step(self, output, batch, loss, terms, lr):
-        if self.writer is None:
+    def read_losses(self):
+        """Read the losses of the steps since the last read from the device in one transfer: stop at the first
+        non-finite one (on any rank), else log them to TensorBoard and keep the newest for the progress bar."""
+        pending, self.pending_losses = self.pending_losses, []
+        if not pending:
             return
+        names = list(pending[-1][3])
+        values = torch.stack([torch.stack([loss.float()] + [terms[name].float() for name in names])
+                              for _, _, loss, terms in pending])
+        finite = torch.isfinite(values[:, 0]).float()
+        if self.ctx.distributed:
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        values, finite = values.cpu().tolist(), finite.cpu().tolist()
+        for (iteration, lr, _, _), row, ok in zip(pending, values, finite):
+            if not ok:
+                described = ", ".join(f"{name} {value:.4g}" for name, value in zip(names, row[1:]))
+                raise FloatingPointError(f"non-finite loss at epoch {self.state.epoch + 1}, iteration {iteration} "
+                                         f"({described or 'on another process'}); the last good checkpoint is kept "
+                                         f"in {self.run_dir}")
+            if self.writer is not None:
+                self.writer.add_scalar("info/lr", lr, iteration)
+                self.writer.add_scalar("loss/total", row[0], iteration)
+                for name, value in zip(names, row[1:]):
+                    self.writer.add_scalar(f"loss/{name}", value, iteration)
+        self.last_losses = (values[-1][0], dict(zip(names, values[-1][1:])))
+
+    def log_images(self, output, batch):
         step = self.state.iteration
-        self.writer.add_scalar("info/lr", lr, step)
-        self.writer.add_scalar("loss/total", loss.item(), step)
-        for name, value in terms.items():
-            self.writer.add_scalar(f"loss/{name}", value.item(), step)
-        if step % self.args.image_every == 0:
+        if self.writer is not None and step % self.args.image_every == 0:
             logits = output.fused_logits if output.fused_logits is not None else output.modality_logits[0]
             prediction = logits[0].detach().float().argmax(dim=0).cpu() / (self.args.num_classes - 1)
             label = batch["label"][0].float() / (self.args.num_classes - 1)
@@ -783,7 +873,8 @@ class Trainer:
         return self.spec["model"] != "immseg" or self.state.epoch > self.args.region_fusion_start_epoch
 
     def validate(self):
-        score = mean_pathology_dice(self.model, self.val_set, self.args, self.ctx.device)
+        with eager_if_compiled(self.compile_mode):  # evaluation graphs are not worth their compilation
+            score = mean_pathology_dice(self.model, self.val_set, self.args, self.ctx.device)
         self.model.train()
         if self.writer is not None:
             self.writer.add_scalar("val/mean_pathology_dice", score, self.state.iteration)
@@ -812,14 +903,17 @@ class Trainer:
                                    "last.pth, from which --resume auto continues with the next step", interruption,
                                    self.state.epoch + 1, self.state.epoch_iteration,
                                    self.sampler.num_samples // args.batch_size, self.state.iteration)
-                    self.save(["last.pth"], interrupted=True)
+                    self.save(["last.pth"], interrupted=True, wait=True)
                     self.ctx.barrier()  # under torchrun, a rank that exits early gets the others killed
                     raise
+                self.checkpoint_writer.wait()  # a stop signal meanwhile lets the last write finish
         except KeyboardInterrupt as interruption:
             if not isinstance(interruption, TrainingInterrupted):
-                logger.warning("interrupted within a step: nothing saved, last.pth holds the state of its last save")
+                logger.warning("interrupted within a step: nothing saved, last.pth holds the state of its last "
+                               "completed save")
             raise
         finally:
+            self.finish_writing()
             if self.writer is not None:
                 self.writer.close()
         logger.info("training finished: %d epochs, %d iterations; best mean pathology Dice %s", self.state.epoch,
@@ -841,15 +935,25 @@ class Trainer:
                         disable=not self.ctx.is_main or not self.args.progress, dynamic_ncols=True)
         for batch in progress:
             self.stop_if_requested()
-            output, loss, terms, lr = self.train_step(network, batch, weights)
+            output, _, _, lr = self.train_step(network, batch, weights)
             if self.ctx.is_main:
-                progress.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}")
-                self.log_step(output, batch, loss, terms, lr)
+                if self.last_losses is not None:
+                    progress.set_postfix(loss=f"{self.last_losses[0]:.4f}", lr=f"{lr:.2e}", refresh=False)
+                self.log_images(output, batch)
             if self.state.iteration >= self.max_iterations:
                 break
         progress.close()
-        logger.info("epoch %d: iteration %d, loss %.4f (%s), weights %s", epoch + 1, self.state.iteration,
-                    loss.item(), ", ".join(f"{k} {v.item():.4f}" for k, v in terms.items()), tuple(weights))
+        self.read_losses()
+        loss, terms = self.last_losses or (math.nan, {})
+        logger.info("epoch %d: iteration %d, loss %.4f (%s), weights %s", epoch + 1, self.state.iteration, loss,
+                    ", ".join(f"{k} {v:.4f}" for k, v in terms.items()), tuple(weights))
+
+    def finish_writing(self):
+        """Wait for a checkpoint write in flight; its failure is logged (an error being raised takes precedence)."""
+        try:
+            self.checkpoint_writer.wait()
+        except CheckpointWriteError as error:
+            logger.error("%s", error)
 
     def end_epoch(self):
         self.state.epoch += 1
@@ -870,6 +974,36 @@ class Trainer:
         if self.state.epoch % args.save_every == 0 or finished:
             names.append(f"epoch_{self.state.epoch - 1}.pth")
         self.save(names)
+
+
+# torch.compile's backend; the tests use "aot_eager" (inductor's C++ code generation takes minutes on a small CPU)
+COMPILE_BACKEND = "inductor"
+
+
+def compile_in_place(model, criterion, mode):
+    """Compile the model's regions (compile_regions) and the loss in place for --compile on; parameters, state dict
+    and module names stay as they are. Random draws (dropout, contrast sampling) come from the eager generator, so
+    a compiled run draws what an eager one draws. False (with a warning) where this PyTorch cannot."""
+    import torch._inductor.config as inductor_config
+
+    if not hasattr(torch.compiler, "set_stance"):
+        logger.warning("--compile %s needs PyTorch 2.6 or newer (this is %s): training runs without compilation",
+                       mode, torch.__version__)
+        return False
+    inductor_config.fallback_random = True
+    regions = compile_regions(model)
+    for module in regions + [criterion]:
+        module.compile(backend=COMPILE_BACKEND)
+    logger.info("--compile %s: %d regions of the model and the loss, compiled at their first calls", mode,
+                len(regions))
+    return True
+
+
+def eager_if_compiled(mode):
+    """A context in which compiled modules run eagerly (no compilation of evaluation graphs)."""
+    if mode == "off":
+        return contextlib.nullcontext()
+    return torch.compiler.set_stance("force_eager")
 
 
 def tensorboard_writer(folder):

@@ -62,10 +62,16 @@ class TextAnchoredContrastiveLoss(nn.Module):
     the positives of i and then over the samples that have a positive. The
     scales' losses are summed. Without any sampled pixel the loss is a zero that
     stays connected to the graph.
+
+    On a GPU every tensor has a fixed size: a draw that finds fewer pixels than asked keeps
+    its slots, marked invalid and left out of every sum, so the loss never waits for the
+    device to say how many pixels it found (no host synchronisation, graph-capturable).
+    On the CPU, where knowing the count costs nothing, the invalid slots are dropped first.
     """
 
-    def __init__(self, samples_per_scale=(50, 20, 10), temperature=0.07, anchor_copies=1):
+    def __init__(self, samples_per_scale=(50, 20, 10), temperature=0.07, anchor_copies=1, fixed_size=None):
         super().__init__()
+        self.fixed_size = fixed_size  # None: on GPUs only
         self.samples_per_scale = tuple(samples_per_scale)
         self.temperature = temperature
         self.anchor_copies = anchor_copies
@@ -77,18 +83,22 @@ class TextAnchoredContrastiveLoss(nn.Module):
                              f"got {len(embeddings)} and {len(anchors)}")
         total = 0.0
         for features, anchor, count in zip(embeddings, anchors, self.samples_per_scale):
-            sampled, targets = self.sample(features, labels, count, anchor.shape[0], ignore_classes)
+            sampled, targets, valid = self.sample(features, labels, count, anchor.shape[0], ignore_classes)
+            if not (sampled.is_cuda if self.fixed_size is None else self.fixed_size):
+                sampled, targets, valid = sampled[valid], targets[valid], valid[valid]
             classes = torch.arange(anchor.shape[0], device=anchor.device).repeat(self.anchor_copies)
             anchor = anchor.float().repeat(self.anchor_copies, 1)
             # In float32 under any autocast: in fp16 a zero feature normalises to NaN and exp() underflows.
             with torch.autocast(sampled.device.type, enabled=False):
                 total = total + self.supervised_contrast(
-                    F.normalize(torch.cat([sampled.float(), anchor]), dim=1), torch.cat([targets, classes]))
+                    F.normalize(torch.cat([sampled.float(), anchor]), dim=1), torch.cat([targets, classes]),
+                    torch.cat([valid, torch.ones_like(classes, dtype=torch.bool)]))
         return total
 
     @staticmethod
     def sample(features, labels, count, num_classes, ignore_classes=()):
-        """Up to ``count`` random pixels per image and class -> (M, d) features and (M,) class ids."""
+        """``count`` random pixel slots per image and class -> (B*K*count, d) features, (B*K*count,) class ids and
+        (B*K*count,) validity: a class with fewer than ``count`` pixels fills its other slots with invalid ones."""
         batch, dim, height, width = features.shape
         small = F.interpolate(labels[:, None].float(), size=(height, width), mode="nearest")[:, 0].long()
         small = small.flatten(1)
@@ -100,26 +110,28 @@ class TextAnchoredContrastiveLoss(nn.Module):
         keyed = torch.where(member, keys[:, None, :], torch.full_like(keys[:, None, :], 2.0))
         count = min(count, small.shape[1])
         values, index = keyed.topk(count, dim=-1, largest=False)
-        valid = (values < 2.0).view(batch, num_classes * count)
+        valid = (values < 2.0).view(batch * num_classes * count)
         flat = features.flatten(2).transpose(1, 2)
         gathered = torch.gather(flat, 1, index.view(batch, num_classes * count, 1).expand(-1, -1, dim))
-        targets = classes.view(1, num_classes, 1).expand(batch, -1, count).reshape(batch, -1)
-        return gathered[valid], targets[valid]
+        targets = classes.view(1, num_classes, 1).expand(batch, -1, count).reshape(-1)
+        return gathered.reshape(-1, dim), targets, valid
 
-    def supervised_contrast(self, features, targets):
+    def supervised_contrast(self, features, targets, valid):
         similarity = features @ features.t() / self.temperature
-        similarity = similarity - similarity.max(dim=1, keepdim=True).values.detach()
+        # any per-row shift cancels in log_prob; the maximum over valid columns keeps exp() in range
+        shift = similarity.detach().masked_fill(~valid[None, :], -math.inf).max(dim=1, keepdim=True).values
+        similarity = similarity - shift
         same = targets[:, None] == targets[None, :]
-        positive = same & ~torch.eye(len(targets), dtype=torch.bool, device=targets.device)
+        pair = valid[:, None] & valid[None, :]
+        positive = same & pair & ~torch.eye(len(targets), dtype=torch.bool, device=targets.device)
         exp = similarity.exp()
-        negative_sum = (exp * (~same)).sum(dim=1, keepdim=True)
+        negative_sum = (exp * (~same & valid[None, :])).sum(dim=1, keepdim=True)
         log_prob = similarity - torch.log(exp + negative_sum)
         positives = positive.sum(dim=1)
         has_positive = positives > 0
-        if not has_positive.any():
-            return features.sum() * 0.0
-        per_sample = (log_prob * positive).sum(dim=1)[has_positive] / positives[has_positive]
-        return -per_sample.mean()
+        per_sample = (log_prob * positive).sum(dim=1) / positives.clamp(min=1)
+        # zero (still connected to the graph) when no sample has a positive
+        return -(per_sample * has_positive).sum() / has_positive.sum().clamp(min=1)
 
 
 class LossWeights(NamedTuple):

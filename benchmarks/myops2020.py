@@ -62,8 +62,8 @@ from datasets.vocabulary import MODALITIES  # noqa: E402
 from networks.inference import cpu_features  # noqa: E402
 from priors import EncoderUnavailableError  # noqa: E402
 from trainer import (RUN_DEFAULTS, Trainer, all_rng_states, configure_logging, git_commit,  # noqa: E402
-                     run_folder_lock, seed_everything, setup_distributed)
-from utils import STRUCTURES, atomic_path, atomic_torch_save, summarise  # noqa: E402
+                     resolve_device_defaults, run_folder_lock, seed_everything, setup_distributed)
+from utils import STRUCTURES, atomic_path, summarise  # noqa: E402
 
 logger = logging.getLogger("benchmark")
 
@@ -356,7 +356,8 @@ def recipe_flags(variant_name, fold_dir, crop_size, options, out):
              "--vit_name", variant.config or options.vit_name, "--batch_size", str(options.batch_size),
              "--device", options.device,
              "--augmentation", options.augmentation, *RECIPE_SWITCHES, *variant.flags]
-    if options.amp != "none":
+    on_gpu = options.device == "cuda" or (options.device == "auto" and torch.cuda.is_available())
+    if options.amp != "none" or on_gpu:  # train.py's --amp auto is bf16 on a GPU
         flags += ["--amp", options.amp]
     if options.num_workers is not None:
         flags += ["--num_workers", str(options.num_workers)]
@@ -427,11 +428,18 @@ def _epoch_start_steps(trainer, weights, count):
 
 
 def _checkpoint_seconds(trainer):
-    """Seconds of the end-of-epoch save of last.pth (written to a temporary folder)."""
+    """Seconds for which the end-of-epoch save of last.pth holds up training (the snapshot; the writing runs in the
+    background), written to a temporary folder; the write itself is waited for outside the timing."""
     with tempfile.TemporaryDirectory() as folder:
+        if trainer.ctx.device.type == "cuda":
+            torch.cuda.synchronize(trainer.ctx.device)
         start = time.perf_counter()
-        atomic_torch_save(trainer.checkpoint(all_rng_states(trainer.ctx)), Path(folder) / "last.pth")
-        return time.perf_counter() - start
+        trainer.checkpoint_writer.submit(trainer.checkpoint(all_rng_states(trainer.ctx)), [Path(folder) / "last.pth"])
+        if trainer.ctx.device.type == "cuda":
+            torch.cuda.synchronize(trainer.ctx.device)
+        seconds = time.perf_counter() - start
+        trainer.checkpoint_writer.wait()
+        return seconds
 
 
 def time_training_step(train_flags, warmup_steps, timed_steps):
@@ -444,8 +452,7 @@ def time_training_step(train_flags, warmup_steps, timed_steps):
     Returns (seconds per step, {"fused 1, modality 0.5, contrast 0.05": seconds, ...}, iterations per epoch)."""
     args = train_script.parse_args(list(train_flags))
     ctx = setup_distributed(args.device)
-    if args.num_workers is None:
-        args.num_workers = 4 if ctx.device.type == "cuda" else 2  # train.py's default
+    resolve_device_defaults(args, ctx.device)  # as train.py
     seed_everything(args.seed, args.deterministic)
     model, spec, _ = train_script.build(args, ctx)
     trainer = Trainer(args, ctx, model, spec, Path(args.output_dir))  # saves nothing: no provenance needed

@@ -385,6 +385,18 @@ def _check_images(images, num_modalities, img_size):
                          f"{images.shape[-2]}x{images.shape[-1]}: resize them first")
 
 
+def compile_regions(model):
+    """The submodules that ``--compile`` compiles one by one (regional compilation): the repeated units (transformer
+    blocks, ResNet bottlenecks, decoder blocks, heads, I-MMSeg's modules). The same code with parameters of the same
+    shapes compiles once for all its instances, so the three encoders cost one compilation, not three, and the
+    schedule's stages (which change what the model returns) recompile only the small modules around them."""
+    from .vit_seg_modeling_resnet_skip import Bottleneck
+
+    kinds = (Block, Bottleneck, DecoderBlock, DynamicClassHead, CrossModalFeatureEnhancement, ClassFeatureModulation,
+             ContrastProjection)
+    return [module for module in model.modules() if isinstance(module, kinds)]
+
+
 CONFIGS = {name: factory() for name, factory in configs.CONFIG_FACTORIES.items()}
 MODEL_NAMES = ("immseg", "transunet_single", "transunet_early")
 

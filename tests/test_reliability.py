@@ -337,3 +337,102 @@ def test_prior_output_pointing_at_a_folder_is_a_clear_error(workspace, tmp_path,
         encode_priors.main(["--import", str(workspace / "plain_priors.pt"), "--out", str(tmp_path)])
     assert exit_info.value.code == 2
     assert f"--out {tmp_path} is a folder" in capsys.readouterr().err
+
+
+# Background checkpoints (issue 15) ----------------------------------------------------------------------------
+
+KILLED_DURING_SAVE = """
+import os, signal, sys
+sys.path.insert(0, {root!r})
+import torch
+import train
+from engine import checkpoint_writer
+
+real_save, saves = torch.save, []
+
+
+def save_then_die(state, path, *args, **kwargs):
+    saves.append(path)
+    if len(saves) < 2:
+        return real_save(state, path, *args, **kwargs)
+    with open(path, "wb") as handle:  # half of a checkpoint, then the process is killed
+        handle.write(b"PK\\x03\\x04" + bytes(4096))
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+checkpoint_writer.torch.save = save_then_die
+sys.exit(train.main(sys.argv[1:]))
+"""
+
+
+def test_a_kill_during_a_background_save_leaves_the_previous_last_checkpoint_loadable(workspace, straight, tmp_path):
+    script = tmp_path / "killed_during_save.py"
+    script.write_text(KILLED_DURING_SAVE.format(root=str(ROOT)))
+    args = train_args(workspace, "killed", "--num_workers", "0", "--save_every", "1")
+    result = subprocess.run([sys.executable, str(script), *args], cwd=ROOT, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]
+    run = workspace / "killed"
+    checkpoint = load_checkpoint(run / "last.pth")
+    assert checkpoint["train_state"]["epoch"] == 1, "the first epoch's last.pth, whole"
+    assert sorted(path.name for path in run.glob("*.pth")) == ["epoch_0.pth", "last.pth"]
+    assert [path.name.split(".")[1] for path in run.glob(".*.tmp")] == ["last"], "the cut write's temporary file"
+    assert train_script.main(train_args(workspace, "killed", "--save_every", "1", "--resume", "auto")) == 0
+    assert_same_run(straight, run)
+    assert not list(run.glob(".*.tmp")), "the resumed run removed the cut write's temporary file"
+
+
+def slow_saves(monkeypatch, seconds, log):
+    """Make every checkpoint write of engine.checkpoint_writer take ``seconds`` longer; ``log`` records their ends."""
+    from engine import checkpoint_writer
+
+    real_save = torch.save
+
+    def slow_save(state, path, *args, **kwargs):
+        import time
+        time.sleep(seconds)
+        real_save(state, path, *args, **kwargs)
+        log.append(state["train_state"]["iteration"])
+
+    monkeypatch.setattr(checkpoint_writer.torch, "save", slow_save)
+
+
+def test_a_stop_signal_waits_for_the_checkpoint_being_written(workspace, straight, monkeypatch):
+    written = []
+    slow_saves(monkeypatch, 1.0, written)
+    interrupt_at(monkeypatch, STEPS_PER_EPOCH + 1, signal.SIGTERM)
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        assert train_script.main(train_args(workspace, "stopped_while_saving", "--save_every", "1")) == 143
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    # the epoch-1 save was still being written at the signal: it completed, then the stop's save
+    assert written == [STEPS_PER_EPOCH, STEPS_PER_EPOCH + 1]
+    run = workspace / "stopped_while_saving"
+    assert load_checkpoint(run / "epoch_0.pth")["train_state"]["iteration"] == STEPS_PER_EPOCH
+    last = load_checkpoint(run / "last.pth")
+    assert last["interrupted"] and last["train_state"]["iteration"] == STEPS_PER_EPOCH + 1
+    monkeypatch.undo()
+    assert train_script.main(train_args(workspace, "stopped_while_saving", "--save_every", "1", "--resume",
+                                        "auto")) == 0
+    assert_same_run(straight, run)
+
+
+def test_a_failed_checkpoint_write_stops_training_with_a_named_error_and_keeps_the_previous_file(
+        workspace, monkeypatch, caplog):
+    from engine import checkpoint_writer
+
+    real_save, calls = torch.save, []
+
+    def no_space_left(state, path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) > 1:
+            raise OSError(28, "No space left on device")
+        real_save(state, path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint_writer.torch, "save", no_space_left)
+    assert train_script.main(train_args(workspace, "full_disk", "--max_epochs", "3")) == 1
+    run = workspace / "full_disk"
+    assert "could not write checkpoint" in caplog.text and "No space left on device" in caplog.text
+    assert load_checkpoint(run / "last.pth")["train_state"]["epoch"] == 1
+    assert not list(run.glob(".*.tmp")), "no half-written file is left behind"

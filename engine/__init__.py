@@ -1,0 +1,1 @@
+"""The training engine's parts that scripts and the trainer share."""
