@@ -18,8 +18,9 @@ from tqdm import tqdm
 
 from datasets.layouts import DataError, find_cases, load_case
 from datasets.roi import write_centres
-from predict import HeartLocator
-from trainer import CheckpointError, configure_logging
+from engine.checkpoints import CheckpointError
+from engine.predictor import HeartLocator
+from engine.runs import configure_logging
 
 logger = logging.getLogger("locate_heart")
 

@@ -28,29 +28,26 @@ the reason and skipped; the exit code is then 1.
 """
 import argparse
 import csv
-import dataclasses
 import logging
 import math
 import sys
 import time
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from datasets.export import save_nifti, save_overlay
-from datasets.geometry import probabilities_to_original
 from datasets.layouts import DataError, find_cases, load_case
 from datasets.postprocessing import keep_largest_myocardium
-from datasets.preprocessing import PreprocessingSettings, preprocess_case
-from datasets.roi import heart_centre
 from datasets.vocabulary import LABEL_MAPS, MODALITIES
-from networks.inference import predict_volume, warn_if_bf16_is_emulated
-from trainer import (CheckpointError, configure_logging, ensemble_checkpoints, inference_model, load_checkpoint,
-                     read_preprocessing, resolve_checkpoint, resolve_device_defaults,
-                     setup_distributed)
+from engine.checkpoints import CheckpointError
+from engine.distributed import setup_distributed
+from engine.options import resolve_device_defaults
+from engine.predictor import HeartLocator, load_ensemble, predict_case
+from engine.runs import configure_logging
+from networks.inference import warn_if_bf16_is_emulated
 from utils import STRUCTURES, atomic_path
 
 logger = logging.getLogger("predict")
@@ -91,26 +88,6 @@ def parse_args(argv=None):
                              "given are replaced, or removed when the case fails")
     parser.add_argument("--batch_slices", type=int, default=16, help="slices predicted per batch")
     return parser.parse_args(argv)
-
-
-def run_preprocessing(checkpoint, checkpoint_path):
-    """(sequence order, settings) of the run's training data: the checkpoint's record, else its dataset.json."""
-    record = checkpoint.get("preprocessing")
-    source = f"checkpoint {checkpoint_path}"
-    if record is None:
-        root = checkpoint.get("args", {}).get("root_path")
-        record = read_preprocessing(root) if root else None
-        source = f"{Path(root) / 'dataset.json'}" if root else source
-        if record is None:
-            raise CheckpointError(
-                f"{checkpoint_path} does not record how its training data was preprocessed (sequence order, "
-                f"spacing, crop size, intensity scaling), and its training data's dataset.json "
-                f"{'(' + source + ') is not there' if root else 'is unknown (no root_path in its arguments)'}; "
-                "copy that dataset.json to this path, or retrain with data written by preprocess_data.py")
-    modalities = list(record["modalities"])
-    if sorted(modalities) != sorted(MODALITIES):
-        raise CheckpointError(f"{source} records the sequences {modalities}; predict.py reads {list(MODALITIES)}")
-    return modalities, PreprocessingSettings.from_dataset_settings(record["settings"], source)
 
 
 def check_output_dir(output_dir, overwrite):
@@ -164,37 +141,6 @@ def write_volumes(rows, path):
             writer.writerows(rows)
 
 
-def predict_case(models, volumes, modalities, settings, args, device, img_size, centre=None):
-    """(labels 0-3 in the original grid, labels in the processed grid, the preprocessed case); the class
-    probabilities of several models (an ensemble, each with its flip TTA) are averaged before the argmax."""
-    prepared = preprocess_case(volumes, settings, centre)
-    image = torch.from_numpy(np.stack([prepared.images[m] for m in modalities]))
-    probabilities = sum(predict_volume(model, image, img_size, args.batch_slices, device, args.amp, tta=args.tta)
-                        for model in models) / len(models)
-    processed = probabilities.argmax(dim=0).numpy().astype(np.uint8)
-    return probabilities_to_original(probabilities.numpy(), prepared.geometry), processed, prepared
-
-
-class HeartLocator:
-    """A coarse run's model that returns the heart centre of a loaded case (None if it finds no myocardium)."""
-
-    def __init__(self, run, checkpoint=None, device="auto", batch_slices=16):
-        self.device = setup_distributed(device).device
-        self.member = load_member(resolve_checkpoint(run, checkpoint), self.device)
-        self.checkpoint_path = self.member.checkpoint_path
-        if self.member.settings.crop_centre != "image":
-            raise CheckpointError(f"{self.checkpoint_path} was trained on heart-centred crops; a locator must see "
-                                  "the whole image (a run on data preprocessed with --crop_centre image)")
-        self.options = argparse.Namespace(batch_slices=batch_slices, amp="none", tta=False)
-
-    def __call__(self, volumes):
-        member = self.member
-        with torch.inference_mode():
-            prediction, _, _ = predict_case([member.model], volumes, member.modalities, member.settings, self.options,
-                                            self.device, member.img_size)
-        return heart_centre(prediction, largest_component=True)
-
-
 def heart_locator(settings, args, checkpoint_path):
     """The coarse model placing a heart-centred run's crop (None for an image-centred run)."""
     if settings.crop_centre == "image":
@@ -206,45 +152,6 @@ def heart_locator(settings, args, checkpoint_path):
         raise CheckpointError(f"{checkpoint_path} was trained on crops around the heart: give --locator_run, the "
                               "coarse run that finds the heart (see locate_heart.py)")
     return HeartLocator(args.locator_run, device=args.device, batch_slices=args.batch_slices)
-
-
-class EnsembleMember(NamedTuple):
-    checkpoint_path: Path
-    epoch: int
-    modalities: list
-    settings: PreprocessingSettings
-    img_size: int
-    model: torch.nn.Module
-
-
-def load_member(checkpoint_path, device):
-    checkpoint = load_checkpoint(checkpoint_path, map_location="cpu")
-    modalities, settings = run_preprocessing(checkpoint, checkpoint_path)
-    return EnsembleMember(checkpoint_path, checkpoint["train_state"]["epoch"], modalities, settings,
-                          checkpoint["spec"]["img_size"], inference_model(checkpoint, checkpoint_path, device))
-
-
-def member_input(member):
-    """What members must share for their probabilities to lie on one grid: the preprocessing and img_size."""
-    return {"sequence order": member.modalities, "img_size": member.img_size, **dataclasses.asdict(member.settings)}
-
-
-def load_ensemble(runs, checkpoint_name, device):
-    """The model of each run of --run (one, or several for an ensemble), all held on ``device`` at once."""
-    members = []
-    for run, path in zip(runs, ensemble_checkpoints(runs, checkpoint_name, "--run")):
-        member = load_member(path, device)
-        if members:
-            first, other = member_input(members[0]), member_input(member)
-            differences = [f"{key} {first[key]!r} in {members[0].checkpoint_path}, {other[key]!r} in "
-                           f"{member.checkpoint_path}" for key in first if first[key] != other[key]]
-            if differences:
-                raise CheckpointError(
-                    f"the runs {runs[0]} and {run} cannot be averaged: their models see differently prepared "
-                    "input (" + "; ".join(differences) + "). Ensemble members must be trained on data "
-                    "preprocessed alike (all heart-centred or none), with the same sequence order and img_size")
-        members.append(member)
-    return members
 
 
 def predict(args):

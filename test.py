@@ -40,10 +40,13 @@ from datasets.geometry import probabilities_to_original
 from datasets.layouts import DataError, map_labels
 from datasets.postprocessing import keep_largest_myocardium
 from datasets.vocabulary import MODALITIES
-from networks.inference import HeadAverage, predict_volume, warn_if_bf16_is_emulated
-from trainer import (ABLATIONS, CheckpointError, add_run_arguments, configure_logging, ensemble_checkpoints, filled,
-                     inference_model, load_checkpoint, preprocessing_differences, read_preprocessing, run_directory,
-                     resolve_device_defaults, seed_everything, setup_distributed)
+from networks.inference import HeadAverage, warn_if_bf16_is_emulated
+from datasets.preprocessing_record import preprocessing_differences, read_preprocessing
+from engine.checkpoints import CheckpointError, ensemble_checkpoints, inference_model, load_checkpoint
+from engine.distributed import seed_everything, setup_distributed
+from engine.predictor import ensemble_probabilities
+from engine.options import ABLATIONS, add_run_arguments, filled, resolve_device_defaults, run_directory
+from engine.runs import configure_logging
 from utils import (PATHOLOGY, STRUCTURES, atomic_path, case_metrics, released_case_metrics, summarise,
                    summarise_released)
 
@@ -262,9 +265,9 @@ def evaluate(args):
     for index in range(len(dataset)):
         volume = dataset[index]
         case = volume["case_name"]
-        probabilities = sum(predict_volume(model, volume["image"], member["spec"]["img_size"], args.batch_slices,
-                                           ctx.device, args.amp, tta=args.tta)
-                            for _, member, model in members) / len(members)
+        probabilities = ensemble_probabilities([model for _, _, model in members], volume["image"],
+                                               [member["spec"]["img_size"] for _, member, _ in members],
+                                               args.batch_slices, ctx.device, args.amp, args.tta)
         processed_prediction = postprocessed(probabilities.argmax(dim=0).numpy().astype(np.uint8), args)
         if args.protocol == "released":
             released[case] = released_case_metrics(processed_prediction, volume["label"].numpy())

@@ -26,10 +26,12 @@ from networks.vit_seg_configs import DEFAULT_PRETRAINED_PATH
 from networks.vit_seg_modeling import build_model
 from priors import DEFAULT_PROMPTS, EncoderUnavailableError, PriorFileError, PromptFileError, resolve_priors
 from priors.store import embeddings_sha256
-from trainer import (CUDA_DEFAULTS, ROOT, CheckpointError, Trainer, TrainingInterrupted, add_run_arguments,
-                     build_config, check_run_folder, clear_run_folder, configure_logging, filled, model_spec,
-                     resolve_device_defaults, run_directory, run_folder_lock, seed_everything, setup_distributed,
-                     write_run_config)
+from engine.checkpoints import CheckpointError, model_spec
+from engine.distributed import TrainingInterrupted, seed_everything, setup_distributed
+from engine.options import (CUDA_DEFAULTS, ROOT, add_run_arguments, build_config, filled, resolve_device_defaults,
+                            run_directory)
+from engine.runs import check_run_folder, clear_run_folder, configure_logging, run_folder_lock, write_run_config
+from trainer import Trainer
 
 logger = logging.getLogger("train")
 

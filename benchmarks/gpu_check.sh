@@ -72,7 +72,7 @@ skip() {
 
 # checkpoint_epoch PATH EPOCHS: the checkpoint exists and has completed EPOCHS epochs.
 checkpoint_epoch() {
-  "$PYTHON" -c 'import sys; from trainer import load_checkpoint
+  "$PYTHON" -c 'import sys; from engine.checkpoints import load_checkpoint
 state = load_checkpoint(sys.argv[1])["train_state"]; print(sys.argv[1], state)
 sys.exit(state["epoch"] != int(sys.argv[2]))' "$1" "$2"
 }
@@ -94,7 +94,7 @@ train_run() {
 resume_run() {
   "$PYTHON" "${TRAIN[@]}" --amp bf16 --output_dir "$OUT/run_bf16_resumed" --resume "$OUT/run_bf16/epoch_1.pth" &&
     checkpoint_epoch "$OUT/run_bf16_resumed/last.pth" 3 &&
-    "$PYTHON" -c 'import sys; from trainer import load_checkpoint
+    "$PYTHON" -c 'import sys; from engine.checkpoints import load_checkpoint
 first, second = (load_checkpoint(path)["model"] for path in sys.argv[1:])
 print("max weight difference to the uninterrupted run:",
       max((first[k].double() - second[k].double()).abs().max().item() for k in first))' \

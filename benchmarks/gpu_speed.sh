@@ -125,7 +125,8 @@ import json, os, sys, time
 import numpy as np, torch
 from torch.utils.data import DataLoader
 from datasets.dataset_myops import MyoPSDataset, RandomGenerator
-from trainer import PositionSeededSampler, SeededAugmentation, loader_workers
+from engine.distributed import PositionSeededSampler, SeededAugmentation
+from engine.options import loader_workers
 data = MyoPSDataset(sys.argv[1], sys.argv[1], "train")
 sampler = PositionSeededSampler(data, 1, 0, 1234)
 workers = loader_workers(torch.cuda.is_available())

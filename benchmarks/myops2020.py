@@ -61,8 +61,10 @@ from datasets.layouts import load_case  # noqa: E402
 from datasets.vocabulary import MODALITIES  # noqa: E402
 from networks.inference import cpu_features  # noqa: E402
 from priors import EncoderUnavailableError  # noqa: E402
-from trainer import (RUN_DEFAULTS, Trainer, all_rng_states, configure_logging, git_commit,  # noqa: E402
-                     resolve_device_defaults, run_folder_lock, seed_everything, setup_distributed)
+from engine.distributed import all_rng_states, seed_everything, setup_distributed  # noqa: E402
+from engine.options import RUN_DEFAULTS, resolve_device_defaults  # noqa: E402
+from engine.runs import configure_logging, git_commit, run_folder_lock  # noqa: E402
+from trainer import Trainer  # noqa: E402
 from utils import STRUCTURES, atomic_path, summarise  # noqa: E402
 
 logger = logging.getLogger("benchmark")

@@ -42,7 +42,7 @@ from benchmarks.nnunet_trainer import nnunet_budget  # noqa: E402
 from datasets.geometry import CaseGeometry, plan_geometry, probabilities_to_original  # noqa: E402
 from datasets.layouts import load_case  # noqa: E402
 from datasets.vocabulary import CLASS_NAMES, MODALITIES  # noqa: E402
-from trainer import configure_logging, git_commit  # noqa: E402
+from engine.runs import configure_logging, git_commit  # noqa: E402
 from utils import case_metrics  # noqa: E402
 
 logger = logging.getLogger("benchmark.nnunet")

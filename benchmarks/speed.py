@@ -214,7 +214,8 @@ def build_ours(torch, args):
 
 
 def _settings_on(torch, args):
-    from trainer import CUDA_DEFAULTS, seed_everything
+    from engine.distributed import seed_everything
+    from engine.options import CUDA_DEFAULTS
 
     if args.deterministic is None:
         args.deterministic = CUDA_DEFAULTS["deterministic"] if args.device == "cuda" else 1  # as train.py
@@ -293,9 +294,6 @@ def measure_loop(args):
     import tempfile
 
     torch = _setup(args)
-    import train as train_script
-    from trainer import Trainer, resolve_device_defaults, seed_everything, setup_distributed
-
     with tempfile.TemporaryDirectory() as folder:
         trainer = loop_trainer(torch, args, folder)
         ctx = trainer.ctx
@@ -360,7 +358,9 @@ def trace_losses(args):
 def loop_trainer(torch, args, folder, log_every=None):
     """A Trainer set up as train.py sets it up for ``args`` on ``args.loop_data`` (no validation, no epoch files)."""
     import train as train_script
-    from trainer import Trainer, resolve_device_defaults, seed_everything, setup_distributed
+    from engine.distributed import seed_everything, setup_distributed
+    from engine.options import resolve_device_defaults
+    from trainer import Trainer
 
     priors = args.prior_embeddings or random_prior_file(torch, folder)
     flags = ["--dataset", "Phantom", "--root_path", str(args.loop_data), "--img_size", str(args.img_size),

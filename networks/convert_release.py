@@ -1,38 +1,29 @@
-"""Convert the review release's I-MMSeg checkpoint into a checkpoint of this project.
-
-    python -m networks.convert_release --checkpoint epoch_299.pth --out converted.pth \
-        (--text_features DIR | --prior_embeddings FILE) [--img_size 128] [--root_path PATH]
+"""The review release's I-MMSeg checkpoint mapped onto this project's model: pure state-dict conversion.
 
 The release saves a bare ``state_dict`` of its ``VisionTransformer`` (with the
 ``module.`` prefixes of ``nn.DataParallel``, or without). Its weights are mapped
 onto the ``R50-only-release`` configuration, whose switches reproduce the release's
-function (see ``vit_seg_configs.RELEASE_SWITCHES`` and README). Modules that the
-release builds but never uses for its outputs (a fourth decoder, a fifth prediction
-head, four plain segmentation heads and one contrast projection) are dropped and
-listed. The dynamic heads' controller rows are reordered from the release's
+function (see ``vit_seg_configs.RELEASE_SWITCHES`` and documentation/authors_checkpoint.md).
+Modules that the release builds but never uses for its outputs (a fourth decoder, a fifth
+prediction head, four plain segmentation heads and one contrast projection) are dropped
+and listed. The dynamic heads' controller rows are reordered from the release's
 parameter layout [w1, w2, b1, b2] to ours [w1, b1, w2, b2], which gives the same
 heads. The text priors are not part of the release's state dict: they come from
 its ``text_features/`` folder or from a prior file of this project.
 
-A key of the release that is missing, of another shape, or unknown is named, and
-nothing is written; the output is written atomically, with the specification,
-priors provenance and arguments that ``test.py`` reads.
+A key of the release that is missing, of another shape, or unknown is named. Writing a
+checkpoint of this project from the result is ``engine.release.convert``'s job; the command
+line is the root script ``convert_release.py`` (``python -m networks.convert_release`` runs it too).
 """
-import argparse
-import datetime
 import hashlib
 import logging
 import re
-import sys
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from datasets.vocabulary import CLASS_NAMES, MODALITIES
-from priors import BIOMEDCLIP_REF, PriorEmbeddings, PriorFileError, load_priors
-from trainer import CHECKPOINT_FORMAT, TrainState, git_commit
-from utils import atomic_torch_save
+from priors import BIOMEDCLIP_REF, PriorEmbeddings, PriorFileError
 
 from .vit_seg_configs import get_config
 from .vit_seg_modeling import build_model
@@ -180,7 +171,7 @@ def load_release_state(path):
     return state
 
 
-def _sha256(path):
+def file_sha256(path):
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
@@ -207,7 +198,7 @@ def load_text_features(directory):
         "encoder": "biomedclip", "encoder_ref": BIOMEDCLIP_REF, "prompt_set": None, "prompts": None,
         "prompt_sha256": None, "modalities": list(MODALITIES), "classes": list(CLASS_NAMES),
         "dim": int(tensors["intensity"].shape[-1]),
-        "files": {TEXT_FEATURE_FILES[name]: _sha256(directory / TEXT_FEATURE_FILES[name]) for name in tensors},
+        "files": {TEXT_FEATURE_FILES[name]: file_sha256(directory / TEXT_FEATURE_FILES[name]) for name in tensors},
         "origin": f"the review release's text features, {directory.resolve()}",
     }
     return PriorEmbeddings(tensors["intensity"].float(), tensors["classes"].float(), provenance).validate(
@@ -229,68 +220,9 @@ def epochs_from_name(path):
     return int(match.group(1)) + 1 if match else None
 
 
-def convert(checkpoint_path, out_path, priors, img_size=128, root_path="MyoPS380_dataset/Processed_data", epochs=None,
-            config_name=TARGET_CONFIG):
-    """Convert and write; returns the written checkpoint. Nothing is written when any key does not fit."""
-    epochs = epochs if epochs is not None else epochs_from_name(checkpoint_path)
-    if epochs is None:
-        raise ReleaseCheckpointError(f"{checkpoint_path} is not named epoch_N.pth: give --epochs_trained")
-    release_state = load_release_state(checkpoint_path)
-    model, spec = target_model(priors, img_size, config_name)
-    head_channels = spec["config"]["head"]["channels"]
-    converted, dropped = convert_state_dict(release_state, model.state_dict(), head_channels)
-    model.load_state_dict(converted, strict=False)
-    for module, count in sorted(dropped.items()):
-        logger.info("dropped %s (%d tensors): %s", module, count, DROPPED_MODULES[module])
-    checkpoint = {
-        "format": CHECKPOINT_FORMAT, "model": model.state_dict(), "spec": spec,
-        "train_state": asdict(TrainState(epoch=epochs)), "priors": priors.provenance,
-        "preprocessing": RELEASE_PREPROCESSING,
-        "args": {"model": "immseg", "vit_name": spec["config"]["name"], "img_size": img_size, "n_skip": 3,
-                 "num_classes": spec["num_classes"], "root_path": str(root_path)},
-        "converted_from": {"path": str(Path(checkpoint_path).resolve()), "sha256": _sha256(checkpoint_path),
-                           "dropped": {module: DROPPED_MODULES[module] for module in sorted(dropped)}},
-        "git_commit": git_commit(),
-        "saved": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
-    atomic_torch_save(checkpoint, out_path)
-    logger.info("converted %d tensors of %s (%d epochs) into %s (%s, %.1f M parameters)", len(converted),
-                checkpoint_path, epochs, out_path, spec["config"]["name"],
-                sum(p.numel() for p in model.parameters()) / 1e6)
-    return checkpoint
+if __name__ == "__main__":  # the command line of before: the root script convert_release.py
+    import sys
 
+    from convert_release import main
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", type=Path, required=True, help="the release's epoch_N.pth")
-    parser.add_argument("--out", type=Path, required=True, help="the converted checkpoint to write")
-    priors = parser.add_mutually_exclusive_group(required=True)
-    priors.add_argument("--text_features", type=Path,
-                        help="the release's text_features/ folder (embedding_MRI_information.pth, "
-                             "embedding_class_information.pth)")
-    priors.add_argument("--prior_embeddings", type=Path, help="a prior file of this project (python -m priors.encode)")
-    parser.add_argument("--img_size", type=int, default=128,
-                        help="input size the release was trained at (its CMFE gates fix it; default 128)")
-    parser.add_argument("--root_path", type=Path, default=Path("MyoPS380_dataset/Processed_data"),
-                        help="data folder recorded for test.py (default: the release's layout, "
-                             "MyoPS380_dataset/Processed_data)")
-    parser.add_argument("--epochs_trained", type=int, default=None,
-                        help="completed epochs (default: N + 1 from the file name epoch_N.pth)")
-    return parser.parse_args(argv)
-
-
-def main(argv=None):
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    args = parse_args(argv)
-    try:
-        priors = (load_text_features(args.text_features) if args.text_features is not None
-                  else load_priors(args.prior_embeddings))
-        convert(args.checkpoint, args.out, priors, args.img_size, args.root_path, args.epochs_trained)
-    except (ReleaseCheckpointError, PriorFileError) as error:
-        logger.error("%s; nothing written", error)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
     sys.exit(main())

@@ -1,7 +1,9 @@
 """I-MMSeg on TransUNet R50-ViT-B_16 encoders, and TransUNet baselines built from the same parts.
 
-``VisionTransformer`` is the I-MMSeg network (TransUNet's class name, so that
-users' habits carry over). All models take ``images`` of shape (B, 3, H, W), the
+``IMMSeg`` is the I-MMSeg network and ``TransUNetBaseline`` the TransUNet baselines
+built from the same parts. ``VisionTransformer`` (the review release's name of its
+I-MMSeg class) and ``TransUNet`` (this project's earlier name of the baseline) are kept
+as aliases for users' scripts. All models take ``images`` of shape (B, 3, H, W), the
 sequences in the order of ``MODALITIES`` (bSSFP, LGE, T2w), intensities in [0, 1].
 In eval mode they return class logits (B, K, H, W); in training mode a
 :class:`SegmentationOutput` with what the losses need.
@@ -224,7 +226,7 @@ class DecoderCup(nn.Module):
         return x
 
 
-class VisionTransformer(nn.Module):
+class IMMSeg(nn.Module):
     """I-MMSeg: three hybrid encoders, CMFE, three decoders, CFM, dynamic modality heads and a fused head.
 
     ``intensity_priors`` (M x Dt) and ``class_embeddings`` (K x Dt) are the frozen text
@@ -344,7 +346,7 @@ class VisionTransformer(nn.Module):
         return reader.commit(source)
 
 
-class TransUNet(nn.Module):
+class TransUNetBaseline(nn.Module):
     """Baseline: one encoder, one decoder and a plain 3x3 segmentation head.
 
     ``input_modalities`` picks the sequences fed to the encoder as channels: one
@@ -397,6 +399,8 @@ def compile_regions(model):
     return [module for module in model.modules() if isinstance(module, kinds)]
 
 
+VisionTransformer = IMMSeg  # the review release's name of the I-MMSeg class
+TransUNet = TransUNetBaseline  # this project's earlier name of the baseline
 CONFIGS = {name: factory() for name, factory in configs.CONFIG_FACTORIES.items()}
 MODEL_NAMES = ("immseg", "transunet_single", "transunet_early")
 
@@ -408,11 +412,11 @@ def build_model(name, config, img_size=128, num_classes=4, intensity_priors=None
     written before they existed) take their defaults."""
     config = configs.with_switch_defaults(config)
     if name == "immseg":
-        return VisionTransformer(config, img_size, num_classes, intensity_priors, class_embeddings)
+        return IMMSeg(config, img_size, num_classes, intensity_priors, class_embeddings)
     if name == "transunet_single":
         if modality not in MODALITIES:
             raise ValueError(f"unknown modality {modality!r}; expected one of {MODALITIES}")
-        return TransUNet(config, img_size, num_classes, (MODALITIES.index(modality),))
+        return TransUNetBaseline(config, img_size, num_classes, (MODALITIES.index(modality),))
     if name == "transunet_early":
-        return TransUNet(config, img_size, num_classes, tuple(range(config.n_modalities)))
+        return TransUNetBaseline(config, img_size, num_classes, tuple(range(config.n_modalities)))
     raise ValueError(f"unknown model {name!r}; expected one of {MODEL_NAMES}")

@@ -11,7 +11,7 @@ sys.path.insert(0, str(ROOT))
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 from networks.vit_seg_configs import get_config  # noqa: E402
-from networks.vit_seg_modeling import VisionTransformer  # noqa: E402
+from networks.vit_seg_modeling import IMMSeg  # noqa: E402
 
 IMG_SIZE = 64
 
@@ -31,7 +31,7 @@ def make_priors(config, seed=0, dim=None):
 def make_model(config, seed=0, img_size=IMG_SIZE):
     torch.manual_seed(seed)
     intensity, classes = make_priors(config)
-    return VisionTransformer(config, img_size, config.n_classes, intensity, classes)
+    return IMMSeg(config, img_size, config.n_classes, intensity, classes)
 
 
 def make_batch(batch=2, img_size=IMG_SIZE, seed=0):

@@ -17,7 +17,7 @@ from conftest import prepare_benchmark_phantom, write_test_priors
 import preprocess_data
 import test as test_script
 import train as train_script
-from trainer import load_checkpoint
+from engine.checkpoints import load_checkpoint
 
 
 @pytest.fixture(scope="module")

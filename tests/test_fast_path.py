@@ -9,9 +9,10 @@ import torch
 
 import train as train_script
 import trainer
+from engine import options
 from conftest import train_tiny_run, write_phantom_training_data
 from engine.checkpoint_writer import BackgroundCheckpointWriter, CheckpointWriteError, snapshot
-from trainer import load_checkpoint
+from engine.checkpoints import load_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -170,18 +171,18 @@ def test_a_failed_compilation_warns_and_trains_eagerly_with_the_same_result(tiny
 
 def test_device_defaults_fill_only_what_the_user_left_unset(monkeypatch):
     args = train_script.parse_args(["--dataset", "Phantom"])
-    trainer.resolve_device_defaults(args, "cpu")
+    options.resolve_device_defaults(args, "cpu")
     assert (args.amp, args.deterministic, args.compile, args.num_workers, args.log_every) == ("none", 1, "off", 2, 1)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
     args = train_script.parse_args(["--dataset", "Phantom"])
-    trainer.resolve_device_defaults(args, "cuda")
+    options.resolve_device_defaults(args, "cuda")
     assert (args.amp, args.deterministic, args.compile, args.num_workers, args.log_every) == (
-        trainer.CUDA_DEFAULTS["amp"], trainer.CUDA_DEFAULTS["deterministic"], trainer.CUDA_DEFAULTS["compile"], 8, 25)
+        options.CUDA_DEFAULTS["amp"], options.CUDA_DEFAULTS["deterministic"], options.CUDA_DEFAULTS["compile"], 8, 25)
     typed = train_script.parse_args(["--dataset", "Phantom", "--amp", "none", "--deterministic", "1", "--compile",
                                      "off", "--num_workers", "3", "--log_every", "1"])
-    trainer.resolve_device_defaults(typed, "cuda")
+    options.resolve_device_defaults(typed, "cuda")
     assert (typed.amp, typed.deterministic, typed.compile, typed.num_workers, typed.log_every) == (
         "none", 1, "off", 3, 1)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
-    assert trainer.loader_workers(True) == 3, "the cores of one process's share, less one"
+    assert options.loader_workers(True) == 3, "the cores of one process's share, less one"

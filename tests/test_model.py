@@ -4,7 +4,7 @@ import torch
 from conftest import IMG_SIZE, make_batch, make_model, make_priors
 from networks.inference import fuse_for_inference
 from networks.vit_seg_configs import CONFIG_FACTORIES, get_config
-from networks.vit_seg_modeling import CONFIGS, SegmentationOutput, TransUNet, VisionTransformer
+from networks.vit_seg_modeling import CONFIGS, IMMSeg, SegmentationOutput, TransUNetBaseline
 from utils import IMMSegLoss, loss_weights
 
 
@@ -155,7 +155,7 @@ def test_ablation_removes_exactly_its_module(tiny_config, switch, removed_prefix
 def test_without_text_prior_the_embeddings_are_learned(tiny_config):
     with_prior = make_model(tiny_config)
     tiny_config.use_text_prior = False
-    without = VisionTransformer(tiny_config, IMG_SIZE, 4)
+    without = IMMSeg(tiny_config, IMG_SIZE, 4)
     names = dict(without.named_parameters())
     assert set(names) - {n for n, _ in with_prior.named_parameters()} == {"intensity_priors", "class_embeddings"}
     assert names["intensity_priors"].shape == with_prior.intensity_priors.shape
@@ -169,7 +169,7 @@ def test_without_text_prior_the_embeddings_are_learned(tiny_config):
 
 def test_text_dimension_follows_the_priors(tiny_config):
     intensity, classes = make_priors(tiny_config, dim=40)
-    model = VisionTransformer(tiny_config, IMG_SIZE, 4, intensity, classes)
+    model = IMMSeg(tiny_config, IMG_SIZE, 4, intensity, classes)
     assert model.class_proj[0].in_features == 40
     assert torch.equal(model.intensity_priors, intensity)
     model.eval()(make_batch(1)[0])
@@ -178,13 +178,13 @@ def test_text_dimension_follows_the_priors(tiny_config):
 def test_bad_priors_and_inputs_are_reported(tiny_config):
     intensity, classes = make_priors(tiny_config)
     with pytest.raises(ValueError, match="required"):
-        VisionTransformer(tiny_config, IMG_SIZE, 4)
+        IMMSeg(tiny_config, IMG_SIZE, 4)
     with pytest.raises(ValueError, match="shape"):
-        VisionTransformer(tiny_config, IMG_SIZE, 4, intensity[:2], classes)
+        IMMSeg(tiny_config, IMG_SIZE, 4, intensity[:2], classes)
     with pytest.raises(ValueError, match="differ in dimension"):
-        VisionTransformer(tiny_config, IMG_SIZE, 4, intensity, classes[:, :5])
+        IMMSeg(tiny_config, IMG_SIZE, 4, intensity, classes[:, :5])
     with pytest.raises(ValueError, match="multiple of 16"):
-        VisionTransformer(tiny_config, 60, 4, intensity, classes)
+        IMMSeg(tiny_config, 60, 4, intensity, classes)
     model = make_model(tiny_config).eval()
     with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
         model(torch.rand(1, 1, IMG_SIZE, IMG_SIZE))
@@ -206,7 +206,7 @@ def test_zero_layer_variant_runs(tiny_config):
 @pytest.mark.parametrize("modalities", [(0,), (2,), (0, 1, 2)])
 def test_transunet_baselines_run(tiny_config, modalities):
     torch.manual_seed(0)
-    model = TransUNet(tiny_config, IMG_SIZE, 4, input_modalities=modalities)
+    model = TransUNetBaseline(tiny_config, IMG_SIZE, 4, input_modalities=modalities)
     assert model.transformer.hybrid_model.root.conv.in_channels == len(modalities)
     images, labels = make_batch(2)
     out = model.train()(images)
@@ -216,7 +216,7 @@ def test_transunet_baselines_run(tiny_config, modalities):
 
 def test_single_sequence_baseline_sees_only_its_sequence(tiny_config):
     torch.manual_seed(0)
-    model = TransUNet(tiny_config, IMG_SIZE, 4, input_modalities=(1,)).eval()
+    model = TransUNetBaseline(tiny_config, IMG_SIZE, 4, input_modalities=(1,)).eval()
     images, _ = make_batch(1)
     changed = images.clone()
     changed[:, 0] = 0
@@ -275,3 +275,9 @@ def test_every_head_and_their_average_at_inference(tiny_config):
     torch.testing.assert_close(predict_slices(HeadAverage(model, ("fused", "LGE")), images), expected)
     torch.testing.assert_close(predict_slices(HeadAverage(fuse_for_inference(model), ("fused",)), images),
                                heads["fused"].softmax(1), rtol=1e-4, atol=1e-5)
+
+
+def test_the_release_and_earlier_class_names_are_the_models():
+    from networks import vit_seg_modeling
+
+    assert vit_seg_modeling.VisionTransformer is IMMSeg and vit_seg_modeling.TransUNet is TransUNetBaseline

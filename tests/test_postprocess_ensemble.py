@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import predict
+from engine import predictor
 import test as test_script
 from conftest import train_tiny_run, write_phantom_training_data
 from datasets.dataset_myops import MyoPSDataset
@@ -17,7 +18,7 @@ from datasets.layouts import find_cases, load_case
 from datasets.postprocessing import keep_largest_myocardium
 from datasets.preprocessing import preprocess_case
 from networks.inference import HeadAverage, predict_volume
-from trainer import inference_model, load_checkpoint
+from engine.checkpoints import inference_model, load_checkpoint
 
 
 def test_the_largest_whole_myocardium_is_kept_and_everything_outside_it_removed():
@@ -159,7 +160,7 @@ def labels_of_runs(runs, names, tta):
     with the project's functions."""
     checkpoints = [load_checkpoint(runs / name / "last.pth") for name in names]
     models = [inference_model(checkpoint, name, "cpu") for checkpoint, name in zip(checkpoints, names)]
-    modalities, settings = predict.run_preprocessing(checkpoints[0], names[0])
+    modalities, settings = predictor.run_preprocessing(checkpoints[0], names[0])
     labels = {}
     for case in find_cases(runs / "unlabelled", labelled=False):
         prepared = preprocess_case(load_case(case), settings)
@@ -209,7 +210,7 @@ def test_an_ensemble_of_differently_preprocessed_runs_is_refused_with_the_names(
                          str(runs / "a"), str(tmp_path / "other"), "--checkpoint", "last", "--device", "cpu"])
     assert code == 1
     assert f"the runs {runs / 'a'} and {tmp_path / 'other'} cannot be averaged" in caplog.text
-    _, settings = predict.run_preprocessing(load_checkpoint(runs / "a" / "last.pth"), "a")
+    _, settings = predictor.run_preprocessing(load_checkpoint(runs / "a" / "last.pth"), "a")
     original = getattr(settings, field)
     assert (f"{field} {original!r} in {runs / 'a' / 'last.pth'}, {value!r} in {tmp_path / 'other' / 'last.pth'}"
             in caplog.text)
@@ -233,8 +234,8 @@ def test_an_ensemble_of_heart_centred_runs_shares_one_locator(runs, tmp_path):
     out = tmp_path / "out"
     assert predict.main(["--input_dir", str(runs / "unlabelled"), "--output_dir", str(out), "--run", *heart_runs,
                          "--checkpoint", "last", "--device", "cpu", "--locator_run", str(runs / "a")]) == 0
-    locator = predict.HeartLocator(runs / "a", "last", "cpu")
-    members = predict.load_ensemble([tmp_path / "a", tmp_path / "b"], "last", "cpu")
+    locator = predictor.HeartLocator(runs / "a", "last", "cpu")
+    members = predictor.load_ensemble([tmp_path / "a", tmp_path / "b"], "last", "cpu")
     for case in find_cases(runs / "unlabelled", labelled=False):
         volumes = load_case(case)
         prepared = preprocess_case(volumes, members[0].settings, locator(volumes))

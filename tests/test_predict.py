@@ -13,7 +13,7 @@ import predict
 import test as test_script
 from datasets.layouts import DataError, find_cases
 from conftest import train_tiny_run, write_phantom_training_data
-from trainer import load_checkpoint
+from engine.checkpoints import load_checkpoint
 
 
 @pytest.fixture(scope="module")

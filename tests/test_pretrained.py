@@ -5,7 +5,7 @@ import torch
 
 from conftest import make_model
 from networks.npz_weights import PretrainedWeightsError
-from networks.vit_seg_modeling import TransUNet
+from networks.vit_seg_modeling import TransUNetBaseline
 
 
 def google_style_npz(config, grid, with_transformer=True, seed=0):
@@ -184,7 +184,7 @@ def test_transformer_keys_are_required_when_the_model_has_layers(tiny_config, tm
 
 def test_early_fusion_baseline_keeps_the_rgb_stem(tiny_config, tmp_path):
     weights = google_style_npz(tiny_config, grid=4)
-    model = TransUNet(tiny_config, 64, 4, input_modalities=(0, 1, 2))
+    model = TransUNetBaseline(tiny_config, 64, 4, input_modalities=(0, 1, 2))
     model.load_from(save_npz(tmp_path, weights))
     expected = expected_encoder_tensors(weights, tiny_config, in_channels=3)
     torch.testing.assert_close(model.transformer.hybrid_model.root.conv.weight.detach(),

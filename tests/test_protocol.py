@@ -17,7 +17,10 @@ import train as train_script
 from conftest import ROOT, make_batch, make_model, write_test_priors
 from datasets.phantom import write_phantom
 from networks.inference import fuse_for_inference
-from trainer import filled, iteration_budget, load_checkpoint, run_directory, tensorboard_writer
+from engine.checkpoints import load_checkpoint
+from engine.options import filled, run_directory
+from engine.runs import tensorboard_writer
+from trainer import iteration_budget
 
 PROJECT_PACKAGES = ("networks", "datasets", "priors")
 

@@ -11,14 +11,16 @@ import torch.nn.functional as F
 
 import train as train_script
 from conftest import IMG_SIZE, make_batch, make_model
+from convert_release import main
+from engine.release import convert
 from networks.convert_release import (DROPPED_MODULES, TEXT_FEATURE_FILES, ReleaseCheckpointError, controller_to_ours,
-                                      convert, convert_state_dict, load_text_features, main, target_model)
+                                      convert_state_dict, load_text_features, target_model)
 from networks.immseg_modules import Mlp
 from networks.vit_seg_configs import RELEASE_SWITCHES, SWITCH_DEFAULTS, get_config, with_switch_defaults
 from networks.vit_seg_modeling_resnet_skip import ResNetV2
 from priors import PriorEmbeddings, save_priors
 from test_training import train_args, workspace  # noqa: F401 (the phantom workspace fixture)
-from trainer import load_checkpoint, load_model_state, model_from_spec
+from engine.checkpoints import load_checkpoint, load_model_state, model_from_spec
 from utils import TextAnchoredContrastiveLoss
 
 RELEASE_CONFIG = "testing-release"

@@ -19,7 +19,7 @@ import trainer
 from datasets import phantom
 from priors import encode as encode_priors
 from conftest import ROOT, write_test_priors
-from trainer import load_checkpoint
+from engine.checkpoints import load_checkpoint
 
 STEPS_PER_EPOCH = 3  # 28 training slices of the workspace at batch 8
 

@@ -15,7 +15,7 @@ import test as test_script
 import train as train_script
 from conftest import ROOT, write_test_priors
 from datasets.phantom import write_phantom
-from trainer import load_checkpoint
+from engine.checkpoints import load_checkpoint
 from utils import case_metrics, dice_hd95, summarise
 
 
@@ -71,7 +71,8 @@ def test_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(works
 
 
 def test_dice_class_weights_flag_sets_the_trainers_loss_and_bad_values_are_refused(workspace, capsys):
-    from trainer import Trainer, setup_distributed
+    from engine.distributed import setup_distributed
+    from trainer import Trainer
     args = train_script.parse_args(train_args(workspace, "scar_weighted", "--dice_class_weights", "0.5,1,2,1"))
     ctx = setup_distributed("cpu")
     model, spec, _ = train_script.build(args, ctx)

@@ -1,0 +1,83 @@
+"""The layering of the code: a library under thin scripts (documentation: README's layout, issue 16).
+
+Read with ``ast``, nothing imported: every import of every module, at any depth, except inside an
+``if __name__ == "__main__":`` block (a command line's entry, not a dependency of the module).
+"""
+import ast
+
+import pytest
+
+from conftest import ROOT
+
+SCRIPTS = {"train", "test", "predict", "preprocess_data", "locate_heart", "convert_release"}
+PACKAGES_BELOW_THE_ENGINE = ("networks", "datasets", "priors")  # the model, the data, the text priors
+ABOVE_THEM = SCRIPTS | {"trainer", "engine", "benchmarks"}
+
+
+def module_name(path):
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def is_main_guard(node):
+    return (isinstance(node, ast.If) and isinstance(node.test, ast.Compare)
+            and isinstance(node.test.left, ast.Name) and node.test.left.id == "__name__")
+
+
+def imported_modules(path):
+    """The top-level names of the modules ``path`` imports (relative imports resolved to their package)."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    package = module_name(path).split(".")[0] if path.is_relative_to(ROOT) else path.stem
+    found = set()
+
+    def visit(node):
+        if is_main_guard(node):
+            return
+        if isinstance(node, ast.Import):
+            found.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            found.add(package if node.level else node.module.split(".")[0])
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+
+    visit(tree)
+    return found
+
+
+def library_files():
+    files = [ROOT / "trainer.py", ROOT / "utils.py"]
+    for package in ("engine",) + PACKAGES_BELOW_THE_ENGINE:
+        files += sorted((ROOT / package).rglob("*.py"))
+    return files
+
+
+def test_the_scripts_are_the_ones_at_the_root():
+    entry_points = {path.stem for path in ROOT.glob("*.py") if 'if __name__ == "__main__":' in path.read_text()}
+    assert entry_points == SCRIPTS, "a new script at the root belongs in SCRIPTS (or its code in the library)"
+
+
+@pytest.mark.parametrize("path", library_files(), ids=lambda path: str(path.relative_to(ROOT)))
+def test_no_library_module_imports_a_script(path):
+    assert not imported_modules(path) & SCRIPTS
+
+
+@pytest.mark.parametrize("path", sorted(ROOT / f"{name}.py" for name in SCRIPTS), ids=lambda path: path.name)
+def test_no_script_imports_another_script(path):
+    assert not imported_modules(path) & (SCRIPTS - {path.stem})
+
+
+@pytest.mark.parametrize("path", [path for path in library_files() if module_name(path).startswith(
+    PACKAGES_BELOW_THE_ENGINE)], ids=lambda path: str(path.relative_to(ROOT)))
+def test_the_model_data_and_prior_packages_import_nothing_above_them(path):
+    assert not imported_modules(path) & ABOVE_THEM
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "engine").glob("*.py")), ids=lambda path: path.name)
+def test_the_engine_does_not_import_the_training_loop(path):
+    assert "trainer" not in imported_modules(path)
+
+
+def test_the_walk_sees_imports_inside_functions(tmp_path):
+    module = tmp_path / "probe.py"
+    module.write_text("def f():\n    import train\n\nif __name__ == '__main__':\n    import predict\n")
+    assert imported_modules(module) == {"train"}
