@@ -42,7 +42,8 @@ from datasets.postprocessing import keep_largest_myocardium
 from datasets.vocabulary import MODALITIES
 from networks.inference import HeadAverage, warn_if_bf16_is_emulated
 from datasets.preprocessing_record import preprocessing_differences, read_preprocessing
-from engine.checkpoints import CheckpointError, ensemble_checkpoints, inference_model, load_checkpoint
+from engine.checkpoints import (CheckpointError, check_fused_head_trained, ensemble_checkpoints, inference_model,
+                                load_checkpoint)
 from engine.distributed import seed_everything, setup_distributed
 from engine.predictor import ensemble_probabilities
 from engine.options import ABLATIONS, add_run_arguments, filled, resolve_device_defaults, run_directory
@@ -225,6 +226,8 @@ def load_members(args, device):
     for path in ensemble_checkpoints([args.run_dir, *args.ensemble], args.checkpoint, "--ensemble"):
         checkpoint = load_checkpoint(path, map_location="cpu")
         check_flags_against(checkpoint["spec"], args)
+        if "fused" in args.heads:
+            check_fused_head_trained(checkpoint, path)
         model = inference_model(checkpoint, path, device)
         if args.heads != ("fused",):
             if checkpoint["spec"]["model"] != "immseg":

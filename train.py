@@ -28,8 +28,8 @@ from priors import DEFAULT_PROMPTS, EncoderUnavailableError, PriorFileError, Pro
 from priors.store import embeddings_sha256
 from engine.checkpoints import CheckpointError, model_spec
 from engine.distributed import TrainingInterrupted, seed_everything, setup_distributed
-from engine.options import (CUDA_DEFAULTS, ROOT, add_run_arguments, build_config, filled, resolve_device_defaults,
-                            run_directory)
+from engine.options import (CUDA_DEFAULTS, ROOT, add_run_arguments, build_config, filled, fit_stages,
+                            resolve_device_defaults, run_directory)
 from engine.runs import check_run_folder, clear_run_folder, configure_logging, run_folder_lock, write_run_config
 from trainer import Trainer
 
@@ -41,9 +41,12 @@ def parse_args(argv=None):
     add_run_arguments(parser)
     parser.add_argument("--n_gpu", type=int, default=None,
                         help="released code's GPU count (it assumed 2); superseded by torchrun's world size")
-    parser.add_argument("--region_fusion_start_epoch", type=int, default=100,
-                        help="epoch from which the fused head is trained")
-    parser.add_argument("--start_contrast_epoch", type=int, default=20, help="epoch from which the contrastive loss is on")
+    parser.add_argument("--region_fusion_start_epoch", type=int, default=None,
+                        help="epoch (from 0) from which the fused head is trained (default 100; an I-MMSeg run of "
+                             "100 epochs or fewer gets a third of its epochs, the paper's 100 of 300)")
+    parser.add_argument("--start_contrast_epoch", type=int, default=None,
+                        help="epoch (from 0) from which the contrastive loss is on (default 20; fitted alike, the "
+                             "paper's 20 of 300)")
     parser.add_argument("--contrast_sample_num", type=int, default=10,
                         help="pixels sampled per image and class: 5, 2, 1 times this at H/2, H/4, H/8")
     parser.add_argument("--contrast_w", type=float, default=0.1, help="contrastive loss weight")
@@ -86,6 +89,7 @@ def parse_args(argv=None):
     if args.overwrite and args.resume:
         parser.error("--overwrite deletes the checkpoints that --resume continues from: give one of them")
     args = filled(args)
+    args.fitted_stages = fit_stages(args)
     if args.dice_class_weights is not None and len(args.dice_class_weights) != args.num_classes:
         parser.error(f"--dice_class_weights: {len(args.dice_class_weights)} weights for --num_classes "
                      f"{args.num_classes}; give one per class")
@@ -182,6 +186,9 @@ def main(argv=None):
         logger.warning("--n_gpu %d ignored: this run has %d process(es); start several with torchrun --nproc_per_node",
                        args.n_gpu, ctx.world_size)
     resolve_device_defaults(args, ctx.device)
+    fitted_stages = vars(args).pop("fitted_stages", None)  # said once here, not recorded as an argument
+    if fitted_stages:
+        logger.info("%s", fitted_stages)
     logger.info("on %s: --amp %s, --deterministic %d, --compile %s, --num_workers %d, --log_every %d", ctx.device,
                 args.amp, args.deterministic, args.compile, args.num_workers, args.log_every)
     seed_everything(args.seed + ctx.rank, args.deterministic)

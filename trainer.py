@@ -38,10 +38,16 @@ logger = logging.getLogger("trainer")
 def iteration_budget(args, iterations_per_epoch, model_name):
     """Iterations of the run: ``max_epochs`` epochs, cut by ``--max_iterations`` if that is smaller.
 
-    A cap that would end I-MMSeg training before its fused head (the inference output)
-    starts training is refused; a cap that shortens the run is logged with the epoch it ends in.
+    Epochs or a cap that would end I-MMSeg training before its fused head (the inference output)
+    starts training are refused; a cap that shortens the run is logged with the epoch it ends in.
     """
     planned = args.max_epochs * iterations_per_epoch
+    if model_name == "immseg" and args.max_epochs <= args.region_fusion_start_epoch:
+        raise ValueError(f"--max_epochs {args.max_epochs} ends training before the fused head, the only one used at "
+                         f"inference, starts training in epoch {args.region_fusion_start_epoch + 1} "
+                         f"(--region_fusion_start_epoch {args.region_fusion_start_epoch}, counted from 0): raise "
+                         f"--max_epochs above {args.region_fusion_start_epoch} or lower --region_fusion_start_epoch "
+                         "(left unset, it is fitted to a short run)")
     if args.max_iterations is None or args.max_iterations >= planned:
         return planned
     if args.max_iterations < 1:

@@ -62,6 +62,22 @@ def load_checkpoint(path, map_location="cpu"):
     return checkpoint
 
 
+def check_fused_head_trained(checkpoint, path):
+    """Refuse an I-MMSeg checkpoint saved before its fused head (the one used for prediction) ever trained: a run
+    stopped before --region_fusion_start_epoch. Checkpoints that do not record the stage (converted) pass."""
+    start = (checkpoint.get("args") or {}).get("region_fusion_start_epoch")
+    if checkpoint["spec"]["model"] != "immseg" or start is None:
+        return
+    state = checkpoint.get("train_state") or {}
+    started_epochs = state.get("epoch", 0) + (1 if state.get("epoch_iteration", 0) else 0)
+    if started_epochs <= start:
+        raise CheckpointError(
+            f"{path} was saved after {state.get('epoch', 0)} epochs, before its fused head, the one used for "
+            f"prediction, started training in epoch {start + 1} (--region_fusion_start_epoch {start}, counted from "
+            "0): its predictions would come from an untrained head. Continue the run (train.py with its flags, "
+            f"--resume auto and a --max_epochs above {start}), or use a checkpoint saved after epoch {start + 1}")
+
+
 def load_model_state(model, state_dict, source):
     try:
         model.load_state_dict(state_dict)

@@ -1,6 +1,7 @@
 """The run flags: the released scripts' flags that name a run and define its model, their defaults by device,
 the run folder's name and the model configuration they define."""
 import copy
+import math
 import os
 from pathlib import Path
 
@@ -102,6 +103,38 @@ def add_run_arguments(parser, with_defaults=True):
                         help="1: deterministic algorithms (bitwise-repeatable runs and resumes); 0: the fastest "
                              "algorithms (cuDNN benchmark). Default: 1 on the CPU, "
                              f"{CUDA_DEFAULTS['deterministic']} on a GPU")
+
+
+# The paper's schedule: 300 epochs, the contrastive loss from epoch 20, the fused head from epoch 100 (from 0).
+PAPER_SCHEDULE = {"max_epochs": 300, "start_contrast_epoch": 20, "region_fusion_start_epoch": 100}
+
+
+def fit_stages(args):
+    """Fill --start_contrast_epoch and --region_fusion_start_epoch where the user left them unset: the paper's
+    epochs, or, for an I-MMSeg run of no more epochs than the paper's fused stage starts at (which would never
+    train the fused head), the paper's fractions of --max_epochs (20/300, 100/300; the fused stage always reached).
+    Returns the sentence for the log when the stages were fitted, else None."""
+    paper = PAPER_SCHEDULE
+    short = args.model == "immseg" and args.max_epochs <= paper["region_fusion_start_epoch"]
+    fitted = []
+    if args.region_fusion_start_epoch is None:
+        args.region_fusion_start_epoch = paper["region_fusion_start_epoch"]
+        if short:
+            args.region_fusion_start_epoch = min(args.max_epochs - 1, math.floor(
+                args.max_epochs * paper["region_fusion_start_epoch"] / paper["max_epochs"] + 0.5))
+            fitted.append(f"the fused head from epoch {args.region_fusion_start_epoch + 1}")
+    if args.start_contrast_epoch is None:
+        args.start_contrast_epoch = paper["start_contrast_epoch"]
+        if short:
+            args.start_contrast_epoch = min(args.region_fusion_start_epoch, math.floor(
+                args.max_epochs * paper["start_contrast_epoch"] / paper["max_epochs"] + 0.5))
+            fitted.append(f"the contrastive loss from epoch {args.start_contrast_epoch + 1}")
+    if not fitted:
+        return None
+    return (f"--max_epochs {args.max_epochs} is shorter than the paper's schedule (the fused head from epoch "
+            f"{paper['region_fusion_start_epoch'] + 1} of {paper['max_epochs']}): its stages are fitted at the paper's "
+            f"fractions, {' and '.join(fitted)} (--start_contrast_epoch {args.start_contrast_epoch}, "
+            f"--region_fusion_start_epoch {args.region_fusion_start_epoch}, counted from 0)")
 
 
 def filled(args):

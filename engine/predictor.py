@@ -15,8 +15,8 @@ from datasets.preprocessing_record import read_preprocessing
 from datasets.geometry import probabilities_to_original
 from datasets.roi import heart_centre
 from datasets.vocabulary import MODALITIES
-from engine.checkpoints import (CheckpointError, ensemble_checkpoints, inference_model, load_checkpoint,
-                                resolve_checkpoint)
+from engine.checkpoints import (CheckpointError, check_fused_head_trained, ensemble_checkpoints, inference_model,
+                                load_checkpoint, resolve_checkpoint)
 from engine.distributed import setup_distributed
 from networks.inference import predict_volume
 
@@ -90,6 +90,7 @@ class EnsembleMember(NamedTuple):
 
 def load_member(checkpoint_path, device):
     checkpoint = load_checkpoint(checkpoint_path, map_location="cpu")
+    check_fused_head_trained(checkpoint, checkpoint_path)
     modalities, settings = run_preprocessing(checkpoint, checkpoint_path)
     return EnsembleMember(checkpoint_path, checkpoint["train_state"]["epoch"], modalities, settings,
                           checkpoint["spec"]["img_size"], inference_model(checkpoint, checkpoint_path, device))

@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+import predict as predict_script
 import preprocess_data
 import test as test_script
 import train as train_script
@@ -127,6 +128,47 @@ def test_the_issue_example_is_refused():
     assert iteration_budget(args, 1970 // 6, "transunet_early") == 30000
     args.max_iterations = None
     assert iteration_budget(args, 328, "immseg") == 300 * 328
+
+
+def test_epochs_that_end_before_the_fused_stage_are_refused_with_the_flag_to_change(phantom, caplog):
+    root, _ = phantom
+    assert train(root, "too_short", "--max_epochs", "2", "--region_fusion_start_epoch", "2") == 1
+    message = "\n".join(r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR)
+    assert "--max_epochs 2 ends training before the fused head" in message
+    assert "starts training in epoch 3 (--region_fusion_start_epoch 2" in message and "raise --max_epochs" in message
+    assert not list((root / "too_short").glob("*.pth"))
+
+
+def test_a_short_run_without_stage_flags_gets_the_papers_fractions_and_says_so_once(phantom, caplog):
+    root, per_epoch = phantom
+    caplog.set_level(logging.INFO)
+    assert train(root, "fitted", "--max_epochs", "2") == 0  # the defaults (fused head from epoch 101) fitted
+    fitted = [r.getMessage() for r in caplog.records if "its stages are fitted" in r.getMessage()]
+    assert len(fitted) == 1 and "--max_epochs 2 is shorter than the paper's schedule" in fitted[0]
+    args = load_checkpoint(root / "fitted" / "last.pth")["args"]
+    assert args["region_fusion_start_epoch"] == 1 and args["start_contrast_epoch"] == 0, "typed flags are kept"
+    for epochs, contrast, fusion in ((300, 20, 100), (150, 20, 100), (100, 7, 33), (30, 2, 10), (3, 0, 1), (1, 0, 0)):
+        parsed = train_script.parse_args(["--max_epochs", str(epochs)])
+        assert (parsed.start_contrast_epoch, parsed.region_fusion_start_epoch) == (contrast, fusion), epochs
+    baseline = train_script.parse_args(["--max_epochs", "30", "--model", "transunet_early"])
+    assert baseline.region_fusion_start_epoch == 100 and baseline.fitted_stages is None
+
+
+def test_test_and_predict_refuse_a_checkpoint_whose_fused_head_never_trained(phantom, caplog):
+    root, _ = phantom
+    assert train(root, "stopped_early", "--max_epochs", "3", "--region_fusion_start_epoch", "1",
+                 "--save_every", "1") == 0
+    run = root / "stopped_early"
+    assert test_script.main(["--output_dir", str(run), "--checkpoint", "epoch_0", "--root_path",
+                             str(root / "data")]) == 1
+    assert "before its fused head, the one used for prediction, started training in epoch 2" in caplog.text
+    assert "--resume auto and a --max_epochs above 1" in caplog.text
+    caplog.clear()
+    assert predict_script.main(["--input_dir", str(root / "raw"), "--output_dir", str(root / "predicted"), "--run",
+                                str(run), "--checkpoint", "epoch_0"]) == 1
+    assert "before its fused head, the one used for prediction, started training" in caplog.text
+    assert test_script.main(["--output_dir", str(run), "--checkpoint", "epoch_1", "--root_path",
+                             str(root / "data"), "--test_save_dir", str(root / "scored")]) == 0
 
 
 def test_run_folder_names_follow_the_cap_and_test_finds_the_training_folder():

@@ -284,7 +284,8 @@ def test_switch_defaults_complete_an_older_spec(tiny_config):
 
 def test_resume_reads_an_older_spec_and_refuses_a_converted_checkpoint(workspace, tmp_path, caplog):
     run = workspace / "before_switches"
-    assert train_script.main(train_args(workspace, run.name, "--max_epochs", "1")) == 0
+    assert train_script.main(train_args(workspace, run.name, "--max_epochs", "1", "--region_fusion_start_epoch",
+                                        "0")) == 0
     checkpoint = load_checkpoint(run / "last.pth")
     for dotted in SWITCH_DEFAULTS:
         group, name = dotted.split(".")
@@ -295,8 +296,8 @@ def test_resume_reads_an_older_spec_and_refuses_a_converted_checkpoint(workspace
     converted = tmp_path / "converted.pth"
     convert(write_release_checkpoint(tmp_path, release_state_dict()), converted, random_priors(), IMG_SIZE,
             config_name=RELEASE_CONFIG)
-    assert train_script.main(train_args(workspace, "from_release", "--max_epochs", "1", "--resume",
-                                        str(converted))) == 1
+    assert train_script.main(train_args(workspace, "from_release", "--max_epochs", "1", "--region_fusion_start_epoch",
+                                        "0", "--resume", str(converted))) == 1
     assert "can be tested, not resumed" in caplog.text
 
 

@@ -22,6 +22,7 @@ from conftest import ROOT, write_test_priors
 from engine.checkpoints import load_checkpoint
 
 STEPS_PER_EPOCH = 3  # 28 training slices of the workspace at batch 8
+ONE_EPOCH = ("--max_epochs", "1", "--region_fusion_start_epoch", "0")  # a run of one epoch that trains its fused head
 
 
 @pytest.fixture(scope="module")
@@ -89,13 +90,13 @@ def test_a_run_folder_with_checkpoints_is_refused_unless_resume_or_overwrite(wor
     (run / "test_test_vol_best").mkdir()
     (run / "test_test_vol_best" / "summary.json").write_text("{}")
     before = {path.name: path.read_bytes() for path in run.glob("*.pth")}
-    assert train_script.main(train_args(workspace, "reused", "--max_epochs", "1")) == 1
+    assert train_script.main(train_args(workspace, "reused", *ONE_EPOCH)) == 1
     assert f"run folder {run} already holds checkpoints" in caplog.text
     assert "--resume auto" in caplog.text and "--overwrite" in caplog.text
     assert {path.name: path.read_bytes() for path in run.glob("*.pth")} == before, "nothing was touched"
 
-    assert train_script.main(train_args(workspace, "reused", "--max_epochs", "1", "--overwrite")) == 0
-    assert sorted(path.name for path in run.glob("*.pth")) == ["epoch_0.pth", "last.pth"]
+    assert train_script.main(train_args(workspace, "reused", *ONE_EPOCH, "--overwrite")) == 0
+    assert sorted(path.name for path in run.glob("*.pth")) == ["best.pth", "epoch_0.pth", "last.pth"]
     assert load_checkpoint(run / "last.pth")["train_state"]["epoch"] == 1
     assert not (run / "test_test_vol_best").exists() and (run / "notes.txt").read_text() == "my notes"
     assert "epoch 2" not in (run / "log.txt").read_text(), "the earlier run's log was cleared"
@@ -116,15 +117,15 @@ def test_a_run_folder_in_use_is_refused_and_a_dead_processs_lock_is_taken_over(w
     here = socket.gethostname()
     for holder in ({"pid": os.getpid(), "host": here}, {"pid": 1, "host": "another-machine"}):
         lock.write_text(json.dumps({**holder, "started": "earlier"}))
-        assert train_script.main(train_args(workspace, "locked", "--max_epochs", "1")) == 1
+        assert train_script.main(train_args(workspace, "locked", *ONE_EPOCH)) == 1
         assert f"{lock} names process {holder['pid']} on {holder['host']}" in caplog.text
         assert [path.name for path in run.iterdir()] == ["train.lock"], "nothing written beside the other run"
     ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     lock.write_text(json.dumps({"pid": int(ended.stdout), "host": here, "started": "earlier"}))
-    assert train_script.main(train_args(workspace, "locked", "--max_epochs", "1")) == 0
+    assert train_script.main(train_args(workspace, "locked", *ONE_EPOCH)) == 0
     assert f"was left by process {int(ended.stdout)}, which no longer runs: taking it over" in caplog.text
     assert (run / "last.pth").is_file() and not lock.exists(), "the lock goes with the run that held it"
-    assert train_script.main(train_args(workspace, "fresh_but_failing", "--max_epochs", "1", "--prior_embeddings",
+    assert train_script.main(train_args(workspace, "fresh_but_failing", *ONE_EPOCH, "--prior_embeddings",
                                         str(workspace / "priors_missing.pt"), "--prior_encoder", "nonexistent")) == 1
     assert not (workspace / "fresh_but_failing").exists(), "a folder created for a run that failed at once is removed"
 

@@ -30,6 +30,9 @@ def workspace(tmp_path_factory):
     return root
 
 
+ONE_EPOCH = ("--max_epochs", "1", "--region_fusion_start_epoch", "0")  # one epoch that trains the fused head
+
+
 def train_args(workspace, run, *extra):
     return ["--dataset", "Phantom", "--root_path", str(workspace / "data"), "--vit_name", "testing",
             "--img_size", "64", "--no_pretrain", "--prior_embeddings", str(workspace / "priors.pt"),
@@ -60,7 +63,7 @@ def test_resumed_run_matches_an_uninterrupted_one(workspace):
 
 
 def test_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(workspace, caplog):
-    assert train_script.main(train_args(workspace, "nan", "--max_epochs", "1")) == 0
+    assert train_script.main(train_args(workspace, "nan", *ONE_EPOCH)) == 0
     last = workspace / "nan" / "last.pth"
     before = last.read_bytes()
     code = train_script.main(train_args(workspace, "nan", "--max_epochs", "3", "--base_lr", "1e30",
@@ -87,7 +90,7 @@ def test_dice_class_weights_flag_sets_the_trainers_loss_and_bad_values_are_refus
 
 
 def test_resume_from_another_configuration_is_refused(workspace, caplog):
-    assert train_script.main(train_args(workspace, "other", "--max_epochs", "1")) == 0
+    assert train_script.main(train_args(workspace, "other", *ONE_EPOCH)) == 0
     code = train_script.main(train_args(workspace, "other_resumed", "--max_epochs", "2", "--n_skip", "2",
                                         "--resume", str(workspace / "other" / "last.pth")))
     assert code == 1 and "another configuration" in caplog.text and "n_skip: 3 in the checkpoint, 2 here" in caplog.text
@@ -119,7 +122,7 @@ def test_test_script_writes_metrics_predictions_and_overlays(workspace):
 def test_test_script_refuses_contradicting_flags(workspace, caplog):
     run = workspace / "other"
     if not (run / "last.pth").is_file():
-        assert train_script.main(train_args(workspace, "other", "--max_epochs", "1")) == 0
+        assert train_script.main(train_args(workspace, "other", *ONE_EPOCH)) == 0
     assert test_script.main(["--output_dir", str(run), "--vit_name", "compact", "--no_cfm"]) == 1
     assert "--vit_name compact (the checkpoint has testing)" in caplog.text and "--no_cfm" in caplog.text
     assert test_script.main(["--output_dir", str(run), "--checkpoint", str(run / "absent.pth")]) == 1
@@ -129,13 +132,13 @@ def test_two_process_ddp_on_cpu(workspace):
     run = workspace / "ddp"
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                str(29500 + os.getpid() % 1000), str(ROOT / "train.py"),
-               *train_args(workspace, "ddp", "--max_epochs", "1", "--batch_size", "2")]
+               *train_args(workspace, "ddp", *ONE_EPOCH, "--batch_size", "2")]
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     checkpoint = load_checkpoint(run / "last.pth")
     assert len(checkpoint["rng"]) == 2, "each rank's random state is kept"
-    assert sorted(p.name for p in run.glob("*.pth")) == ["epoch_0.pth", "last.pth"]
+    assert sorted(p.name for p in run.glob("*.pth")) == ["best.pth", "epoch_0.pth", "last.pth"], "validated once"
     assert "2 process(es)" in (run / "log.txt").read_text()
 
 
@@ -179,7 +182,7 @@ def test_structures_and_summary_rules():
 
 def test_baseline_trains_and_tests(workspace):
     run = workspace / "single"
-    assert train_script.main(train_args(workspace, "single", "--max_epochs", "1", "--model", "transunet_single",
+    assert train_script.main(train_args(workspace, "single", *ONE_EPOCH, "--model", "transunet_single",
                                         "--modality", "T2w")) == 0
     spec = load_checkpoint(run / "last.pth")["spec"]
     assert spec["model"] == "transunet_single" and spec["modality"] == "T2w"
