@@ -43,7 +43,7 @@ from tqdm import tqdm
 from datasets.layouts import DataError, find_myops2020_cases, find_myops380_cases, load_case
 from datasets.preprocessing import PreprocessingSettings, preprocess_case
 from datasets.roi import CROP_CENTRES, heart_centre, read_centres
-from datasets.vocabulary import CLASS_NAMES, LABEL_MAPS, MODALITIES
+from datasets.vocabulary import CLASS_NAMES, LABEL_MAPS, MODALITIES, dataset_name
 from utils import process_alive
 
 logger = logging.getLogger("preprocess")
@@ -59,7 +59,8 @@ DATASETS = {
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", required=True, choices=sorted(DATASETS))
+    parser.add_argument("--dataset", required=True, type=dataset_name("MyoPS380"), choices=sorted(DATASETS),
+                        help="MyoPS380 (also read as Myops, train.py's name), MyoPS2020 or Phantom")
     parser.add_argument("--src_path", type=Path, required=True, help="raw dataset folder")
     parser.add_argument("--dst_path", type=Path, required=True, help="preprocessed output folder")
     parser.add_argument("--spacing", type=float, default=None,

@@ -30,7 +30,8 @@ from engine.checkpoints import CheckpointError, model_spec
 from engine.distributed import TrainingInterrupted, seed_everything, setup_distributed
 from engine.options import (CUDA_DEFAULTS, ROOT, add_run_arguments, build_config, filled, fit_stages,
                             resolve_device_defaults, run_directory)
-from engine.runs import check_run_folder, clear_run_folder, configure_logging, run_folder_lock, write_run_config
+from engine.runs import (check_run_folder, clear_run_folder, configure_logging, resumes_from_folder, run_folder_lock,
+                         write_run_config)
 from trainer import Trainer
 
 logger = logging.getLogger("train")
@@ -86,9 +87,10 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.log_every is not None and args.log_every < 1:
         parser.error(f"--log_every must be at least 1, got {args.log_every}")
-    if args.overwrite and args.resume:
-        parser.error("--overwrite deletes the checkpoints that --resume continues from: give one of them")
     args = filled(args)
+    if args.overwrite and args.resume and (args.resume == "auto" or resumes_from_folder(
+            args.resume, args.output_dir or run_directory(args))):
+        parser.error("--overwrite deletes the checkpoints that --resume continues from: give one of them")
     args.fitted_stages = fit_stages(args)
     if args.dice_class_weights is not None and len(args.dice_class_weights) != args.num_classes:
         parser.error(f"--dice_class_weights: {len(args.dice_class_weights)} weights for --num_classes "

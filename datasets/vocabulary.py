@@ -13,3 +13,11 @@ LABEL_MAPS = {
     "MyoPS380": {0: 0, 1: 1, 2: 2, 3: 3},
     "MyoPS2020": {0: 0, 200: 1, 500: 0, 600: 0, 1220: 3, 2221: 2},
 }
+
+
+def dataset_name(myops380):
+    """An argparse type that reads the MyoPS380 dataset under either of its names (train.py and test.py call it
+    Myops, as the released scripts did; preprocess_data.py MyoPS380) as ``myops380``; other names as typed."""
+    def read(text):
+        return myops380 if text.lower() in ("myops", "myops380") else text
+    return read

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from datasets.vocabulary import MODALITIES
+from datasets.vocabulary import MODALITIES, dataset_name
 from networks.vit_seg_configs import get_config
 from networks.vit_seg_modeling import MODEL_NAMES
 
@@ -62,8 +62,10 @@ def loader_workers(cuda):
 def add_run_arguments(parser, with_defaults=True):
     """The released scripts' flags that name a run and define its model, plus the model choice and ablations."""
     default = (lambda name: RUN_DEFAULTS[name]) if with_defaults else (lambda name: None)
-    parser.add_argument("--dataset", default=default("dataset"), choices=sorted(DATASET_ROOTS),
-                        help="dataset name, used for run naming and the default --root_path (default Myops)")
+    parser.add_argument("--dataset", default=default("dataset"), type=dataset_name("Myops"),
+                        choices=sorted(DATASET_ROOTS),
+                        help="dataset name, used for run naming and the default --root_path (default Myops, which "
+                             "preprocess_data.py calls MyoPS380: both are accepted)")
     parser.add_argument("--root_path", type=Path, default=None,
                         help="preprocessed folder holding bSSFP/, LGE/, T2w/ and the lists "
                              "(default: data/<dataset> as written by preprocess_data.py)")

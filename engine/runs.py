@@ -33,10 +33,15 @@ def check_run_folder(run_dir, resume, overwrite=False):
     if run_dir.exists() and not run_dir.is_dir():
         raise RunFolderError(f"run folder {run_dir} is a file; choose another --output_dir")
     existing = run_checkpoints(run_dir)
-    continues = resume is not None and (resume != "auto" or (run_dir / "last.pth").is_file())
+    continues = (resume == "auto" and (run_dir / "last.pth").is_file()) or (
+        resume not in (None, "auto") and resumes_from_folder(resume, run_dir))
     if not existing or continues or overwrite:
         return
     names = ", ".join(path.name for path in existing)
+    if resume not in (None, "auto"):
+        raise RunFolderError(f"--resume {resume} continues another run's checkpoint in run folder {run_dir}, which "
+                             f"holds checkpoints of an earlier run ({names}): the two runs' files would mix. Choose "
+                             "another --output_dir, or pass --overwrite to delete the earlier run's files first")
     if resume == "auto":
         raise RunFolderError(f"run folder {run_dir} holds checkpoints ({names}) but no last.pth for --resume auto: "
                              "continue from one of them with --resume PATH, or start afresh with --overwrite "
@@ -44,6 +49,11 @@ def check_run_folder(run_dir, resume, overwrite=False):
     raise RunFolderError(f"run folder {run_dir} already holds checkpoints of an earlier run ({names}): continue it "
                          "with --resume auto, or start afresh with --overwrite (deletes the earlier run's files "
                          "first), or choose another --output_dir")
+
+
+def resumes_from_folder(resume, run_dir):
+    """Whether the checkpoint ``resume`` lies in ``run_dir`` (the run continues itself)."""
+    return Path(resume).resolve().parent == Path(run_dir).resolve()
 
 
 LOCK_NAME = "train.lock"

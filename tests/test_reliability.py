@@ -437,3 +437,36 @@ def test_a_failed_checkpoint_write_stops_training_with_a_named_error_and_keeps_t
     assert "could not write checkpoint" in caplog.text and "No space left on device" in caplog.text
     assert load_checkpoint(run / "last.pth")["train_state"]["epoch"] == 1
     assert not list(run.glob(".*.tmp")), "no half-written file is left behind"
+
+
+# Runs never mix, names users typed (issue 17) -----------------------------------------------------------------
+
+def test_resuming_another_runs_checkpoint_into_a_folder_with_checkpoints_is_refused_unless_overwrite(
+        workspace, straight, caplog):
+    run = workspace / "mixed"
+    shutil.copytree(straight, run)
+    before = {path.name: path.read_bytes() for path in run.glob("*.pth")}
+    other = workspace / "other_run"
+    shutil.copytree(straight, other)
+    assert train_script.main(train_args(workspace, "mixed", "--resume", str(other / "epoch_0.pth"))) == 1
+    assert f"--resume {other / 'epoch_0.pth'} continues another run's checkpoint in run folder {run}" in caplog.text
+    assert "--overwrite" in caplog.text
+    assert {path.name: path.read_bytes() for path in run.glob("*.pth")} == before, "nothing was touched"
+    assert train_script.main(train_args(workspace, "mixed", "--resume", str(other / "epoch_0.pth"),
+                                        "--overwrite")) == 0
+    assert_same_run(straight, run)
+    assert train_script.main(train_args(workspace, "mixed", "--resume", str(run / "epoch_1.pth"),
+                                        "--max_epochs", "3")) == 0, "a run continues its own checkpoints"
+    with pytest.raises(SystemExit):  # --overwrite would delete what --resume continues from
+        train_script.parse_args(train_args(workspace, "mixed", "--resume", str(run / "epoch_1.pth"), "--overwrite"))
+
+
+def test_the_myops380_dataset_is_read_under_both_of_its_names(tmp_path):
+    for name in ("Myops", "MyoPS380", "myops380"):
+        assert train_script.parse_args(["--dataset", name]).dataset == "Myops"
+        assert test_script.parse_args(["--dataset", name]).dataset == "Myops"
+        assert preprocess_data.parse_args(["--dataset", name, "--src_path", str(tmp_path), "--dst_path",
+                                           str(tmp_path / "out")]).dataset == "MyoPS380"
+    assert train_script.parse_args(["--dataset", "Myops"]).root_path.name == "MyoPS380"
+    with pytest.raises(SystemExit):
+        train_script.parse_args(["--dataset", "MyoPS2021"])
