@@ -15,7 +15,9 @@ readable, otherwise in the processed grid (summary.json says which). Undefined
 values (a structure absent from prediction or reference) follow utils.dice_hd95:
 NaN, left out of the means, and counted.
 
-Outputs in --test_save_dir (default <run>/test_<split>_<checkpoint>, with _ensemble<N> for an ensemble):
+Outputs in --test_save_dir (default <run>/test_<split>_<checkpoint>, with _ensemble<N>, _tta, _heads-...,
+_postprocess, _released for the options that change the figures; a folder holding another setting's results is
+refused unless --overwrite):
 metrics.csv, summary.json, test_info.json, <case>_pred.nii.gz, and <case>.png with --save_png.
 With --protocol released, the processed-grid predictions are also scored as the
 review release's test.py scores them (utils.released_dice_hd95: HD95 in pixels,
@@ -81,7 +83,11 @@ def parse_args(argv=None):
                         help="write <case>_pred.nii.gz (the default; --is_savenii is the released name)")
     parser.add_argument("--no_save_nii", dest="save_nii", action="store_false", help="do not write NIfTI predictions")
     parser.add_argument("--save_png", action="store_true", help="write a PNG overlay per case")
-    parser.add_argument("--test_save_dir", type=Path, default=None, help="output folder")
+    parser.add_argument("--test_save_dir", type=Path, default=None,
+                        help="output folder (default: <run>/test_<split>_<checkpoint>, with a suffix per option that "
+                             "changes the figures: _ensemble<N>, _tta, _heads-..., _postprocess, _released)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="score into a folder that holds the results of another setting: they are deleted first")
     parser.add_argument("--batch_slices", type=int, default=16, help="slices predicted per batch")
     parser.add_argument("--tta", action="store_true", help="average the predictions over the four flips")
     parser.add_argument("--ensemble", type=Path, nargs="+", default=[], metavar="RUN_DIR",
@@ -257,8 +263,9 @@ def evaluate(args):
         logger.info("checkpoint %s (epoch %d)", path, member["train_state"]["epoch"])
         check_preprocessing(member.get("preprocessing"), read_preprocessing(root), root,
                             args.allow_preprocessing_mismatch)
-    ensemble = f"_ensemble{len(members)}" if len(members) > 1 else ""
-    out_dir = args.test_save_dir or args.run_dir / f"test_{args.split}_{args.checkpoint_path.stem}{ensemble}"
+    setting = results_setting(args, members, root)
+    out_dir = args.test_save_dir or args.run_dir / results_folder_name(args, len(members))
+    check_results_folder(out_dir, setting, args.overwrite)
     out_dir.mkdir(parents=True, exist_ok=True)
     logger.info("%d checkpoint(s), %d %s volumes from %s -> %s", len(members), len(dataset), args.split, root,
                 out_dir)
@@ -311,11 +318,7 @@ def evaluate(args):
             writer.writerows(rows)
     with atomic_path(out_dir / "summary.json") as temporary:
         temporary.write_text(json.dumps(summary, indent=2) + "\n")
-    info = {"checkpoint": str(args.checkpoint_path), "epoch": checkpoint["train_state"]["epoch"],
-            "ensemble": [str(path) for path, _, _ in members],
-            "split": args.split, "tta": args.tta, "postprocess": args.postprocess, "heads": list(args.heads),
-            "protocol": args.protocol,
-            "root_path": str(root), "space": spaces,
+    info = {**setting, "epoch": checkpoint["train_state"]["epoch"], "space": spaces,
             "spec": checkpoint["spec"], "seconds": round(time.time() - start, 2),
             "structures": {k: list(v) for k, v in STRUCTURES.items()}}
     with atomic_path(out_dir / "test_info.json") as temporary:
@@ -325,6 +328,50 @@ def evaluate(args):
     if args.protocol == "released":
         write_released_protocol(released, out_dir, {"tta": args.tta, "postprocess": args.postprocess})
     return summary
+
+
+# What a results folder's figures depend on: test_info.json records it, and a folder holding another one's results is
+# refused unless --overwrite.
+RESULT_FILES = ("metrics.csv", "summary.json", "test_info.json", "metrics_released_protocol.csv",
+                "summary_released_protocol.json", "*_pred.nii.gz", "*.png")
+
+
+def results_setting(args, members, root):
+    return {"checkpoint": str(args.checkpoint_path), "ensemble": [str(path) for path, _, _ in members],
+            "split": args.split, "tta": args.tta, "postprocess": args.postprocess, "heads": list(args.heads),
+            "protocol": args.protocol, "root_path": str(root)}
+
+
+def results_folder_name(args, members):
+    """test_<split>_<checkpoint>, with a suffix for each option that changes the figures."""
+    name = f"test_{args.split}_{args.checkpoint_path.stem}" + (f"_ensemble{members}" if members > 1 else "")
+    name += "_tta" if args.tta else ""
+    name += f"_heads-{'-'.join(args.heads)}" if tuple(args.heads) != ("fused",) else ""
+    name += "_postprocess" if args.postprocess else ""
+    return name + ("_released" if args.protocol == "released" else "")
+
+
+def check_results_folder(out_dir, setting, overwrite):
+    """Refuse a folder holding another setting's results (its test_info.json), unless --overwrite: then delete
+    test.py's files there first. A rerun of the same setting replaces its own files."""
+    info_path = Path(out_dir) / "test_info.json"
+    if not info_path.is_file():
+        return
+    try:
+        earlier = json.loads(info_path.read_text())
+    except (OSError, ValueError):
+        earlier = {}
+    differences = [f"{key} {earlier.get(key)!r} there, {value!r} here" for key, value in setting.items()
+                   if earlier.get(key) != value]
+    if not differences:
+        return
+    if not overwrite:
+        raise DataError(f"{out_dir} holds the results of another setting ({'; '.join(differences)}): choose another "
+                        "--test_save_dir, or pass --overwrite to delete them first")
+    removed = [path for pattern in RESULT_FILES for path in sorted(Path(out_dir).glob(pattern))]
+    for path in removed:
+        path.unlink()
+    logger.warning("--overwrite: deleted the %d result files of another setting in %s", len(removed), out_dir)
 
 
 def main(argv=None):

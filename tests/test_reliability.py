@@ -470,3 +470,26 @@ def test_the_myops380_dataset_is_read_under_both_of_its_names(tmp_path):
     assert train_script.parse_args(["--dataset", "Myops"]).root_path.name == "MyoPS380"
     with pytest.raises(SystemExit):
         train_script.parse_args(["--dataset", "MyoPS2021"])
+
+
+def test_test_results_of_different_settings_never_share_a_folder(workspace, straight, evaluation_data, caplog):
+    data = evaluation_data()
+    common = ["--output_dir", str(straight), "--root_path", str(data / "data"), "--checkpoint", "last"]
+    assert test_script.main(common) == 0
+    assert test_script.main(common + ["--tta", "--protocol", "released"]) == 0
+    assert (straight / "test_test_vol_last" / "summary.json").is_file()
+    assert (straight / "test_test_vol_last_tta_released" / "summary_released_protocol.json").is_file()
+    assert not (straight / "test_test_vol_last" / "summary_released_protocol.json").exists()
+
+    chosen = workspace / "chosen_folder"
+    assert test_script.main(common + ["--test_save_dir", str(chosen), "--protocol", "released", "--save_png"]) == 0
+    before = sorted(path.name for path in chosen.iterdir())
+    assert "summary_released_protocol.json" in before and any(name.endswith(".png") for name in before)
+    assert test_script.main(common + ["--test_save_dir", str(chosen), "--tta"]) == 1
+    assert "holds the results of another setting (tta False there, True here; protocol 'released' there" in caplog.text
+    assert sorted(path.name for path in chosen.iterdir()) == before, "nothing was touched"
+    assert test_script.main(common + ["--test_save_dir", str(chosen), "--tta", "--overwrite"]) == 0
+    after = sorted(path.name for path in chosen.iterdir())
+    assert "summary_released_protocol.json" not in after and not any(name.endswith(".png") for name in after)
+    assert json.loads((chosen / "test_info.json").read_text())["tta"] is True
+    assert test_script.main(common + ["--test_save_dir", str(chosen), "--tta"]) == 0, "the same setting again"
