@@ -21,10 +21,12 @@ Outputs in OUT: <case>.nii.gz (0 background, 1 normal myocardium, 2 scar, 3 edem
 200, 2221, 1220 with --label_values myops2020) with the shape, affine and header of the input LGE;
 <case>.png with --save_png (processed grid: LGE, LGE with the prediction); volumes.csv (per case
 the mL of normal myocardium, scar, edema and whole myocardium, scar and edema as % of the whole
-myocardium, the checkpoint or the ensemble's checkpoints, separated by ';'). Cases are read,
-predicted and written one at a time, each file atomically. A case that cannot be used (a sequence
-missing, sequences of different shape or orientation, an empty or unreadable file) is reported with
-the reason and skipped; the exit code is then 1.
+myocardium, the checkpoint or the ensemble's checkpoints, separated by ';'; for a case that failed,
+the reason in "error" and no volumes). Cases are read, predicted and written one at a time, each file
+atomically. A case that fails at any stage (a sequence missing, sequences of different shape or
+orientation, an empty or unreadable file, no heart found by the locator, an error in preprocessing,
+inference or export) is reported with the reason and skipped, the others are predicted; the exit code
+is then 1.
 """
 import argparse
 import csv
@@ -58,7 +60,7 @@ OUTPUT_LABELS = {"default": {1: 1, 2: 2, 3: 3},
 # volumes.csv column -> the classes it counts (utils.STRUCTURES: "myocardium" is the normal myocardium)
 VOLUME_STRUCTURES = {"normal_myocardium_ml": "myocardium", "scar_ml": "scar", "edema_ml": "edema",
                      "whole_myocardium_ml": "whole_myocardium"}
-VOLUME_COLUMNS = ["case", *VOLUME_STRUCTURES, "scar_percent", "edema_percent", "checkpoint"]
+VOLUME_COLUMNS = ["case", *VOLUME_STRUCTURES, "scar_percent", "edema_percent", "checkpoint", "error"]
 PREDICTION_PATTERNS = ("*.nii.gz", "*.nii", "volumes.csv")
 
 
@@ -154,6 +156,26 @@ def heart_locator(settings, args, checkpoint_path):
     return HeartLocator(args.locator_run, device=args.device, batch_slices=args.batch_slices)
 
 
+def predict_and_write(case, models, modalities, settings, args, device, img_size, locator):
+    """Read, predict and write one case; its volumes.csv row (with the slice count under "slices")."""
+    volumes = load_case(case)
+    centre = locator(volumes) if locator is not None else None
+    if locator is not None and centre is None:
+        raise DataError(f"the locator {locator.checkpoint_path} finds no myocardium to centre the crop on")
+    prediction, processed, prepared = predict_case(models, volumes, modalities, settings, args, device, img_size,
+                                                   centre)
+    if args.postprocess:
+        prediction, processed = keep_largest_myocardium(prediction), keep_largest_myocardium(processed)
+    lge = volumes.headers["LGE"]
+    written = save_nifti(output_labels(prediction, args.label_values), lge.get_best_affine(),
+                         args.output_dir / f"{case.case_id}.nii.gz", header=lge)
+    if args.save_png:
+        save_overlay(np.stack([prepared.images[m] for m in MODALITIES]), None, processed,
+                     args.output_dir / f"{case.case_id}.png")
+    return {"case": case.case_id, **tissue_volumes(prediction, written.header.get_zooms()),
+            "slices": prediction.shape[2]}
+
+
 def predict(args):
     """Predict every case under --input_dir; returns {case: reason} of the cases that failed."""
     cases = find_cases(args.input_dir, labelled=False)
@@ -175,34 +197,19 @@ def predict(args):
     for case in tqdm(cases, desc="cases", unit="case"):
         case_start = time.perf_counter()
         try:
-            volumes = load_case(case)
-        except DataError as error:
-            logger.error("%s: skipped: %s", case.case_id, error)
-            failures[case.case_id] = str(error)
-            remove_earlier_outputs(args.output_dir, case.case_id)
-            continue
-        centre = locator(volumes) if locator is not None else None
-        if locator is not None and centre is None:
-            reason = f"the locator {locator.checkpoint_path} finds no myocardium to centre the crop on"
+            row = predict_and_write(case, models, modalities, settings, args, device, img_size, locator)
+        except Exception as error:  # noqa: BLE001 - one case's failure, whatever it is, never stops the others
+            reason = str(error) if isinstance(error, DataError) else f"{type(error).__name__}: {error}"
             logger.error("%s: skipped: %s", case.case_id, reason)
+            logger.debug("%s failed", case.case_id, exc_info=True)
             failures[case.case_id] = reason
             remove_earlier_outputs(args.output_dir, case.case_id)
-            continue
-        prediction, processed, prepared = predict_case(models, volumes, modalities, settings, args, device,
-                                                       img_size, centre)
-        if args.postprocess:
-            prediction, processed = keep_largest_myocardium(prediction), keep_largest_myocardium(processed)
-        lge = volumes.headers["LGE"]
-        written = save_nifti(output_labels(prediction, args.label_values), lge.get_best_affine(),
-                             args.output_dir / f"{case.case_id}.nii.gz", header=lge)
-        if args.save_png:
-            save_overlay(np.stack([prepared.images[m] for m in MODALITIES]), None, processed,
-                         args.output_dir / f"{case.case_id}.png")
-        rows.append({"case": case.case_id, **tissue_volumes(prediction, written.header.get_zooms()),
-                     "checkpoint": checkpoints})
+            row = {"case": case.case_id, "error": reason}
+        else:
+            logger.info("%s: %d slices, %.2f s (read, predicted, written)", case.case_id, row.pop("slices"),
+                        time.perf_counter() - case_start)
+        rows.append({**row, "checkpoint": checkpoints})
         write_volumes(rows, args.output_dir / "volumes.csv")
-        logger.info("%s: %d slices, %.2f s (read, predicted, written)", case.case_id, prediction.shape[2],
-                    time.perf_counter() - case_start)
     if failures:
         logger.error("%d of %d cases failed and have no output:\n  %s", len(failures), len(cases),
                      "\n  ".join(f"{case}: {reason}" for case, reason in failures.items()))

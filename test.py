@@ -244,6 +244,40 @@ def load_members(args, device):
     return members
 
 
+def score_case(volume, members, args, ctx, out_dir):
+    """Predict and score one volume and write its outputs: (case, its metrics.csv rows, metrics, space, the
+    release's metrics or None)."""
+    case = volume["case_name"]
+    probabilities = ensemble_probabilities([model for _, _, model in members], volume["image"],
+                                           [member["spec"]["img_size"] for _, member, _ in members],
+                                           args.batch_slices, ctx.device, args.amp, args.tta)
+    processed_prediction = postprocessed(probabilities.argmax(dim=0).numpy().astype(np.uint8), args)
+    released = (released_case_metrics(processed_prediction, volume["label"].numpy())
+                if args.protocol == "released" else None)
+    reference = reference_in_original_space(volume)
+    geometry = volume["geometry"]
+    # The exported prediction lies in the patient's geometry whenever the volume records it, label or not.
+    exported, affine = ((postprocessed(probabilities_to_original(probabilities.numpy(), geometry), args),
+                         geometry.affine_array)
+                        if geometry is not None else (processed_prediction, np.eye(4)))
+    if reference is not None:
+        prediction, spacing, space = exported, geometry.original_spacing, "original"
+    else:
+        prediction, reference = processed_prediction, volume["label"].numpy()
+        spacing = geometry.processed_spacing if geometry is not None else (1.0, 1.0, 1.0)
+        space = "processed" if geometry is not None else "voxels"
+    metrics = case_metrics(prediction, reference, spacing)
+    rows = [{"case": case, "structure": name, "dice": dice, "hd95": hd, "space": space}
+            for name, (dice, hd) in metrics.items()]
+    if args.save_nii:
+        save_nifti(exported, affine, out_dir / f"{case}_pred.nii.gz")
+    if args.save_png:
+        save_overlay(volume["image"].numpy(), volume["label"].numpy(), processed_prediction, out_dir / f"{case}.png")
+    logger.info("%s (%s space): %s", case, space, ", ".join(
+        f"{name} {dice:.3f}/{hd:.2f}{HD95_UNITS[space]}" for name, (dice, hd) in metrics.items()))
+    return case, rows, metrics, space, released
+
+
 def evaluate(args):
     ctx = setup_distributed(args.device)
     resolve_device_defaults(args, ctx.device)
@@ -270,47 +304,33 @@ def evaluate(args):
     logger.info("%d checkpoint(s), %d %s volumes from %s -> %s", len(members), len(dataset), args.split, root,
                 out_dir)
 
-    rows, per_case, spaces, released = [], [], {}, {}
+    rows, per_case, spaces, released, failures = [], [], {}, {}, {}
     start = time.time()
     for index in range(len(dataset)):
-        volume = dataset[index]
-        case = volume["case_name"]
-        probabilities = ensemble_probabilities([model for _, _, model in members], volume["image"],
-                                               [member["spec"]["img_size"] for _, member, _ in members],
-                                               args.batch_slices, ctx.device, args.amp, args.tta)
-        processed_prediction = postprocessed(probabilities.argmax(dim=0).numpy().astype(np.uint8), args)
-        if args.protocol == "released":
-            released[case] = released_case_metrics(processed_prediction, volume["label"].numpy())
-        reference = reference_in_original_space(volume)
-        geometry = volume["geometry"]
-        # The exported prediction lies in the patient's geometry whenever the volume records it, label or not.
-        exported, affine = ((postprocessed(probabilities_to_original(probabilities.numpy(), geometry), args),
-                             geometry.affine_array)
-                            if geometry is not None else (processed_prediction, np.eye(4)))
-        if reference is not None:
-            prediction, spacing, space = exported, geometry.original_spacing, "original"
-        else:
-            prediction, reference = processed_prediction, volume["label"].numpy()
-            spacing = geometry.processed_spacing if geometry is not None else (1.0, 1.0, 1.0)
-            space = "processed" if geometry is not None else "voxels"
-        metrics = case_metrics(prediction, reference, spacing)
+        case = dataset.sample_list[index]
+        try:
+            case, case_rows, metrics, space, released_metrics = score_case(dataset[index], members, args, ctx,
+                                                                           out_dir)
+        except Exception as error:  # noqa: BLE001 - one case's failure, whatever it is, never stops the others
+            reason = str(error) if isinstance(error, DataError) else f"{type(error).__name__}: {error}"
+            logger.error("%s: left out: %s", case, reason)
+            logger.debug("%s failed", case, exc_info=True)
+            failures[case] = reason
+            continue
+        rows += case_rows
         per_case.append(metrics)
         spaces[case] = space
-        rows += [{"case": case, "structure": name, "dice": dice, "hd95": hd, "space": space}
-                 for name, (dice, hd) in metrics.items()]
-        if args.save_nii:
-            save_nifti(exported, affine, out_dir / f"{case}_pred.nii.gz")
-        if args.save_png:
-            save_overlay(volume["image"].numpy(), volume["label"].numpy(), processed_prediction,
-                         out_dir / f"{case}.png")
-        logger.info("%s (%s space): %s", case, space, ", ".join(
-            f"{name} {dice:.3f}/{hd:.2f}{HD95_UNITS[space]}" for name, (dice, hd) in metrics.items()))
+        if released_metrics is not None:
+            released[case] = released_metrics
+    if not per_case:
+        raise DataError(f"no case of {args.split} could be scored: " + "; ".join(
+            f"{case}: {reason}" for case, reason in failures.items()))
 
     summary = summarise(per_case)
     for entry in summary.values():
         entry.update(space="/".join(sorted(set(spaces.values()))),
                      hd95_unit="/".join(sorted({HD95_UNITS[space] for space in spaces.values()})),
-                     tta=args.tta, postprocess=args.postprocess)
+                     tta=args.tta, postprocess=args.postprocess, n_left_out=len(failures))
     with atomic_path(out_dir / "metrics.csv") as temporary:
         with open(temporary, "w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=["case", "structure", "dice", "hd95", "space"])
@@ -318,7 +338,7 @@ def evaluate(args):
             writer.writerows(rows)
     with atomic_path(out_dir / "summary.json") as temporary:
         temporary.write_text(json.dumps(summary, indent=2) + "\n")
-    info = {**setting, "epoch": checkpoint["train_state"]["epoch"], "space": spaces,
+    info = {**setting, "epoch": checkpoint["train_state"]["epoch"], "space": spaces, "left_out": failures,
             "spec": checkpoint["spec"], "seconds": round(time.time() - start, 2),
             "structures": {k: list(v) for k, v in STRUCTURES.items()}}
     with atomic_path(out_dir / "test_info.json") as temporary:
@@ -327,7 +347,10 @@ def evaluate(args):
                 args.tta, args.postprocess, format_table(summary))
     if args.protocol == "released":
         write_released_protocol(released, out_dir, {"tta": args.tta, "postprocess": args.postprocess})
-    return summary
+    if failures:
+        logger.error("%d of %d cases could not be scored and are left out of the summary (n_left_out):\n  %s",
+                     len(failures), len(dataset), "\n  ".join(f"{case}: {reason}" for case, reason in failures.items()))
+    return summary, failures
 
 
 # What a results folder's figures depend on: test_info.json records it, and a folder holding another one's results is
@@ -380,11 +403,11 @@ def main(argv=None):
     args.run_dir = Path(args.output_dir) if args.output_dir else run_directory(filled(args))
     try:
         with torch.inference_mode():
-            evaluate(args)
+            _, failures = evaluate(args)
     except (CheckpointError, DataError, FileNotFoundError, ValueError) as error:
         logger.error("%s", error)
         return 1
-    return 0
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":

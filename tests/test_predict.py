@@ -92,7 +92,32 @@ def test_bad_cases_are_named_with_their_reason_and_the_others_are_written(traine
     for case, reason in expected.items():
         assert any(case in message and reason in message for message in errors), (case, reason, errors)
     assert sorted(p.name for p in out.iterdir()) == ["case0001.nii.gz", "volumes.csv"], "nothing else, no temporaries"
-    assert [row["case"] for row in csv.DictReader(open(out / "volumes.csv"))] == ["case0001"]
+    rows = {row["case"]: row for row in csv.DictReader(open(out / "volumes.csv"))}
+    assert sorted(rows) == ["case0001", *sorted(expected)], "volumes.csv lists the failures too"
+    assert rows["case0001"]["error"] == "" and float(rows["case0001"]["whole_myocardium_ml"]) > 0
+    for case, reason in expected.items():
+        assert reason in rows[case]["error"] and rows[case]["whole_myocardium_ml"] == ""
+
+
+def test_a_case_failing_after_it_was_read_is_named_and_the_others_are_predicted(trained, tmp_path, monkeypatch,
+                                                                                caplog):
+    import engine.predictor
+
+    original = engine.predictor.preprocess_case
+
+    def fails_for_case_0003(volumes, settings, centre=None):
+        if volumes.case_id == "case0003":
+            raise RuntimeError("resampling ran out of memory")
+        return original(volumes, settings, centre)
+
+    monkeypatch.setattr(engine.predictor, "preprocess_case", fails_for_case_0003)
+    out = tmp_path / "out"
+    assert run_predict(trained, trained / "unlabelled", out) == 1
+    assert "case0003: skipped: RuntimeError: resampling ran out of memory" in caplog.text
+    rows = {row["case"]: row for row in csv.DictReader(open(out / "volumes.csv"))}
+    assert rows["case0003"]["error"] == "RuntimeError: resampling ran out of memory"
+    predicted = sorted(path.name for path in out.glob("*.nii.gz"))
+    assert "case0003.nii.gz" not in predicted and len(predicted) == len(rows) - 1 >= 2
 
 
 def test_output_folder_guard_overwrite_and_challenge_label_values(trained, tmp_path, caplog):

@@ -493,3 +493,26 @@ def test_test_results_of_different_settings_never_share_a_folder(workspace, stra
     assert "summary_released_protocol.json" not in after and not any(name.endswith(".png") for name in after)
     assert json.loads((chosen / "test_info.json").read_text())["tta"] is True
     assert test_script.main(common + ["--test_save_dir", str(chosen), "--tta"]) == 0, "the same setting again"
+
+
+def test_a_case_that_cannot_be_scored_is_named_and_the_others_are_scored(straight, evaluation_data, monkeypatch,
+                                                                        caplog):
+    data = evaluation_data()
+    original = test_script.reference_in_original_space
+    failing = sorted((data / "data" / "test_vol.txt").read_text().split())[0]
+
+    def fails_for_one_case(volume):
+        if volume["case_name"] == failing:
+            raise RuntimeError("the label could not be resampled")
+        return original(volume)
+
+    monkeypatch.setattr(test_script, "reference_in_original_space", fails_for_one_case)
+    out = data / "scored"
+    assert test_script.main(["--output_dir", str(straight), "--root_path", str(data / "data"), "--checkpoint", "last",
+                             "--test_save_dir", str(out)]) == 1, "the exit status says that a case failed"
+    assert f"{failing}: left out: RuntimeError: the label could not be resampled" in caplog.text
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["scar"]["n_left_out"] == 1 and summary["scar"]["n"] == 1
+    assert json.loads((out / "test_info.json").read_text())["left_out"] == {
+        failing: "RuntimeError: the label could not be resampled"}
+    assert failing not in (out / "metrics.csv").read_text() and not (out / f"{failing}_pred.nii.gz").exists()
