@@ -28,6 +28,7 @@ import argparse
 import csv
 import json
 import logging
+import signal
 import sys
 import time
 from pathlib import Path
@@ -46,7 +47,7 @@ from networks.inference import HeadAverage, warn_if_bf16_is_emulated
 from datasets.preprocessing_record import preprocessing_differences, read_preprocessing
 from engine.checkpoints import (CheckpointError, check_fused_head_trained, ensemble_checkpoints, inference_model,
                                 load_checkpoint)
-from engine.distributed import seed_everything, setup_distributed
+from engine.distributed import StopRequest, seed_everything, setup_distributed
 from engine.predictor import ensemble_probabilities
 from engine.options import ABLATIONS, add_run_arguments, filled, resolve_device_defaults, run_directory
 from engine.runs import configure_logging
@@ -307,6 +308,10 @@ def evaluate(args):
     rows, per_case, spaces, released, failures = [], [], {}, {}, {}
     start = time.time()
     for index in range(len(dataset)):
+        if args.stop.signal_number:
+            logger.warning("%s: scoring stopped after %d of %d cases; the outputs hold the cases scored",
+                           signal.Signals(args.stop.signal_number).name, index, len(dataset))
+            break
         case = dataset.sample_list[index]
         try:
             case, case_rows, metrics, space, released_metrics = score_case(dataset[index], members, args, ctx,
@@ -339,6 +344,7 @@ def evaluate(args):
     with atomic_path(out_dir / "summary.json") as temporary:
         temporary.write_text(json.dumps(summary, indent=2) + "\n")
     info = {**setting, "epoch": checkpoint["train_state"]["epoch"], "space": spaces, "left_out": failures,
+            "stopped_after": len(per_case) + len(failures) if args.stop.signal_number else None,
             "spec": checkpoint["spec"], "seconds": round(time.time() - start, 2),
             "structures": {k: list(v) for k, v in STRUCTURES.items()}}
     with atomic_path(out_dir / "test_info.json") as temporary:
@@ -402,11 +408,13 @@ def main(argv=None):
     configure_logging()
     args.run_dir = Path(args.output_dir) if args.output_dir else run_directory(filled(args))
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), StopRequest("case") as args.stop:
             _, failures = evaluate(args)
     except (CheckpointError, DataError, FileNotFoundError, ValueError) as error:
         logger.error("%s", error)
         return 1
+    if args.stop.signal_number:
+        return 128 + args.stop.signal_number
     return 1 if failures else 0
 
 

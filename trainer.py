@@ -7,6 +7,7 @@ import contextlib
 import datetime
 import logging
 import math
+import signal
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -68,10 +69,13 @@ def poly_lr(base_lr, iteration, max_iterations):
     return base_lr * (1.0 - iteration / max_iterations) ** 0.9
 
 
-def mean_pathology_dice(model, dataset, args, device):
-    """Mean over validation volumes of the mean of scar and edema Dice, in the processed grid."""
+def mean_pathology_dice(model, dataset, args, device, should_stop=lambda: False):
+    """Mean over validation volumes of the mean of scar and edema Dice, in the processed grid; None when
+    ``should_stop()`` turned true after a volume (a stop signal)."""
     scores = []
     for index in range(len(dataset)):
+        if index and should_stop():
+            return None
         volume = dataset[index]
         probabilities = predict_volume(model, volume["image"], args.img_size, args.batch_slices, device, args.amp,
                                        channels_last=False)
@@ -322,10 +326,12 @@ class Trainer:
         return self.spec["model"] != "immseg" or self.state.epoch > self.args.region_fusion_start_epoch
 
     def validate(self):
+        """The validation score, or None when a stop signal cut validation short (after the current volume)."""
         with eager_if_compiled(self.compile_mode):  # evaluation graphs are not worth their compilation
-            score = mean_pathology_dice(self.model, self.val_set, self.args, self.ctx.device)
+            score = mean_pathology_dice(self.model, self.val_set, self.args, self.ctx.device,
+                                        should_stop=lambda: self.stop.signal_number != 0)
         self.model.train()
-        if self.writer is not None:
+        if self.writer is not None and score is not None:
             self.writer.add_scalar("val/mean_pathology_dice", score, self.state.iteration)
         return score
 
@@ -412,10 +418,15 @@ class Trainer:
         if self.val_set is not None and self.fused_head_trained() and (self.state.epoch % args.val_every == 0
                                                                        or finished):
             score = self.validate() if self.ctx.is_main else None
+            stopped = self.stop.signal_number if score is None else 0
             if self.ctx.distributed:
-                shared = [score]
+                shared = [score, stopped]
                 dist.broadcast_object_list(shared, src=0)
-                score = shared[0]
+                score, stopped = shared
+            if stopped:
+                logger.warning("%s during the validation of epoch %d: validation stopped after the current volume; "
+                               "this epoch is not scored", signal.Signals(stopped).name, self.state.epoch)
+                raise TrainingInterrupted(stopped)
             logger.info("epoch %d: validation mean pathology Dice %.4f", self.state.epoch, score)
             if score > self.state.best_metric:
                 self.state.best_metric, self.state.best_epoch = score, self.state.epoch

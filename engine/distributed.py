@@ -151,15 +151,16 @@ class TrainingInterrupted(KeyboardInterrupt):
 
 
 class StopRequest:
-    """While active, SIGINT and SIGTERM ask training to stop after the current step.
+    """While active, SIGINT and SIGTERM ask training (or scoring) to stop after the current step (``unit``).
 
     The trainer shares the request between ranks every step, so a signal on any rank
     stops all of them at the same step. A second signal interrupts at once, without saving.
     """
 
-    def __init__(self):
+    def __init__(self, unit="step"):
         self.signal_number = 0
         self.previous = {}
+        self.unit = unit
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
@@ -174,5 +175,5 @@ class StopRequest:
         if self.signal_number:
             raise KeyboardInterrupt
         self.signal_number = number
-        logger.warning("%s received: stopping after this step (a second signal stops at once, without saving)",
-                       signal.Signals(number).name)
+        logger.warning("%s received: stopping after this %s (a second signal stops at once, without saving)",
+                       signal.Signals(number).name, self.unit)

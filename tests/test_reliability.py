@@ -516,3 +516,58 @@ def test_a_case_that_cannot_be_scored_is_named_and_the_others_are_scored(straigh
     assert json.loads((out / "test_info.json").read_text())["left_out"] == {
         failing: "RuntimeError: the label could not be resampled"}
     assert failing not in (out / "metrics.csv").read_text() and not (out / f"{failing}_pred.nii.gz").exists()
+
+
+def test_a_stop_signal_during_validation_stops_after_the_current_volume_and_saves(workspace, monkeypatch, caplog):
+    calls = []
+    original = trainer.predict_volume
+
+    def predict_then_signal(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "predict_volume", predict_then_signal)
+    validation = trainer.MyoPSDataset(workspace / "data", workspace / "data", "val")
+    three_volumes = torch.utils.data.ConcatDataset([validation] * 3)
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        # the workspace has one validation volume: three copies of it show where validation stops
+        monkeypatch.setattr(trainer, "MyoPSDataset", lambda root, lists, split: (
+            three_volumes if split == "val" else validation.__class__(root, lists, split)))
+        assert train_script.main(train_args(workspace, "stopped_validating", "--max_epochs", "3",
+                                            "--val_every", "1")) == 143
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert len(calls) == 1, "validation stopped after the volume in progress"
+    assert "SIGTERM during the validation of epoch 2: validation stopped after the current volume" in caplog.text
+    last = load_checkpoint(workspace / "stopped_validating" / "last.pth")
+    assert last["interrupted"] and last["train_state"]["epoch"] == 2 and last["train_state"]["epoch_iteration"] == 0
+    monkeypatch.undo()
+    assert train_script.main(train_args(workspace, "stopped_validating", "--max_epochs", "3", "--val_every", "1",
+                                        "--resume", "auto")) == 0
+    assert load_checkpoint(workspace / "stopped_validating" / "last.pth")["train_state"]["epoch"] == 3
+
+
+def test_a_stop_signal_during_testing_stops_after_the_current_case_and_writes_what_was_scored(
+        straight, evaluation_data, monkeypatch, caplog):
+    data = evaluation_data()
+    original = test_script.score_case
+
+    def score_then_signal(*args, **kwargs):
+        result = original(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return result
+
+    monkeypatch.setattr(test_script, "score_case", score_then_signal)
+    out = data / "stopped_scoring"
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        assert test_script.main(["--output_dir", str(straight), "--root_path", str(data / "data"), "--checkpoint",
+                                 "last", "--test_save_dir", str(out)]) == 143
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert "SIGTERM: scoring stopped after 1 of 2 cases" in caplog.text
+    assert json.loads((out / "summary.json").read_text())["scar"]["n"] == 1
+    assert json.loads((out / "test_info.json").read_text())["stopped_after"] == 1
