@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from engine.release import convert
-from networks.convert_release import ReleaseCheckpointError, load_text_features
+from networks.convert_release import TARGET_CONFIG, ReleaseCheckpointError, load_text_features
 from priors import PriorFileError, load_priors
 
 logger = logging.getLogger("convert_release")
@@ -34,6 +34,9 @@ def parse_args(argv=None):
     parser.add_argument("--root_path", type=Path, default=Path("MyoPS380_dataset/Processed_data"),
                         help="data folder recorded for test.py (default: the release's layout, "
                              "MyoPS380_dataset/Processed_data)")
+    parser.add_argument("--vit_name", default=TARGET_CONFIG,
+                        help=f"configuration the weights are mapped onto (default {TARGET_CONFIG}, the release's "
+                             "function; another must carry the release's switches too)")
     parser.add_argument("--epochs_trained", type=int, default=None,
                         help="completed epochs (default: N + 1 from the file name epoch_N.pth)")
     return parser.parse_args(argv)
@@ -45,8 +48,9 @@ def main(argv=None):
     try:
         priors = (load_text_features(args.text_features) if args.text_features is not None
                   else load_priors(args.prior_embeddings))
-        convert(args.checkpoint, args.out, priors, args.img_size, args.root_path, args.epochs_trained)
-    except (ReleaseCheckpointError, PriorFileError) as error:
+        convert(args.checkpoint, args.out, priors, args.img_size, args.root_path, args.epochs_trained,
+                config_name=args.vit_name)
+    except (ReleaseCheckpointError, PriorFileError, ValueError) as error:
         logger.error("%s; nothing written", error)
         return 1
     return 0

@@ -157,11 +157,22 @@ def reference_in_original_space(volume):
     return map_labels(label, label_map, case, source)
 
 
-def check_preprocessing(trained, tested, root, allow_mismatch):
-    """The test data must be preprocessed as the training data was (each folder's dataset.json)."""
-    if trained is None or tested is None:
-        if trained is not None or tested is not None:
-            logger.warning("preprocessing not checked: %s records none", "the checkpoint" if trained is None else root)
+def check_preprocessing(trained, tested, root, allow_mismatch, checkpoint_path):
+    """The test data must be preprocessed as the training data was (each folder's dataset.json, or the review
+    release's record for its Processed_data); a missing record is refused unless --allow_preprocessing_mismatch."""
+    missing = []
+    if trained is None:
+        missing.append(f"{checkpoint_path} records no preprocessing (a run from before the record existed, trained "
+                       "on a folder without dataset.json)")
+    if tested is None:
+        missing.append(f"{root} has no dataset.json (preprocess_data.py writes one) and is not the review release's "
+                       "Processed_data layout")
+    if missing:
+        message = "the test data's preprocessing cannot be checked against the training data's: " + "; ".join(missing)
+        if not allow_mismatch:
+            raise DataError(message + ". Preprocess the test cases with preprocess_data.py, or pass "
+                            "--allow_preprocessing_mismatch to score them unchecked")
+        logger.warning("%s\n--allow_preprocessing_mismatch: scoring unchecked", message)
         return
     differences = preprocessing_differences(trained, tested)
     if not differences:
@@ -297,7 +308,7 @@ def evaluate(args):
     for path, member, _ in members:
         logger.info("checkpoint %s (epoch %d)", path, member["train_state"]["epoch"])
         check_preprocessing(member.get("preprocessing"), read_preprocessing(root), root,
-                            args.allow_preprocessing_mismatch)
+                            args.allow_preprocessing_mismatch, path)
     setting = results_setting(args, members, root)
     out_dir = args.test_save_dir or args.run_dir / results_folder_name(args, len(members))
     check_results_folder(out_dir, setting, args.overwrite)

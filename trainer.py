@@ -369,6 +369,7 @@ class Trainer:
             raise
         finally:
             self.finish_writing()
+            self.stop_loader_workers()
             if self.writer is not None:
                 self.writer.close()
         logger.info("training finished: %d epochs, %d iterations; best mean pathology Dice %s", self.state.epoch,
@@ -402,6 +403,15 @@ class Trainer:
         loss, terms = self.last_losses or (math.nan, {})
         logger.info("epoch %d: iteration %d, loss %.4f (%s), weights %s", epoch + 1, self.state.iteration, loss,
                     ", ".join(f"{k} {v:.4f}" for k, v in terms.items()), tuple(weights))
+
+    def stop_loader_workers(self):
+        """End the loader's persistent worker processes now. They ignore SIGINT and SIGTERM (stop signals are the
+        trainer's to handle), so the interpreter's exit, which ends its children with SIGTERM, could not end them if
+        anything still held the loader then (an exception's traceback kept by a logging handler, say)."""
+        iterator = getattr(self.loader, "_iterator", None)
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+            self.loader._iterator = None
 
     def finish_writing(self):
         """Wait for a checkpoint write in flight; its failure is logged (an error being raised takes precedence)."""

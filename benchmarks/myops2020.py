@@ -473,6 +473,7 @@ def time_training_step(train_flags, warmup_steps, timed_steps):
         per_stage[weights] = (_epoch_start_steps(trainer, weights, timed_steps) / timed_steps
                               + save_seconds / per_epoch)
     seconds = sum(fraction * per_stage[trainer.weights_for(epoch)] for epoch, fraction in stages)
+    trainer.stop_loader_workers()
     del trainer, model
     gc.collect()
     described = {", ".join(f"{name} {value:g}" for name, value in weights._asdict().items()): stage_seconds

@@ -330,6 +330,7 @@ def measure_loop(args):
                 logger.exception("profiling failed: %s", error)
                 figures["profile_error"] = repr(error)
         trainer.checkpoint_writer.wait()
+        trainer.stop_loader_workers()
         figures.update(_peak_memory(torch, args.device))
     return figures
 
@@ -351,6 +352,7 @@ def trace_losses(args):
                 if len(losses) == args.trace_losses:
                     break
             trainer.sampler.set_epoch(trainer.sampler.epoch + 1)
+        trainer.stop_loader_workers()
     return {"losses": losses, "trace_settings": {"compile": trainer.args.compile, "amp": trainer.args.amp,
                                                  "deterministic": trainer.args.deterministic}}
 

@@ -1,19 +1,38 @@
 """The preprocessing record of a dataset folder (its dataset.json's sequences and settings) and its comparison
 with another: test data must have been written with the training data's values."""
+import copy
 import json
 from pathlib import Path
+
+from datasets.vocabulary import MODALITIES
 
 
 # What the model sees of preprocessing: test data must have been written with the training data's values.
 PREPROCESSING_KEYS = ("spacing_mm", "crop_size", "intensity", "percentiles", "crop_centre")
 
 
-def read_preprocessing(root_path):
-    """The preprocessing record of a dataset folder: its dataset.json's "modalities" and "settings".
+# The review release's processed MyoPS380 (its preprocess_data.py): the released 128 x 128 crops at their own
+# spacing, intensities clipped to [0, 255] and divided by 255 (preprocess_data.py --intensity released does the same).
+RELEASE_PREPROCESSING = {"modalities": list(MODALITIES),
+                         "settings": {"dataset": "MyoPS380 (the review release's preprocess_data.py)",
+                                      "spacing_mm": 0.0, "crop_size": 128, "intensity": "released"}}
 
-    None for data without dataset.json (such as the review release's processed data).
-    """
+
+def is_release_layout(root_path):
+    """Whether a folder is the review release's Processed_data: the sequence folders with its train_npz/ or
+    test_vol_h5/ files, and no dataset.json (which every folder preprocess_data.py writes has)."""
+    root = Path(root_path)
+    return not (root / "dataset.json").exists() and all(
+        (root / modality / "train_npz").is_dir() or (root / modality / "test_vol_h5").is_dir()
+        for modality in MODALITIES)
+
+
+def read_preprocessing(root_path):
+    """The preprocessing record of a dataset folder: its dataset.json's "modalities" and "settings", or the review
+    release's scaling and grid for its Processed_data (``is_release_layout``). None for a folder with neither."""
     path = Path(root_path) / "dataset.json"
+    if is_release_layout(root_path):
+        return copy.deepcopy(RELEASE_PREPROCESSING)
     if not path.is_file():
         return None
     try:

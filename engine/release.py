@@ -7,7 +7,8 @@ from pathlib import Path
 
 from engine.checkpoints import CHECKPOINT_FORMAT, TrainState
 from engine.runs import git_commit
-from networks.convert_release import (DROPPED_MODULES, RELEASE_PREPROCESSING, TARGET_CONFIG, ReleaseCheckpointError,
+from datasets.preprocessing_record import RELEASE_PREPROCESSING
+from networks.convert_release import (DROPPED_MODULES, TARGET_CONFIG, ReleaseCheckpointError,
                                       convert_state_dict, epochs_from_name, file_sha256, load_release_state,
                                       target_model)
 from utils import atomic_torch_save

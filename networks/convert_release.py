@@ -51,11 +51,6 @@ CBAM_PARTS = {"cbam.channel_att.mlp.": "0.channel_mlp.", "cbam.spatial_att.conv.
 CONTRAST_PARTS = {"features64_to_64.": "projections.0.", "features256_to_128.": "projections.1.",
                   "features512_to_256.": "projections.2."}
 TEXT_BUFFERS = ("intensity_priors", "class_embeddings")
-# How the release's preprocess_data.py made its training data, in the terms of our dataset.json: spacing and
-# the 128 x 128 ROI crops of MyoPS380 kept as they are, intensities clipped to [0, 255] and divided by 255.
-RELEASE_PREPROCESSING = {"modalities": list(MODALITIES),
-                         "settings": {"dataset": "MyoPS380 (the review release's preprocess_data.py)",
-                                      "spacing_mm": 0.0, "crop_size": 128, "intensity": "released"}}
 
 
 class ReleaseCheckpointError(ValueError):

@@ -3,12 +3,14 @@
 The release's state dicts here are written by the tests from the release's module
 layout (its key names; shapes at the ``testing`` widths), never taken from its code.
 """
+import json
 import logging
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+import test as test_script
 import train as train_script
 from conftest import IMG_SIZE, make_batch, make_model
 from convert_release import main
@@ -397,3 +399,21 @@ def test_duplicated_anchors_give_each_anchor_a_positive():
     # each anchor: its copy is the positive (cosine 1), the other class's two copies the negatives (cosine 0)
     expected = torch.log(1 + 2 * torch.exp(torch.tensor(-1.0)))
     assert torch.isclose(double(features, labels, anchors, ignore_classes=(0,)), expected)
+
+
+def test_command_line_converts_a_release_checkpoint_that_test_py_scores(workspace, tmp_path, caplog):
+    save_priors(random_priors(), tmp_path / "priors.pt")
+    release_path = write_release_checkpoint(tmp_path, release_state_dict())
+    run = tmp_path / "converted_run"
+    assert main(["--checkpoint", str(release_path), "--out", str(run / "epoch_299.pth"), "--prior_embeddings",
+                 str(tmp_path / "priors.pt"), "--img_size", str(IMG_SIZE), "--vit_name", RELEASE_CONFIG,
+                 "--root_path", str(workspace / "data")]) == 0
+    assert load_checkpoint(run / "epoch_299.pth")["train_state"]["epoch"] == 300
+    # the converted checkpoint records the release's preprocessing; the phantom was preprocessed otherwise
+    assert test_script.main(["--output_dir", str(run), "--checkpoint", "epoch_299", "--root_path",
+                             str(workspace / "data"), "--allow_preprocessing_mismatch"]) == 0
+    summary = json.loads((run / "test_test_vol_epoch_299" / "summary.json").read_text())
+    assert summary["whole_myocardium"]["n"] >= 1
+    assert main(["--checkpoint", str(release_path), "--out", str(tmp_path / "x.pth"), "--prior_embeddings",
+                 str(tmp_path / "priors.pt"), "--vit_name", "no-such-configuration"]) == 1
+    assert not (tmp_path / "x.pth").exists()

@@ -9,11 +9,14 @@ import numpy as np
 import pytest
 import torch
 
+import predict as predict_script
 import preprocess_data
 import test as test_script
 import train as train_script
+from datasets import phantom
 from datasets.dataset_myops import MyoPSDataset
 from datasets.layouts import DataError
+from datasets.preprocessing_record import RELEASE_PREPROCESSING
 from datasets.preprocessing import scale_like_release
 from datasets.vocabulary import MODALITIES
 from conftest import write_test_priors
@@ -201,6 +204,40 @@ def test_train_and_test_on_the_release_layout_with_both_protocols(release_layout
     assert test_script.main(["--output_dir", str(run), "--test_save_dir", str(ours_only), "--no_save_nii"]) == 0
     assert json.loads((ours_only / "summary.json").read_text()) == summary
     assert not list(ours_only.glob("*released_protocol*")), "--protocol ours is the default"
+
+
+def test_a_run_on_the_release_layout_records_its_preprocessing_and_predicts_raw_cases(release_layout, tmp_path):
+    """The release's Processed_data has no dataset.json: it is recognised, and its scaling and grid are recorded, so
+    that test.py checks them and predict.py applies them to raw cases."""
+    data, lists = release_layout / "MyoPS380_dataset" / "Processed_data", release_layout / "list"
+    run = release_layout / "recorded_run"
+    write_test_priors(release_layout)
+    assert train_script.main(["--root_path", str(data), "--list_dir", str(lists), "--vit_name", "testing",
+                              "--img_size", str(SIZE), "--no_pretrain", "--prior_embeddings",
+                              str(release_layout / "priors.pt"), "--batch_size", "4", "--max_epochs", "1",
+                              "--num_workers", "0", "--progress", "0", "--output_dir", str(run)]) == 0
+    recorded = torch.load(run / "last.pth", map_location="cpu", weights_only=True)["preprocessing"]
+    assert recorded == RELEASE_PREPROCESSING and recorded["settings"]["intensity"] == "released"
+    phantom.write_phantom(tmp_path / "raw", cases=2, seed=3)
+    out = tmp_path / "predicted"
+    assert predict_script.main(["--input_dir", str(tmp_path / "raw"), "--output_dir", str(out), "--run", str(run),
+                                "--device", "cpu"]) == 0
+    assert sorted(path.name for path in out.glob("*.nii.gz")) == ["case0001.nii.gz", "case0002.nii.gz"]
+
+
+def test_test_data_without_a_preprocessing_record_is_refused_unless_allowed(release_layout, tmp_path, caplog):
+    run = release_layout / "run"  # trained above on the release layout, whose record it holds
+    data, lists = tmp_path / "unrecorded", release_layout / "list"
+    (data / "LGE").mkdir(parents=True)  # neither a dataset.json nor the release's layout
+    for modality in MODALITIES:
+        source = release_layout / "MyoPS380_dataset" / "Processed_data" / modality / "test_vol_h5"
+        (data / modality).mkdir(exist_ok=True)
+        for path in source.iterdir():
+            (data / modality / path.name).write_bytes(path.read_bytes())
+    assert test_script.main(["--output_dir", str(run), "--root_path", str(data), "--list_dir", str(lists),
+                             "--test_save_dir", str(tmp_path / "refused")]) == 1
+    assert f"{data} has no dataset.json (preprocess_data.py writes one)" in caplog.text
+    assert "--allow_preprocessing_mismatch" in caplog.text
 
 
 # --- 4: the released metric protocol on hand-computed cases --------------------------------------------------

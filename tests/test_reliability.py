@@ -571,3 +571,32 @@ def test_a_stop_signal_during_testing_stops_after_the_current_case_and_writes_wh
     assert "SIGTERM: scoring stopped after 1 of 2 cases" in caplog.text
     assert json.loads((out / "summary.json").read_text())["scar"]["n"] == 1
     assert json.loads((out / "test_info.json").read_text())["stopped_after"] == 1
+
+
+EXIT_WITH_THE_TRAINER_HELD = """
+import sys
+sys.path.insert(0, {root!r})
+import train, trainer
+
+
+def fail(self):
+    raise RuntimeError("an error after an epoch")
+
+
+trainer.Trainer.end_epoch = fail
+try:
+    train.main(sys.argv[1:])
+except RuntimeError as error:
+    kept = error  # its traceback holds the trainer and its loader until the interpreter exits
+print("exiting", flush=True)
+"""
+
+
+def test_the_process_exits_while_an_error_still_holds_the_trainer(workspace, tmp_path):
+    """Loader workers ignore stop signals; the interpreter's exit ends its children with SIGTERM and waits for them,
+    so workers still alive at exit would hang it: fit ends them however it ends."""
+    script = tmp_path / "exit_with_the_trainer_held.py"
+    script.write_text(EXIT_WITH_THE_TRAINER_HELD.format(root=str(ROOT)))
+    result = subprocess.run([sys.executable, str(script), *train_args(workspace, "held", "--num_workers", "2")],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "exiting" in result.stdout, result.stderr[-3000:]
