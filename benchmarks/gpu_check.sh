@@ -12,7 +12,8 @@
 # output is in OUTPUT_DIR/logs/. Exit status: 0 when every step passed, 1 otherwise, 2 without a GPU or
 # when OUTPUT_DIR holds anything but an earlier check's output (which is replaced).
 # Environment: PYTHON (interpreter; default: the active environment's python, else .venv/bin/python),
-# SPEED_BATCH (speed.py training batch, default 24), SPEED_AMP (default bf16), PRIOR_EMBEDDINGS (a priors
+# SPEED_BATCH (speed.py training batch, default 24; halved while the card runs out of memory, skipped with the
+# reason when not even batch 1 fits), SPEED_AMP (default bf16), PRIOR_EMBEDDINGS (a priors
 # file made elsewhere by priors.encode, copied in instead of encoding here: for a box without the offline
 # encoder's package).
 set -euo pipefail
@@ -133,9 +134,28 @@ for amp in bf16 fp16; do
   fi
 done
 
+# speed_run MODEL: benchmarks/speed.py at SPEED_BATCH, halved while the card runs out of memory (the attempt is
+# then not a result); skipped, with the reason, when not even batch 1 fits.
+speed_run() {
+  local model=$1 batch=$SPEED_BATCH
+  while true; do
+    if step "speed_$model" "$PYTHON" benchmarks/speed.py --vit_name "$model" --device cuda --amp "$SPEED_AMP" \
+        --batch_size "$batch" --json "$OUT/speed_$model.json"; then
+      return 0
+    fi
+    grep -qi "out of memory" "$OUT/logs/speed_$model.log" || return 1
+    sed -i '$d' "$STEPS"
+    if [ "$batch" -le 1 ]; then
+      skip "speed_$model" "out of GPU memory even at batch 1"
+      return 0
+    fi
+    batch=$(( batch / 2 ))
+    echo "   out of GPU memory: again at batch $batch"
+  done
+}
+
 for model in R50-ViT-B_16 R50-only; do
-  step "speed_$model" "$PYTHON" benchmarks/speed.py --vit_name "$model" --device cuda --amp "$SPEED_AMP" \
-    --batch_size "$SPEED_BATCH" --json "$OUT/speed_$model.json" || true
+  speed_run "$model" || true
 done
 
 "$PYTHON" - "$OUT" "$gpus" <<'EOF'
@@ -165,7 +185,8 @@ def speed_figures(name):
     if not path.is_file():
         return "", ""
     figures = json.loads(path.read_text())
-    return (f"{figures['train_step_s']:.3f} s / training step, {figures['infer_slice_s'] * 1000:.2f} ms / slice",
+    return (f"{figures['train_step_s']:.3f} s / training step at batch {figures['settings']['batch_size']}, "
+            f"{figures['infer_slice_s'] * 1000:.2f} ms / slice",
             f"{figures.get('peak_cuda_mb', 0):.0f}")
 
 

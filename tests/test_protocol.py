@@ -262,6 +262,40 @@ def test_gpu_check_script_parses_and_stops_without_a_gpu(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+STAND_IN_PYTHON = """#!/usr/bin/env bash
+# The interpreter gpu_check.sh is given, standing in for one GPU that holds a training batch of at most $FITS.
+case "$*" in
+  *device_count*) echo 1 ;;
+  *torch.__version__*) echo "PyTorch (stand-in), GPU 0: a small card" ;;
+  *benchmarks/speed.py*)
+    batch=$(echo "$*" | sed -E 's/.*--batch_size ([0-9]+).*/\\1/')
+    json=$(echo "$*" | sed -E 's/.*--json ([^ ]+).*/\\1/')
+    if [ "$batch" -gt "$FITS" ]; then echo "torch.OutOfMemoryError: CUDA out of memory" >&2; exit 1; fi
+    echo "{{\\"train_step_s\\": 0.1, \\"infer_slice_s\\": 0.001, \\"peak_cuda_mb\\": 100,
+           \\"settings\\": {{\\"batch_size\\": $batch}}}}" > "$json" ;;
+  *preprocess_data.py*|*priors.encode*) exit 1 ;;
+  *) exec {python} "$@" ;;
+esac
+"""
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+@pytest.mark.parametrize("fits, expected", [(6, "| speed_R50-ViT-B_16 | pass |"),
+                                            (0, "| speed_R50-ViT-B_16 | skipped (out of GPU memory even at batch 1)")])
+def test_gpu_check_sizes_the_speed_step_to_the_cards_memory(tmp_path, fits, expected):
+    stand_in = tmp_path / "python"
+    stand_in.write_text(STAND_IN_PYTHON.format(python=sys.executable))
+    stand_in.chmod(0o755)
+    result = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), str(tmp_path / "out")],
+                            capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHON": str(stand_in), "FITS": str(fits)})
+    table = (tmp_path / "out" / "gpu_check.md").read_text()
+    assert expected in table, result.stdout[-3000:]
+    if fits:
+        assert "at batch 6" in table and "again at batch 12" in result.stdout and "again at batch 6" in result.stdout
+    assert table.count("speed_R50-ViT-B_16") == 1, "an attempt that ran out of memory is not a row"
+
+
 def test_speed_benchmark_puts_the_model_and_the_loss_on_its_device():
     """Found on the first GPU run: the loss's class weights stayed on the CPU while the model was on CUDA."""
     from benchmarks import speed
