@@ -165,14 +165,21 @@ def test_bad_release_files_are_named(tmp_path):
         MyoPSDataset(tmp_path, split="train")[0]
 
 
-def test_train_and_test_on_the_release_layout_with_both_protocols(release_layout, caplog):
+def train_on_release_layout(release_layout, name):
+    """One epoch of the testing configuration on the release's Processed_data and list/ folders; the run folder."""
     data, lists = release_layout / "MyoPS380_dataset" / "Processed_data", release_layout / "list"
-    run = release_layout / "run"
+    run = release_layout / name
     write_test_priors(release_layout)
     assert train_script.main(["--root_path", str(data), "--list_dir", str(lists), "--vit_name", "testing",
                               "--img_size", str(SIZE), "--no_pretrain", "--prior_embeddings",
                               str(release_layout / "priors.pt"), "--batch_size", "4", "--max_epochs", "1",
                               "--num_workers", "0", "--progress", "0", "--output_dir", str(run)]) == 0
+    return run
+
+
+def test_train_and_test_on_the_release_layout_with_both_protocols(release_layout, caplog):
+    data, lists = release_layout / "MyoPS380_dataset" / "Processed_data", release_layout / "list"
+    run = train_on_release_layout(release_layout, "run")
 
     out = release_layout / "evaluation"
     caplog.set_level("INFO")
@@ -209,13 +216,7 @@ def test_train_and_test_on_the_release_layout_with_both_protocols(release_layout
 def test_a_run_on_the_release_layout_records_its_preprocessing_and_predicts_raw_cases(release_layout, tmp_path):
     """The release's Processed_data has no dataset.json: it is recognised, and its scaling and grid are recorded, so
     that test.py checks them and predict.py applies them to raw cases."""
-    data, lists = release_layout / "MyoPS380_dataset" / "Processed_data", release_layout / "list"
-    run = release_layout / "recorded_run"
-    write_test_priors(release_layout)
-    assert train_script.main(["--root_path", str(data), "--list_dir", str(lists), "--vit_name", "testing",
-                              "--img_size", str(SIZE), "--no_pretrain", "--prior_embeddings",
-                              str(release_layout / "priors.pt"), "--batch_size", "4", "--max_epochs", "1",
-                              "--num_workers", "0", "--progress", "0", "--output_dir", str(run)]) == 0
+    run = train_on_release_layout(release_layout, "recorded_run")
     recorded = torch.load(run / "last.pth", map_location="cpu", weights_only=True)["preprocessing"]
     assert recorded == RELEASE_PREPROCESSING and recorded["settings"]["intensity"] == "released"
     phantom.write_phantom(tmp_path / "raw", cases=2, seed=3)
