@@ -62,7 +62,7 @@ from datasets.vocabulary import MODALITIES  # noqa: E402
 from networks.inference import cpu_features  # noqa: E402
 from priors import EncoderUnavailableError  # noqa: E402
 from engine.distributed import all_rng_states, seed_everything, setup_distributed  # noqa: E402
-from engine.options import RUN_DEFAULTS, resolve_device_defaults  # noqa: E402
+from engine.options import PAPER_SCHEDULE, RUN_DEFAULTS, resolve_device_defaults  # noqa: E402
 from engine.runs import configure_logging, git_commit, run_folder_lock  # noqa: E402
 from trainer import Trainer  # noqa: E402
 from utils import STRUCTURES, atomic_path, summarise  # noqa: E402
@@ -407,9 +407,9 @@ def schedule_name(variant_name, fused_start_epoch, paper_fusion, base_lr=None, b
 
 
 def paper_schedule():
-    """The paper's schedule, as train.py's defaults: (epochs, contrast start, fused start)."""
-    defaults = train_script.parse_args([])
-    return defaults.max_epochs, defaults.start_contrast_epoch, defaults.region_fusion_start_epoch
+    """The paper's schedule, train.py's defaults: (epochs, contrast start, fused start)."""
+    return (PAPER_SCHEDULE["max_epochs"], PAPER_SCHEDULE["start_contrast_epoch"],
+            PAPER_SCHEDULE["region_fusion_start_epoch"])
 
 
 def custom_lr(options):

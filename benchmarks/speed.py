@@ -44,6 +44,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from engine.options import PAPER_SCHEDULE  # noqa: E402
+
 logger = logging.getLogger("speed")
 
 
@@ -261,9 +263,6 @@ def utilisation(torch, args, flops, seconds):
         measured = measured_peak(torch, args.device, args.amp)
         figures.update(measured_peak_tflops=measured, mfu_measured_peak=flops / seconds / (measured * 1e12))
     return figures
-
-
-PAPER_SCHEDULE = {"max_epochs": 300, "start_contrast_epoch": 20, "region_fusion_start_epoch": 100}
 
 
 def loop_stages(model_name):

@@ -129,10 +129,10 @@ class BackgroundCheckpointWriter:
         self.wait()
         paths = [Path(path) for path in paths]
         copy = snapshot(state)
-        ready = None
-        if _cuda_device(copy) is not None:
+        ready, device = None, _cuda_device(copy)
+        if device is not None:
             ready = torch.cuda.Event()
-            ready.record(torch.cuda.current_stream(_cuda_device(copy)))
+            ready.record(torch.cuda.current_stream(device))
         # not a daemon: the interpreter lets a write in flight finish before it exits
         self._thread = threading.Thread(target=self._write, args=(copy, paths, ready), name="checkpoint-writer")
         self._thread.start()
