@@ -14,12 +14,9 @@ import logging
 import sys
 from pathlib import Path
 
-from tqdm import tqdm
-
-from datasets.layouts import DataError, find_cases, load_case
-from datasets.roi import write_centres
+from datasets.layouts import DataError
 from engine.checkpoints import CheckpointError
-from engine.predictor import HeartLocator
+from engine.predictor import locate_hearts
 from engine.runs import configure_logging
 
 logger = logging.getLogger("locate_heart")
@@ -36,33 +33,11 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def locate(args):
-    """Write the centres file; returns the cases where no heart was found."""
-    cases = find_cases(args.input_dir, labelled=False)
-    if args.cases is not None:
-        unknown = sorted(set(args.cases) - {case.case_id for case in cases})
-        if unknown:
-            raise DataError(f"--cases {unknown} are not under {args.input_dir}")
-        cases = [case for case in cases if case.case_id in set(args.cases)]
-    locator = HeartLocator(args.run, args.checkpoint, args.device)
-    centres, missed = {}, []
-    for case in tqdm(cases, desc="cases", unit="case"):
-        centre = locator(load_case(case))
-        if centre is None:
-            logger.error("%s: the coarse model finds no myocardium; no centre written", case.case_id)
-            missed.append(case.case_id)
-        else:
-            centres[case.case_id] = centre
-    write_centres(args.output, centres, f"locate_heart.py, checkpoint {locator.checkpoint_path}")
-    logger.info("%d heart centres -> %s", len(centres), args.output)
-    return missed
-
-
 def main(argv=None):
     args = parse_args(argv)
     configure_logging()
     try:
-        missed = locate(args)
+        missed = locate_hearts(args.input_dir, args.run, args.output, args.cases, args.checkpoint, args.device)
     except (CheckpointError, DataError, ValueError) as error:
         logger.error("%s", error)
         return 1

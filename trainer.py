@@ -1,4 +1,5 @@
-"""The training loop: the Trainer, its iteration budget and learning-rate schedule, validation, compilation.
+"""The training loop: the Trainer, its iteration budget and learning-rate schedule, validation, compilation, and
+:func:`train`, a whole run as train.py starts it.
 
 Rank 0 alone logs, writes TensorBoard and saves; the checkpoint format is engine.checkpoints', run folders
 engine.runs', processes, seeding and stop signals engine.distributed's.
@@ -25,11 +26,17 @@ from engine.checkpoint_writer import BackgroundCheckpointWriter, CheckpointWrite
 from engine.checkpoints import (CHECKPOINT_FORMAT, CheckpointError, TrainState, load_checkpoint, load_model_state,
                                 newest_epoch_checkpoint, spec_differences)
 from engine.distributed import (PositionSeededSampler, SeededAugmentation, StopRequest, TrainingInterrupted,
-                                all_rng_states, leave_stop_signals_to_the_trainer, rng_state, set_rng_state)
-from engine.runs import plain_values, git_commit, tensorboard_writer
+                                all_rng_states, leave_stop_signals_to_the_trainer, rng_state, seed_everything,
+                                set_rng_state, setup_distributed)
+from engine.options import resolve_device_defaults, run_directory
+from engine.runs import (check_run_folder, configure_logging, git_commit, plain_values, run_folder_lock,
+                         tensorboard_writer, write_run_config)
+from engine.training import build, open_run_folder
+from networks.npz_weights import PretrainedWeightsError
 from networks.inference import autocast_context, predict_volume, warn_if_bf16_is_emulated
 from networks.vit_seg_configs import with_switch_defaults
 from networks.vit_seg_modeling import compile_regions
+from priors import EncoderUnavailableError, PriorFileError, PromptFileError
 from priors.store import embeddings_sha256
 from utils import BASELINE_WEIGHTS, PATHOLOGY, IMMSegLoss, case_metrics, loss_weights
 
@@ -480,3 +487,63 @@ def make_optimizer(parameters, lr, weight_decay, device):
     """AdamW, with the fused (single-kernel) update where this PyTorch build has one for the device."""
     fused = device.type == "cuda" or (device.type == "cpu" and hasattr(torch, "_fused_adamw_"))
     return torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay, **({"fused": True} if fused else {}))
+
+
+def prior_provenance(priors):
+    """The prior file's provenance and the SHA-256 of its embeddings, which a resumed run must match."""
+    if priors is None:
+        return None
+    return {**priors.provenance, "embeddings_sha256": embeddings_sha256(priors.intensity, priors.classes)}
+
+
+def train_in(run_dir, args, ctx):
+    """Build, resume if asked, and train in ``run_dir`` (whose lock this process holds)."""
+    model, spec, priors = build(args, ctx)
+    trainer = Trainer(args, ctx, model, spec, run_dir, prior_provenance(priors))
+    resume = run_dir / "last.pth" if args.resume == "auto" else args.resume
+    if args.resume == "auto" and not resume.is_file():
+        logger.info("--resume auto: no %s yet, starting from scratch", resume)
+        resume = None
+    elif resume:
+        trainer.resume(Path(resume))
+    open_run_folder(run_dir, args.overwrite, ctx)
+    logger.info("run folder %s; %d process(es) on %s; %s; arguments %s", run_dir, ctx.world_size, ctx.device,
+                f"continuing {resume} at epoch {trainer.state.epoch}, iteration {trainer.state.iteration}"
+                if resume else "from scratch", vars(args))
+    if ctx.is_main:
+        write_run_config(run_dir, args, spec, trainer.priors_provenance, trainer.preprocessing)
+    trainer.fit()
+
+
+def train(args):
+    """Train as ``args`` (from :func:`parse_training_args`) say, on this process's share of the devices; the exit
+    code: 0 done, 1 an error the log names, 128 + N stopped by signal N (resumable), 130 interrupted."""
+    ctx = setup_distributed(args.device)
+    run_dir = Path(args.output_dir) if args.output_dir else run_directory(args)
+    configure_logging(None, ctx.is_main)
+    if args.n_gpu is not None and args.n_gpu != ctx.world_size:
+        logger.warning("--n_gpu %d ignored: this run has %d process(es); start several with torchrun --nproc_per_node",
+                       args.n_gpu, ctx.world_size)
+    resolve_device_defaults(args, ctx.device)
+    fitted_stages = vars(args).pop("fitted_stages", None)  # said once here, not recorded as an argument
+    if fitted_stages:
+        logger.info("%s", fitted_stages)
+    logger.info("on %s: --amp %s, --deterministic %d, --compile %s, --num_workers %d, --log_every %d", ctx.device,
+                args.amp, args.deterministic, args.compile, args.num_workers, args.log_every)
+    seed_everything(args.seed + ctx.rank, args.deterministic)
+    try:
+        check_run_folder(run_dir, args.resume, args.overwrite)
+        with run_folder_lock(run_dir, ctx.is_main):
+            train_in(run_dir, args, ctx)
+    except TrainingInterrupted as interruption:
+        return 128 + interruption.signal_number
+    except KeyboardInterrupt:
+        return 130
+    except (CheckpointError, PretrainedWeightsError, PriorFileError, PromptFileError, EncoderUnavailableError,
+            FileNotFoundError, FloatingPointError, ValueError, CheckpointWriteError) as error:
+        logger.error("%s", error)
+        return 1
+    finally:
+        if ctx.distributed and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    return 0

@@ -35,10 +35,10 @@ import torch.nn as nn
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.harness.reference_code import import_reference  # noqa: E402
 from networks.convert_release import (TEXT_FEATURE_FILES, convert_state_dict, load_text_features,  # noqa: E402
                                       target_model)
 from networks.inference import fuse_for_inference  # noqa: E402
-from speed import import_reference  # noqa: E402
 
 logger = logging.getLogger("check_release_conversion")
 

@@ -36,8 +36,11 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import preprocess_data  # noqa: E402
-from benchmarks import myops2020 as harness  # noqa: E402
+from datasets import dataset_writer  # noqa: E402
+from benchmarks.harness.prepare import read_input  # noqa: E402
+from benchmarks.harness.records import (BenchmarkError, append_results, defined, locked,  # noqa: E402
+                                        machine_description, read_json, read_results, run_key, write_json)
+from benchmarks.harness.variants import setting_label  # noqa: E402
 from benchmarks.nnunet_trainer import nnunet_budget  # noqa: E402
 from datasets.geometry import CaseGeometry, plan_geometry, probabilities_to_original  # noqa: E402
 from datasets.layouts import load_case  # noqa: E402
@@ -103,12 +106,12 @@ def _save_case(folder, case_id, images, label, affine, header=None):
 
 def _source_cases(setting):
     """{case id: CaseFiles} of the input's raw source folder, with the raw dataset's label map."""
-    finder, label_map, _ = preprocess_data.DATASETS[setting["dataset"]]
+    finder, label_map, _ = dataset_writer.DATASETS[setting["dataset"]]
     cases = {case.case_id: case for case in finder(setting["source"])}
     expected = sorted(case for fold in setting["folds"] for case in fold)
     missing = sorted(set(expected) - set(cases))
     if missing:
-        raise harness.BenchmarkError(f"{setting['source']} no longer holds cases {missing} of the split")
+        raise BenchmarkError(f"{setting['source']} no longer holds cases {missing} of the split")
     return {case: cases[case] for case in expected}, label_map
 
 
@@ -132,7 +135,7 @@ def read_processed_case(fold_dir, case_id, role):
         slices = [name for name in (fold_dir / "train.txt").read_text().split()
                   if name.rsplit("_slice", 1)[0] == case_id]
         if not slices:
-            raise harness.BenchmarkError(f"{fold_dir / 'train.txt'} lists no slices of training case {case_id}")
+            raise BenchmarkError(f"{fold_dir / 'train.txt'} lists no slices of training case {case_id}")
         stacked = {}
         for modality in MODALITIES:
             arrays = [np.load(fold_dir / modality / "train_npz" / f"{name}.npz") for name in slices]
@@ -179,7 +182,7 @@ def prepare_raw_folder(variant, setting, fold_dir, dataset, root):
     else:
         count = write_processed_dataset(setting, fold_dir, dataset, staging)
         description = f"preprocessed cases of {fold_dir}"
-    harness._write_json(staging / "dataset.json", dataset_description(count, description))
+    write_json(staging / "dataset.json", dataset_description(count, description))
     shutil.rmtree(folder, ignore_errors=True)
     staging.rename(folder)
     return folder
@@ -201,7 +204,7 @@ def run_tool(options, tool, arguments, environment, log_path):
     """One of nnU-Net's command-line tools from its environment, its output into log_path."""
     executable = Path(options.nnunet_venv) / "bin" / tool
     if not executable.is_file():
-        raise harness.BenchmarkError(
+        raise BenchmarkError(
             f"{executable} not found: install nnU-Net in its own environment (python3 -m venv {options.nnunet_venv} "
             f"&& {options.nnunet_venv}/bin/pip install -r benchmarks/requirements-nnunet.txt) or name it with "
             "--nnunet_venv")
@@ -211,7 +214,7 @@ def run_tool(options, tool, arguments, environment, log_path):
         code = subprocess.run([str(executable), *arguments], env={**os.environ, **environment}, stdout=log,
                               stderr=subprocess.STDOUT).returncode
     if code != 0:
-        raise harness.BenchmarkError(f"{tool} failed (exit {code}); see {log_path}")
+        raise BenchmarkError(f"{tool} failed (exit {code}); see {log_path}")
 
 
 def plan_and_preprocess(options, root, environment, folds):
@@ -221,7 +224,7 @@ def plan_and_preprocess(options, root, environment, folds):
         run_tool(options, "nnUNetv2_plan_and_preprocess",
                  ["-d", str(DATASET_ID), "-c", CONFIGURATION, "-np", str(options.processes), "-npfp",
                   str(options.processes), "--verify_dataset_integrity"], environment, root / "plan_and_preprocess.log")
-    harness._write_json(preprocessed / "splits_final.json", nnunet_splits(folds))
+    write_json(preprocessed / "splits_final.json", nnunet_splits(folds))
 
 
 def train(options, root, label, environment, fold, test_cases):
@@ -232,11 +235,11 @@ def train(options, root, label, environment, fold, test_cases):
                     for case in test_cases for suffix in (FILE_ENDING, ".npz"))
     arguments = [DATASET, CONFIGURATION, str(fold), "-tr", TRAINER, "-p", PLANS, "-device", options.device, "--npz"]
     if (output / "checkpoint_final.pth").is_file():
-        record = harness._read_json(output / nnunet_budget.RECORD_FILE, "nnU-Net budget record")
+        record = read_json(output / nnunet_budget.RECORD_FILE, "nnU-Net budget record")
         done = (record["budget_minutes"], record.get("timed_iterations"),  # absent from records of timed epochs
                 (record["iterations_per_epoch"], record["val_iterations_per_epoch"]))
         if done != nnunet_budget.budget_settings(environment):
-            raise harness.BenchmarkError(f"{output} was trained with other budget settings {done}; remove it to "
+            raise BenchmarkError(f"{output} was trained with other budget settings {done}; remove it to "
                                          "train again")
         if validated:
             return None
@@ -265,7 +268,7 @@ def predictions_in_original_space(variant, output, fold_dir, test_cases):
             continue
         probabilities = read_nnunet_probabilities(output / "validation" / f"{case}.npz")
         if not np.array_equal(probabilities.argmax(0), segmentation):
-            raise harness.BenchmarkError(f"{output / 'validation' / case}: the saved probabilities do not give "
+            raise BenchmarkError(f"{output / 'validation' / case}: the saved probabilities do not give "
                                          "nnU-Net's segmentation: their axis order is not the one expected")
         _, _, geometry = read_processed_case(fold_dir, case, "test")
         predictions[case] = probabilities_to_original(probabilities, geometry)
@@ -279,15 +282,15 @@ def score(predictions, setting):
     for case, prediction in sorted(predictions.items()):
         reference = load_case(sources[case], label_map)
         if prediction.shape != reference.label.shape:
-            raise harness.BenchmarkError(f"{case}: prediction of shape {prediction.shape}, but the raw label "
+            raise BenchmarkError(f"{case}: prediction of shape {prediction.shape}, but the raw label "
                                          f"{sources[case].label} has shape {reference.label.shape}")
         metrics[case] = case_metrics(prediction, reference.label, reference.spacing)
     return metrics
 
 
 def make_records(common, metrics):
-    return [{**common, "case": case, "structure": structure, "dice": harness._defined(dice),
-             "hd95": harness._defined(hd95)}
+    return [{**common, "case": case, "structure": structure, "dice": defined(dice),
+             "hd95": defined(hd95)}
             for case, per_structure in sorted(metrics.items()) for structure, (dice, hd95) in per_structure.items()]
 
 
@@ -300,7 +303,7 @@ def run_records(options, input_name, label, budget, command_seconds, metrics):
               "start_contrast_epoch": None, "region_fusion_start_epoch": None, "vit_name": None,
               "batch_size": budget["batch_size"], "priors": None,
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "git_commit": git_commit(), "machine": harness.machine_description(options.device),
+              "git_commit": git_commit(), "machine": machine_description(options.device),
               "nnunet_version": budget["nnunet_version"],
               "nnunet_configuration": CONFIGURATION,
               "patch_size": budget["patch_size"], "iterations_per_epoch": budget["iterations_per_epoch"],
@@ -312,14 +315,14 @@ def run_records(options, input_name, label, budget, command_seconds, metrics):
 
 # ---------------------------------------------------------------------------------------------- run
 def run(options):
-    setting, fold_dir, dataset = harness.read_input(options.data, options.fold)
+    setting, fold_dir, dataset = read_input(options.data, options.fold)
     if not options.budget_minutes > 0:
-        raise harness.BenchmarkError(f"--budget_minutes {options.budget_minutes} must be positive")
-    label = harness.setting_label("time", options.budget_minutes)
+        raise BenchmarkError(f"--budget_minutes {options.budget_minutes} must be positive")
+    label = setting_label("time", options.budget_minutes)
     input_name = Path(options.data).resolve().name
     results = Path(options.out) / "results.jsonl"
     key = (input_name, options.variant, label, options.fold)
-    if any(harness.run_key(record) == key for record in harness.read_results(results)):
+    if any(run_key(record) == key for record in read_results(results)):
         logger.info("%s fold %d (%s, input %s) is already in %s: skipped", options.variant, options.fold, label,
                     input_name, results)
         return 0
@@ -327,15 +330,15 @@ def run(options):
     environment = nnunet_environment(root, label, options)
     nnunet_budget.budget_settings(environment)  # the trainer's check, before anything runs
     root.mkdir(parents=True, exist_ok=True)
-    with harness._locked(root / "nnunet_input", timeout_s=4 * 3600):  # the folds of nnunet_own share it
+    with locked(root / "nnunet_input", timeout_s=4 * 3600):  # the folds of nnunet_own share it
         prepare_raw_folder(options.variant, setting, fold_dir, dataset, root)
         plan_and_preprocess(options, root, environment, setting["folds"])
     test_cases = dataset["split"]["test"]
     command_seconds = train(options, root, label, environment, options.fold, test_cases)
     output = fold_output(root, label, options.fold)
-    budget = harness._read_json(output / nnunet_budget.RECORD_FILE, "nnU-Net budget record")
+    budget = read_json(output / nnunet_budget.RECORD_FILE, "nnU-Net budget record")
     metrics = score(predictions_in_original_space(options.variant, output, fold_dir, test_cases), setting)
-    harness.append_results(results, run_records(options, input_name, label, budget, command_seconds, metrics))
+    append_results(results, run_records(options, input_name, label, budget, command_seconds, metrics))
     logger.info("%s fold %d: %d cases, %d iterations in %d epochs of up to %d in %.0f s of training (budget: %s) "
                 "-> %s", options.variant, options.fold, len(metrics), budget["iterations"], budget["epochs"],
                 budget["iterations_per_epoch"], budget["training_seconds"], label, results)

@@ -30,7 +30,6 @@ the same training step, and inference one slice at a time.
 """
 import argparse
 import concurrent.futures
-import importlib
 import json
 import logging
 import multiprocessing
@@ -38,13 +37,13 @@ import resource
 import statistics
 import sys
 import time
-import types
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from engine.options import PAPER_SCHEDULE  # noqa: E402
+from benchmarks.harness.reference_code import import_reference  # noqa: E402
+from engine.options import PAPER_SCHEDULE, stage_fractions  # noqa: E402
 
 logger = logging.getLogger("speed")
 
@@ -269,9 +268,8 @@ def loop_stages(model_name):
     """(first epoch, share of the paper's epochs) of each stage of the schedule: one for the baselines."""
     if model_name != "immseg":
         return [(0, 1.0)]
-    edges = [0, PAPER_SCHEDULE["start_contrast_epoch"], PAPER_SCHEDULE["region_fusion_start_epoch"],
-             PAPER_SCHEDULE["max_epochs"]]
-    return [(start, (end - start) / edges[-1]) for start, end in zip(edges, edges[1:])]
+    return stage_fractions(PAPER_SCHEDULE["start_contrast_epoch"], PAPER_SCHEDULE["region_fusion_start_epoch"],
+                           PAPER_SCHEDULE["max_epochs"])
 
 
 def random_prior_file(torch, folder, dim=512):
@@ -358,9 +356,9 @@ def trace_losses(args):
 
 def loop_trainer(torch, args, folder, log_every=None):
     """A Trainer set up as train.py sets it up for ``args`` on ``args.loop_data`` (no validation, no epoch files)."""
-    import train as train_script
     from engine.distributed import seed_everything, setup_distributed
     from engine.options import resolve_device_defaults
+    from engine.training import build, parse_training_args
     from trainer import Trainer
 
     priors = args.prior_embeddings or random_prior_file(torch, folder)
@@ -373,11 +371,11 @@ def loop_trainer(torch, args, folder, log_every=None):
     flags += [] if args.deterministic is None else ["--deterministic", str(args.deterministic)]
     flags += [] if args.num_workers is None else ["--num_workers", str(args.num_workers)]
     flags += [] if log_every is None else ["--log_every", str(log_every)]
-    train_args = train_script.parse_args(flags)
+    train_args = parse_training_args(flags)
     ctx = setup_distributed(train_args.device)
     resolve_device_defaults(train_args, ctx.device)
     seed_everything(train_args.seed, train_args.deterministic)
-    model, spec, _ = train_script.build(train_args, ctx)
+    model, spec, _ = build(train_args, ctx)
     trainer = Trainer(train_args, ctx, model, spec, Path(folder) / "run")
     trainer.run_dir.mkdir()
     trainer.model.train()
@@ -418,17 +416,6 @@ def check_reference_text_features(reference_dir):
         if not (features / name).is_file():
             raise FileNotFoundError(f"{features / name} is missing: the released model loads its text "
                                     "features there at construction (3 x 512 and 4 x 512 tensors)")
-
-
-def import_reference(torch, reference_dir, device):
-    """The released model's module, imported under a private package name; its GPU transfers are redirected
-    to ``device``."""
-    package = types.ModuleType("released_networks")
-    package.__path__ = [str(reference_dir / "networks")]
-    sys.modules["released_networks"] = package
-    if device != "cuda":
-        torch.Tensor.cuda = lambda self, *a, **k: self.to(device)
-    return importlib.import_module("released_networks.vit_seg_modeling")
 
 
 def measure_reference(args):

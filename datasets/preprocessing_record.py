@@ -4,8 +4,10 @@ import copy
 import json
 from pathlib import Path
 
-from datasets.vocabulary import MODALITIES
+from datasets.vocabulary import CLASS_NAMES, MODALITIES
 
+
+RECORD_FORMAT = "immseg-preprocessed/1"
 
 # What the model sees of preprocessing: test data must have been written with the training data's values.
 PREPROCESSING_KEYS = ("spacing_mm", "crop_size", "intensity", "percentiles", "crop_centre")
@@ -16,6 +18,14 @@ PREPROCESSING_KEYS = ("spacing_mm", "crop_size", "intensity", "percentiles", "cr
 RELEASE_PREPROCESSING = {"modalities": list(MODALITIES),
                          "settings": {"dataset": "MyoPS380 (the review release's preprocess_data.py)",
                                       "spacing_mm": 0.0, "crop_size": 128, "intensity": "released"}}
+
+
+def write_record(folder, settings, split, summary, crop_centres):
+    """<folder>/dataset.json: the record a preprocessed folder carries (its format, sequences, classes, settings,
+    split, summary and each case's crop centre); read back by :func:`read_preprocessing`."""
+    record = {"format": RECORD_FORMAT, "modalities": list(MODALITIES), "classes": list(CLASS_NAMES),
+              "settings": settings, "split": split, "summary": summary, "crop_centres": crop_centres}
+    (Path(folder) / "dataset.json").write_text(json.dumps(record, indent=2) + "\n")
 
 
 def is_release_layout(root_path):

@@ -111,6 +111,12 @@ def add_run_arguments(parser, with_defaults=True):
 PAPER_SCHEDULE = {"max_epochs": 300, "start_contrast_epoch": 20, "region_fusion_start_epoch": 100}
 
 
+def stage_fractions(start_contrast_epoch, region_fusion_start_epoch, max_epochs):
+    """[(first epoch, fraction of the run)] of the schedule's stages (modality heads, + contrast, fused)."""
+    bounds = [0, min(start_contrast_epoch, region_fusion_start_epoch), region_fusion_start_epoch, max_epochs]
+    return [(low, (high - low) / max_epochs) for low, high in zip(bounds, bounds[1:]) if high > low]
+
+
 def fit_stages(args):
     """Fill --start_contrast_epoch and --region_fusion_start_epoch where the user left them unset: the paper's
     epochs, or, for an I-MMSeg run of no more epochs than the paper's fused stage starts at (which would never

@@ -4,21 +4,26 @@ probabilities averaged; the preprocessing a run's model expects; the heart locat
 test.py, predict.py and locate_heart.py predict through these."""
 import argparse
 import dataclasses
+import logging
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from datasets.preprocessing import PreprocessingSettings, preprocess_case
 from datasets.preprocessing_record import read_preprocessing
 from datasets.geometry import probabilities_to_original
-from datasets.roi import heart_centre
+from datasets.layouts import DataError, find_cases, load_case
+from datasets.roi import heart_centre, write_centres
 from datasets.vocabulary import MODALITIES
 from engine.checkpoints import (CheckpointError, check_fused_head_trained, ensemble_checkpoints, inference_model,
                                 load_checkpoint, resolve_checkpoint)
 from engine.distributed import setup_distributed
 from networks.inference import predict_volume
+
+logger = logging.getLogger("locate_heart")
 
 
 def ensemble_probabilities(models, image, img_size, batch_slices, device, amp="none", tta=False):
@@ -77,6 +82,29 @@ class HeartLocator:
             prediction, _, _ = predict_case([member.model], volumes, member.modalities, member.settings, self.options,
                                             self.device, member.img_size)
         return heart_centre(prediction, largest_component=True)
+
+
+def locate_hearts(input_dir, run, output, case_ids=None, checkpoint=None, device="auto"):
+    """Write the centres file of the raw cases under ``input_dir`` (only ``case_ids`` if given), found by the coarse
+    ``run``; returns the cases where it finds no myocardium (left out of the file)."""
+    cases = find_cases(input_dir, labelled=False)
+    if case_ids is not None:
+        unknown = sorted(set(case_ids) - {case.case_id for case in cases})
+        if unknown:
+            raise DataError(f"--cases {unknown} are not under {input_dir}")
+        cases = [case for case in cases if case.case_id in set(case_ids)]
+    locator = HeartLocator(run, checkpoint, device)
+    centres, missed = {}, []
+    for case in tqdm(cases, desc="cases", unit="case"):
+        centre = locator(load_case(case))
+        if centre is None:
+            logger.error("%s: the coarse model finds no myocardium; no centre written", case.case_id)
+            missed.append(case.case_id)
+        else:
+            centres[case.case_id] = centre
+    write_centres(output, centres, f"locate_heart.py, checkpoint {locator.checkpoint_path}")
+    logger.info("%d heart centres -> %s", len(centres), output)
+    return missed
 
 
 class EnsembleMember(NamedTuple):

@@ -1,4 +1,5 @@
-"""Run folders: which checkpoints a folder holds and whether a run may write there, the one lock of a folder,
+"""Run folders: which checkpoints a folder holds and whether a run may write there, the one file lock (a run
+folder's, a results file's),
 clearing a folder, config.json, the git commit, logging and TensorBoard."""
 import contextlib
 import datetime
@@ -9,6 +10,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from utils import atomic_path, process_alive
@@ -59,8 +61,13 @@ def resumes_from_folder(resume, run_dir):
 LOCK_NAME = "train.lock"
 
 
-def _take_lock(lock, owner):
-    """Create ``lock`` holding ``owner``, or take over one left by a dead process of this machine."""
+class LockHeldError(RunFolderError):
+    """Another live process holds a lock this process needs."""
+
+
+def _take_lock(lock, owner, in_use):
+    """Create ``lock`` holding ``owner``, or take over one left by a dead process of this machine; a lock another
+    live process holds raises LockHeldError(in_use(holder))."""
     for _ in range(2):
         try:
             descriptor = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -74,24 +81,48 @@ def _take_lock(lock, owner):
                 logger.warning("%s was left by process %d, which no longer runs: taking it over", lock, holder["pid"])
                 lock.unlink(missing_ok=True)
                 continue
-            raise RunFolderError(
-                f"run folder {lock.parent} is in use: {lock} names process {holder.get('pid', '?')} on "
-                f"{holder.get('host', '?')}, started {holder.get('started', '?')}. Two runs in one folder would "
-                f"overwrite each other's checkpoints: wait for that run to end, choose another --output_dir, or "
-                f"delete {lock} if no process uses the folder any more") from None
+            raise LockHeldError(in_use(holder)) from None
         with os.fdopen(descriptor, "w") as handle:
             json.dump(owner, handle)
         return
-    raise RunFolderError(f"{lock}: another process took the run folder's lock at the same time; try again")
+    raise LockHeldError(f"{lock}: another process took the lock at the same time; try again")
+
+
+@contextlib.contextmanager
+def file_lock(lock, in_use, wait_s=0.0):
+    """Hold the lock file ``lock`` (created exclusively, naming this process's pid, host and start) for the block.
+
+    A lock left by a process of this machine that no longer runs (killed) is taken over; one that a live process
+    holds is waited for up to ``wait_s`` seconds, then refused with LockHeldError(in_use(holder)), where ``holder``
+    is what the lock names. One from another machine must be deleted by hand.
+    """
+    owner = {"pid": os.getpid(), "host": socket.gethostname(),
+             "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            _take_lock(lock, owner, in_use)
+            break
+        except LockHeldError:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.2)
+    try:
+        yield
+    finally:
+        try:
+            if json.loads(lock.read_text()) == owner:
+                lock.unlink()
+        except (OSError, ValueError):
+            pass
 
 
 @contextlib.contextmanager
 def run_folder_lock(run_dir, active=True):
     """Hold ``<run_dir>/train.lock`` while this process trains (or times its step) in the folder.
 
-    A second process that would write the same checkpoints is refused with the first's pid, host and start. A
-    lock left by a process of this machine that no longer runs (killed) is taken over; one from another machine
-    must be deleted by hand. A folder this call created is removed again if it is still empty at the end.
+    A second process that would write the same checkpoints is refused with the first's pid, host and start (see
+    :func:`file_lock`). A folder this call created is removed again if it is still empty at the end.
     ``active=False`` (the other processes of a distributed run) does nothing.
     """
     if not active:
@@ -101,17 +132,17 @@ def run_folder_lock(run_dir, active=True):
     created = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
     lock = run_dir / LOCK_NAME
-    owner = {"pid": os.getpid(), "host": socket.gethostname(),
-             "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+    def in_use(holder):
+        return (f"run folder {run_dir} is in use: {lock} names process {holder.get('pid', '?')} on "
+                f"{holder.get('host', '?')}, started {holder.get('started', '?')}. Two runs in one folder would "
+                f"overwrite each other's checkpoints: wait for that run to end, choose another --output_dir, or "
+                f"delete {lock} if no process uses the folder any more")
+
     try:
-        _take_lock(lock, owner)
-        yield
+        with file_lock(lock, in_use):
+            yield
     finally:
-        try:
-            if json.loads(lock.read_text()) == owner:
-                lock.unlink()
-        except (OSError, ValueError):
-            pass
         if created and run_dir.is_dir() and not any(run_dir.iterdir()):
             run_dir.rmdir()
 

@@ -13,11 +13,14 @@ import scipy.stats
 import torch
 
 from benchmarks import myops2020 as benchmark
+from benchmarks.harness import agreement, fit, planning, report, run, split, statistics, variants
+from benchmarks.harness import records as result_files
 from conftest import prepare_benchmark_phantom, write_test_priors
-import preprocess_data
+from datasets import dataset_writer
 import test as test_script
 import train as train_script
 from engine.checkpoints import load_checkpoint
+from engine.options import stage_fractions
 
 
 @pytest.fixture(scope="module")
@@ -44,12 +47,12 @@ def run_args(root, variant, fold, *budget):
 
 def test_split_is_seeded_reused_and_a_different_one_refused(prepared, caplog):
     split_file = prepared / "split.json"
-    split = json.loads(split_file.read_text())
-    folds = split["folds"]
+    written = json.loads(split_file.read_text())
+    folds = written["folds"]
     assert len(folds) == 3 and all(len(fold) == 2 for fold in folds)
     assert sorted(c for fold in folds for c in fold) == [f"case{i:04d}" for i in range(1, 7)]
-    assert folds == benchmark.make_folds([c for fold in folds for c in fold], 3, 1234)
-    assert benchmark.make_folds(range(30), 3, 1) != benchmark.make_folds(range(30), 3, 2)
+    assert folds == split.make_folds([c for fold in folds for c in fold], 3, 1234)
+    assert split.make_folds(range(30), 3, 1) != split.make_folds(range(30), 3, 2)
     before = split_file.read_bytes()
     args = ["split", "--dataset", "Phantom", "--src", str(prepared / "raw"), "--split_file", str(split_file)]
     assert benchmark.main(args) == 0 and split_file.read_bytes() == before
@@ -65,29 +68,29 @@ def test_split_is_seeded_reused_and_a_different_one_refused(prepared, caplog):
 
 
 def test_budget_to_iterations_and_schedule_fitting():
-    assert benchmark.budget_to_iterations(42, 2.5) == 1008
-    assert benchmark.budget_to_iterations(1, 61.0) == 1
-    with pytest.raises(benchmark.BenchmarkError):
-        benchmark.budget_to_iterations(42, 0.0)
-    assert benchmark.paper_schedule() == (300, 20, 100)
+    assert planning.budget_to_iterations(42, 2.5) == 1008
+    assert planning.budget_to_iterations(1, 61.0) == 1
+    with pytest.raises(result_files.BenchmarkError):
+        planning.budget_to_iterations(42, 0.0)
+    assert variants.paper_schedule() == (300, 20, 100)
     # README's run C: 825 iterations at 11 per epoch were run as 75 epochs, contrast from 5, fused from 25
-    assert benchmark.fit_schedule(825, 11) == {"max_epochs": 75, "max_iterations": 825, "start_contrast_epoch": 5,
+    assert planning.fit_schedule(825, 11) == {"max_epochs": 75, "max_iterations": 825, "start_contrast_epoch": 5,
                                                "region_fusion_start_epoch": 25}
-    assert benchmark.fit_schedule(3000, 10) == {"max_epochs": 300, "max_iterations": 3000,
+    assert planning.fit_schedule(3000, 10) == {"max_epochs": 300, "max_iterations": 3000,
                                                 "start_contrast_epoch": 20, "region_fusion_start_epoch": 100}
-    assert benchmark.fit_schedule(9, 7) == {"max_epochs": 2, "max_iterations": 9, "start_contrast_epoch": 0,
+    assert planning.fit_schedule(9, 7) == {"max_epochs": 2, "max_iterations": 9, "start_contrast_epoch": 0,
                                             "region_fusion_start_epoch": 1}
     generator = random.Random(0)
     for _ in range(500):
         iterations, per_epoch = generator.randint(1, 5000), generator.randint(1, 40)
-        schedule = benchmark.fit_schedule(iterations, per_epoch)
+        schedule = planning.fit_schedule(iterations, per_epoch)
         assert (schedule["max_epochs"] - 1) * per_epoch < iterations <= schedule["max_epochs"] * per_epoch
         assert schedule["start_contrast_epoch"] <= schedule["region_fusion_start_epoch"] < schedule["max_epochs"]
         assert schedule["region_fusion_start_epoch"] * per_epoch < iterations, "the fused stage is always reached"
-    stages = benchmark.stage_fractions(20, 100, 300)
+    stages = stage_fractions(20, 100, 300)
     assert [epoch for epoch, _ in stages] == [0, 20, 100]
     assert [fraction for _, fraction in stages] == pytest.approx([20 / 300, 80 / 300, 200 / 300])
-    assert benchmark.stage_fractions(0, 1, 2) == [(0, 0.5), (1, 0.5)]
+    assert stage_fractions(0, 1, 2) == [(0, 0.5), (1, 0.5)]
 
 
 def test_every_variant_is_a_set_of_train_py_flags(prepared):
@@ -95,8 +98,8 @@ def test_every_variant_is_a_set_of_train_py_flags(prepared):
                                  biomedclip_priors=prepared / "priors.pt", names_only_priors=None, augmentation="strong",
                                  amp="none", base_lr=None)
     parsed = {}
-    for name in benchmark.VARIANTS:
-        flags = benchmark.recipe_flags(name, prepared / "data" / "fold0", 64, options, prepared / "out")
+    for name in variants.VARIANTS:
+        flags = variants.recipe_flags(name, prepared / "data" / "fold0", 64, options, prepared / "out")
         parsed[name] = train_script.parse_args(flags)
         assert (parsed[name].augmentation, parsed[name].no_pretrain, parsed[name].img_size) == ("strong", True, 64)
     assert [name for name, args in parsed.items() if args.model == "immseg"] == [
@@ -110,21 +113,21 @@ def test_every_variant_is_a_set_of_train_py_flags(prepared):
     assert parsed["immseg"].prior_embeddings == (prepared / "priors.pt").resolve()
     assert benchmark.parse_args(run_args(prepared, "immseg", 0)).augmentation == "strong"
     options.augmentation = "nnunet"
-    flags = benchmark.recipe_flags("immseg", prepared / "data" / "fold0", 64, options, prepared / "out")
+    flags = variants.recipe_flags("immseg", prepared / "data" / "fold0", 64, options, prepared / "out")
     assert train_script.parse_args(flags).augmentation == "nnunet"
-    assert benchmark.training_name("immseg", "nnunet") == "immseg+nnunet_aug"
-    assert benchmark.training_name("immseg", "strong") == "immseg", "the recipe's preset keeps the variant's name"
-    assert benchmark.training_name("immseg", "nnunet", "bf16") == "immseg+nnunet_aug+bf16"
+    assert variants.training_name("immseg", "nnunet") == "immseg+nnunet_aug"
+    assert variants.training_name("immseg", "strong") == "immseg", "the recipe's preset keeps the variant's name"
+    assert variants.training_name("immseg", "nnunet", "bf16") == "immseg+nnunet_aug+bf16"
     assert "--base_lr" not in flags, "the recipe trains at train.py's default learning rate"
     options.base_lr = 0.001
-    assert "--base_lr" not in benchmark.recipe_flags("immseg", prepared / "data" / "fold0", 64, options,
+    assert "--base_lr" not in variants.recipe_flags("immseg", prepared / "data" / "fold0", 64, options,
                                                      prepared / "out"), "the default rate is the recipe's, no flag"
     options.base_lr = 0.003
-    flags = benchmark.recipe_flags("immseg", prepared / "data" / "fold0", 64, options, prepared / "out")
+    flags = variants.recipe_flags("immseg", prepared / "data" / "fold0", 64, options, prepared / "out")
     assert train_script.parse_args(flags).base_lr == 0.003
     options.biomedclip_priors = None
-    with pytest.raises(benchmark.BenchmarkError, match="needs --biomedclip_priors"):
-        benchmark.recipe_flags("no_cmfe", prepared / "data" / "fold0", 64, options, prepared / "out")
+    with pytest.raises(result_files.BenchmarkError, match="needs --biomedclip_priors"):
+        variants.recipe_flags("no_cmfe", prepared / "data" / "fold0", 64, options, prepared / "out")
 
 
 def test_run_refuses_contradicting_budget_flags_and_an_unknown_fold(prepared, caplog):
@@ -152,10 +155,10 @@ def test_run_is_refused_while_another_process_trains_in_its_folder(prepared, cap
 def test_run_appends_per_case_results_and_a_rerun_is_skipped(prepared, caplog):
     results = prepared / "out" / "results.jsonl"
     assert benchmark.main(run_args(prepared, "immseg", 0, "--mode", "iterations", "--iterations", "5")) == 0
-    records = benchmark.read_results(results)
+    records = result_files.read_results(results)
     test_cases = json.loads((prepared / "split.json").read_text())["folds"][0]
     assert sorted({r["case"] for r in records}) == test_cases and len(records) == 2 * 5
-    assert {r["structure"] for r in records} == set(benchmark.STRUCTURE_NAMES)
+    assert {r["structure"] for r in records} == set(result_files.STRUCTURE_NAMES)
     record = records[0]
     assert (record["variant"], record["fold"], record["mode"], record["setting"]) == (
         "immseg", 0, "iterations", "iterations 5")
@@ -181,7 +184,7 @@ def test_run_appends_per_case_results_and_a_rerun_is_skipped(prepared, caplog):
     results.unlink()  # as if the first invocation had died after training: the plan is reused, training resumed
     assert benchmark.main(run_args(prepared, "immseg", 0, "--mode", "iterations", "--iterations", "5")) == 0
     assert "reusing the plan" in caplog.text and load_checkpoint(last)["train_state"]["iteration"] == 5
-    again = benchmark.read_results(results)
+    again = result_files.read_results(results)
     assert [(r["case"], r["structure"], r["dice"], r["seconds_per_step"]) for r in again] == [
         (r["case"], r["structure"], r["dice"], r["seconds_per_step"]) for r in records]
 
@@ -190,33 +193,33 @@ def test_run_appends_per_case_results_and_a_rerun_is_skipped(prepared, caplog):
                                    "--postprocess")) == 0
     assert last.stat().st_mtime_ns == stamp
     assert "is trained (its own run is in the results): not trained again" in caplog.text
-    rescored = [r for r in benchmark.read_results(results) if r["variant"] == "immseg+tta+pp"]
+    rescored = [r for r in result_files.read_results(results) if r["variant"] == "immseg+tta+pp"]
     assert len(rescored) == len(records) and {tuple(r["inference"]) for r in rescored} == {("tta", "pp")}
     assert {r["train_seconds"] for r in rescored} == {again[0]["train_seconds"]}
     info = json.loads((run_dir / "test_last_tta_pp" / "test_info.json").read_text())
     assert info["tta"] is True and info["postprocess"] is True
 
     assert benchmark.main(run_args(prepared, "transunet_early", 1, "--budget_minutes", "0.02")) == 0
-    early = [r for r in benchmark.read_results(results) if r["variant"] == "transunet_early"]
+    early = [r for r in result_files.read_results(results) if r["variant"] == "transunet_early"]
     plan = json.loads((prepared / "out" / "runs" / "data" / "transunet_early" / "time_0.02_min" / "fold1" /
                        "plan.json").read_text())
     assert len(plan["seconds_per_stage"]) == 1, "a baseline has one stage"
-    assert early[0]["iterations"] == benchmark.budget_to_iterations(0.02, plan["seconds_per_step"])
+    assert early[0]["iterations"] == planning.budget_to_iterations(0.02, plan["seconds_per_step"])
     assert early[0]["setting"] == "time 0.02 min" and early[0]["budget_minutes"] == 0.02
-    assert len(benchmark.read_results(results)) == 30
+    assert len(result_files.read_results(results)) == 30
 
 
 def test_mixed_precision_trains_and_scores_under_its_own_name(prepared):
     assert benchmark.main(run_args(prepared, "immseg", 1, "--mode", "iterations", "--iterations", "3",
                                    "--amp", "bf16")) == 0
-    records = [r for r in benchmark.read_results(prepared / "out" / "results.jsonl") if r.get("amp") == "bf16"]
+    records = [r for r in result_files.read_results(prepared / "out" / "results.jsonl") if r.get("amp") == "bf16"]
     assert {(r["variant"], r["fold"]) for r in records} == {("immseg+bf16", 1)} and len(records) == 2 * 5
     run_dir = prepared / "out" / "runs" / "data" / "immseg+bf16" / "iterations_3" / "fold1"
     assert load_checkpoint(run_dir / "last.pth")["args"]["amp"] == "bf16"
     assert "--amp" in json.loads((run_dir / "plan.json").read_text())["base_flags"], "timed as it trains"
-    assert benchmark.ensemble_name(["immseg"] * 2, ["strong", "nnunet"], "bf16") == "immseg+ens2_strong1_nnunet1+bf16"
-    assert benchmark.ensemble_name(["immseg"] * 2, ["strong"] * 2, "bf16") == "immseg+bf16+ens2"
-    assert benchmark.ensemble_name(["immseg", "immseg_half"] * 2, ["strong", "strong", "nnunet", "nnunet"], "bf16") == (
+    assert variants.ensemble_name(["immseg"] * 2, ["strong", "nnunet"], "bf16") == "immseg+ens2_strong1_nnunet1+bf16"
+    assert variants.ensemble_name(["immseg"] * 2, ["strong"] * 2, "bf16") == "immseg+bf16+ens2"
+    assert variants.ensemble_name(["immseg", "immseg_half"] * 2, ["strong", "strong", "nnunet", "nnunet"], "bf16") == (
         "immseg_x2+immseg_half_x2+ens4_strong2_nnunet2+bf16")
 
 
@@ -234,7 +237,7 @@ def test_members_share_the_budget_and_are_scored_as_one_ensemble(prepared, caplo
     assert plans[0] == plans[1], "the members share one timing and schedule"
     info = json.loads((runs / "immseg+ens2" / "iterations_6" / "fold2" / "test_last" / "test_info.json").read_text())
     assert info["ensemble"] == [str(member / "last.pth") for member in members]
-    records = [r for r in benchmark.read_results(results) if r["variant"] == "immseg+ens2"]
+    records = [r for r in result_files.read_results(results) if r["variant"] == "immseg+ens2"]
     assert len(records) == 10 and {(r["setting"], r["fold"], r["iterations"], r["members"]) for r in records} == {
         ("iterations 6", 2, 6, 2)}
     assert records[0]["train_seconds"] == pytest.approx(sum(
@@ -244,7 +247,7 @@ def test_members_share_the_budget_and_are_scored_as_one_ensemble(prepared, caplo
     stamp = (members[0] / "last.pth").stat().st_mtime_ns
     assert benchmark.main(run_args(prepared, "immseg", 2, "--mode", "iterations", "--iterations", "3")) == 0
     assert (members[0] / "last.pth").stat().st_mtime_ns == stamp and "is trained (" in caplog.text
-    alone = [r for r in benchmark.read_results(results) if (r["variant"], r["fold"]) == ("immseg", 2)]
+    alone = [r for r in result_files.read_results(results) if (r["variant"], r["fold"]) == ("immseg", 2)]
     assert len(alone) == 10 and alone[0]["train_seconds"] == json.loads(
         (members[0] / "training.json").read_text())["train_seconds"]
     assert benchmark.main(run_args(prepared, "immseg", 2, *budget, "--members", "7")) == 1
@@ -280,7 +283,7 @@ def test_members_with_a_list_of_augmentations_train_each_preset_from_its_own_pla
     info = json.loads((runs / "immseg+ens3_strong2_nnunet1" / "iterations_6" / "fold1" / "test_last" /
                        "test_info.json").read_text())
     assert info["ensemble"] == [str(member / "last.pth") for member, _, _ in members]
-    records = [r for r in benchmark.read_results(prepared / "out" / "results.jsonl")
+    records = [r for r in result_files.read_results(prepared / "out" / "results.jsonl")
                if r["variant"] == "immseg+ens3_strong2_nnunet1"]
     assert len(records) == 10 and records[0]["iterations"] == 6 and records[0]["member_runs"] == [
         {"variant": "immseg", "augmentation": augmentation, "seed": seed, "iterations": 2, "vit_name": "testing"}
@@ -314,7 +317,7 @@ def test_members_of_different_variants_train_each_variant_from_its_own_plan(prep
     name = "immseg_x1+immseg_scar2_x1+ens2_strong2"
     info = json.loads((runs / name / "iterations_4" / "fold0" / "test_last" / "test_info.json").read_text())
     assert info["ensemble"] == [str(member / "last.pth") for member in members]
-    records = [r for r in benchmark.read_results(prepared / "out" / "results.jsonl") if r["variant"] == name]
+    records = [r for r in result_files.read_results(prepared / "out" / "results.jsonl") if r["variant"] == name]
     assert len(records) == 10 and records[0]["member_runs"] == [
         {"variant": variant, "augmentation": "strong", "seed": 1234, "iterations": 2, "vit_name": "testing"}
         for variant in ("immseg", "immseg_scar2")]
@@ -326,42 +329,42 @@ def test_members_of_different_variants_train_each_variant_from_its_own_plan(prep
 def test_a_member_of_its_own_configuration_is_recorded_with_it(prepared, monkeypatch):
     """As immseg_half trains compact-half beside the recipe's compact: here a variant of testing-release beside
     testing, so that the records say which configurations were trained, not the recipe's."""
-    monkeypatch.setitem(benchmark.RECIPE_FLAGS, "vit_name", "testing")
-    monkeypatch.setitem(benchmark.VARIANTS, "immseg_release",
-                        benchmark.Variant("I-MMSeg, the review release's switches", (), "biomedclip",
+    monkeypatch.setitem(variants.RECIPE_FLAGS, "vit_name", "testing")
+    monkeypatch.setitem(variants.VARIANTS, "immseg_release",
+                        variants.Variant("I-MMSeg, the review release's switches", (), "biomedclip",
                                           config="testing-release"))
     budget = ["--mode", "iterations", "--iterations", "4", "--members", "2"]
     assert benchmark.main(run_args(prepared, "immseg", 1, *budget, "--member_variants", "immseg,immseg_release")) == 0
     member = prepared / "out" / "runs" / "data" / "immseg_release" / "iterations_2" / "fold1"
     assert load_checkpoint(member / "last.pth")["args"]["vit_name"] == "testing-release"
-    records = [r for r in benchmark.read_results(prepared / "out" / "results.jsonl")
+    records = [r for r in result_files.read_results(prepared / "out" / "results.jsonl")
                if r["variant"] == "immseg_x1+immseg_release_x1+ens2_strong2"]
     assert len(records) == 10 and records[0]["vit_name"] == "testing,testing-release"
     assert [m["vit_name"] for m in records[0]["member_runs"]] == ["testing", "testing-release"]
     assert benchmark.main(run_args(prepared, "immseg_release", 1, "--mode", "iterations", "--iterations", "2")) == 0
-    alone = [r for r in benchmark.read_results(prepared / "out" / "results.jsonl") if r["variant"] == "immseg_release"]
+    alone = [r for r in result_files.read_results(prepared / "out" / "results.jsonl") if r["variant"] == "immseg_release"]
     assert len(alone) == 10 and alone[0]["vit_name"] == "testing-release"
 
 
 def test_a_plan_made_in_another_checkout_is_reused_and_one_with_other_flags_refused(tmp_path):
-    here = [str(benchmark.PROMPTS / "intensity.json"), "--batch_size", "8"]
+    here = [str(variants.PROMPTS / "intensity.json"), "--batch_size", "8"]
     elsewhere = ["/elsewhere/clone/priors/prompts/intensity.json", "--batch_size", "8"]
     plan = {"base_flags": elsewhere, "iterations": 5}
     (tmp_path / "plan.json").write_text(json.dumps(plan))
-    assert benchmark.plan_run(None, here, tmp_path) == plan, "reused without timing"
+    assert planning.plan_run(None, here, tmp_path) == plan, "reused without timing"
     for other in (["/elsewhere/clone/priors/prompts/names_only.json", "--batch_size", "8"],
                   [here[0], "--batch_size", "4"]):
-        with pytest.raises(benchmark.BenchmarkError, match="was planned with other train.py flags"):
-            benchmark.plan_run(None, other, tmp_path)
+        with pytest.raises(result_files.BenchmarkError, match="was planned with other train.py flags"):
+            planning.plan_run(None, other, tmp_path)
 
 
 def test_an_earlier_fused_stage_is_scaled_to_the_run_and_trained_under_its_own_name(prepared, caplog):
-    assert benchmark.fit_schedule(825, 11, paper_fusion=50) == {
+    assert planning.fit_schedule(825, 11, paper_fusion=50) == {
         "max_epochs": 75, "max_iterations": 825, "start_contrast_epoch": 5, "region_fusion_start_epoch": 13}
-    assert benchmark.fit_schedule(825, 11, paper_fusion=0)["start_contrast_epoch"] == 0, "contrast never after fusion"
-    assert benchmark.schedule_name("immseg", 100, 100) == "immseg" and benchmark.schedule_name("immseg", None, 100) == (
+    assert planning.fit_schedule(825, 11, paper_fusion=0)["start_contrast_epoch"] == 0, "contrast never after fusion"
+    assert variants.schedule_name("immseg", 100, 100) == "immseg" and variants.schedule_name("immseg", None, 100) == (
         "immseg")
-    assert benchmark.schedule_name("immseg", 50, 100, 0.003) == "immseg+fused50+lr0.003"
+    assert variants.schedule_name("immseg", 50, 100, 0.003) == "immseg+fused50+lr0.003"
     for variant, epoch, message in (("transunet_early", 50, "transunet_early has no fused head"),
                                     ("immseg", 300, "expected an epoch of the paper's schedule, 0 to 299")):
         assert benchmark.main(run_args(prepared, variant, 2, "--mode", "iterations", "--iterations", "30",
@@ -374,11 +377,11 @@ def test_an_earlier_fused_stage_is_scaled_to_the_run_and_trained_under_its_own_n
                                    "--fused_start_epoch", "0")) == 0
     run_dir = runs / "immseg+fused0" / "iterations_30" / "fold2"
     plan = json.loads((run_dir / "plan.json").read_text())
-    paper = benchmark.fit_schedule(30, plan["iterations_per_epoch"])
+    paper = planning.fit_schedule(30, plan["iterations_per_epoch"])
     assert paper["region_fusion_start_epoch"] > 0, "the phantom's run is long enough to tell the schedules apart"
     assert plan["schedule"] == {**paper, "start_contrast_epoch": 0, "region_fusion_start_epoch": 0}
     assert load_checkpoint(run_dir / "last.pth")["args"]["region_fusion_start_epoch"] == 0
-    records = [r for r in benchmark.read_results(prepared / "out" / "results.jsonl") if r["variant"] == "immseg+fused0"]
+    records = [r for r in result_files.read_results(prepared / "out" / "results.jsonl") if r["variant"] == "immseg+fused0"]
     assert len(records) == 10 and {(r["region_fusion_start_epoch"], r["fold"]) for r in records} == {(0, 2)}
 
     # the same training scored with three heads averaged: recorded apart, not trained again; a baseline is refused
@@ -386,7 +389,7 @@ def test_an_earlier_fused_stage_is_scaled_to_the_run_and_trained_under_its_own_n
     assert benchmark.main(run_args(prepared, "immseg", 2, "--mode", "iterations", "--iterations", "30",
                                    "--fused_start_epoch", "0", "--heads", "fused,LGE,T2w")) == 0
     assert (run_dir / "last.pth").stat().st_mtime_ns == stamp
-    rescored = [r for r in benchmark.read_results(prepared / "out" / "results.jsonl")
+    rescored = [r for r in result_files.read_results(prepared / "out" / "results.jsonl")
                 if r["variant"] == "immseg+fused0+heads_fused_LGE_T2w"]
     assert len(rescored) == 10 and rescored[0]["inference"] == ["heads_fused_LGE_T2w"]
     assert json.loads((run_dir / "test_last_heads_fused_LGE_T2w" / "test_info.json").read_text())["heads"] == [
@@ -406,13 +409,13 @@ def test_another_learning_rate_is_trained_and_recorded_under_its_own_name(prepar
     assert benchmark.main(run_args(prepared, "transunet_early", 1, *budget, "--base_lr", "0.003")) == 0
     run_dir = runs / "transunet_early+lr0.003" / "iterations_10" / "fold1"
     assert load_checkpoint(run_dir / "last.pth")["args"]["base_lr"] == 0.003
-    records = [r for r in benchmark.read_results(prepared / "out" / "results.jsonl")
+    records = [r for r in result_files.read_results(prepared / "out" / "results.jsonl")
                if r["variant"] == "transunet_early+lr0.003"]
     assert len(records) == 10 and {(r["base_lr"], r["fold"]) for r in records} == {(0.003, 1)}
 
 
 def test_another_batch_size_is_trained_and_recorded_under_its_own_name(prepared):
-    assert benchmark.schedule_name("immseg", None, 100, 0.004, 8) == "immseg+lr0.004", "the recipe's batch: no suffix"
+    assert variants.schedule_name("immseg", None, 100, 0.004, 8) == "immseg+lr0.004", "the recipe's batch: no suffix"
     args = run_args(prepared, "transunet_early", 1, "--mode", "iterations", "--iterations", "10")
     args[args.index("--batch_size") + 1] = "4"
     assert benchmark.main(args) == 0
@@ -420,7 +423,7 @@ def test_another_batch_size_is_trained_and_recorded_under_its_own_name(prepared)
     run_dir = runs / "transunet_early+bs4" / "iterations_10" / "fold1"
     assert load_checkpoint(run_dir / "last.pth")["args"]["batch_size"] == 4
     assert not (runs / "transunet_early" / "iterations_10" / "fold1").exists()
-    records = [r for r in benchmark.read_results(prepared / "out" / "results.jsonl") if r["fold"] == 1
+    records = [r for r in result_files.read_results(prepared / "out" / "results.jsonl") if r["fold"] == 1
                and r["setting"] == "iterations 10" and r["variant"].startswith("transunet_early+bs")]
     assert len(records) == 10 and {(r["variant"], r["batch_size"]) for r in records} == {("transunet_early+bs4", 4)}
 
@@ -447,7 +450,7 @@ def test_fit_scores_a_run_on_its_training_cases_as_test_py_scores_them_where_the
     args = ["fit", "--data", str(prepared / "data"), "--out", str(out), "--variant", "immseg", "--setting",
             "iterations 3", "--fold", "2", "--device", "cpu"]
     assert benchmark.main(args) == 0
-    records = benchmark.read_results(out / "fit.jsonl")
+    records = result_files.read_results(out / "fit.jsonl")
     folds = json.loads((prepared / "split.json").read_text())["folds"]
     nan = float("nan")
     scored = {cases: {(r["case"], r["structure"]): nan if r["dice"] is None else r["dice"]
@@ -459,10 +462,10 @@ def test_fit_scores_a_run_on_its_training_cases_as_test_py_scores_them_where_the
         assert test_script.main(["--output_dir", str(run_dir), "--root_path", str(prepared / "data" / f"fold{other}"),
                                  "--checkpoint", "last", "--test_save_dir", str(direct), "--no_save_nii",
                                  "--device", "cpu"]) == 0
-        expected = _dice_by_case(benchmark.read_metrics(direct / "metrics.csv", folds[other]))
+        expected = _dice_by_case(run.read_metrics(direct / "metrics.csv", folds[other]))
         assert {key: scored["training"][key] for key in expected} == pytest.approx(expected, nan_ok=True)
     recorded = {(r["case"], r["structure"]): nan if r["dice"] is None else r["dice"]
-                for r in benchmark.read_results(out / "results.jsonl")
+                for r in result_files.read_results(out / "results.jsonl")
                 if (r["variant"], r["setting"], r["fold"]) == ("immseg", "iterations 3", 2)}
     assert scored["test"] == pytest.approx(recorded, nan_ok=True), "the test cases as run scored them"
     table = (out / "fit.md").read_text()
@@ -478,22 +481,22 @@ def test_fit_scores_a_run_on_its_training_cases_as_test_py_scores_them_where_the
 
 def test_agreement_scores_each_member_as_run_scores_it_and_compares_their_predictions(prepared, caplog):
     out, results = prepared / "out", prepared / "out" / "results.jsonl"
-    agreement = ["agreement", "--data", str(prepared / "data"), "--out", str(out), "--fold", "1", "--device", "cpu"]
-    assert benchmark.main(agreement + ["--variant", "immseg+ens2", "--setting", "iterations 4"]) == 1
+    command = ["agreement", "--data", str(prepared / "data"), "--out", str(out), "--fold", "1", "--device", "cpu"]
+    assert benchmark.main(command + ["--variant", "immseg+ens2", "--setting", "iterations 4"]) == 1
     assert "holds no records of immseg+ens2 (iterations 4" in caplog.text
     assert benchmark.main(run_args(prepared, "immseg", 1, "--mode", "iterations", "--iterations", "2")) == 0
-    assert benchmark.main(agreement + ["--variant", "immseg", "--setting", "iterations 2"]) == 1
+    assert benchmark.main(command + ["--variant", "immseg", "--setting", "iterations 2"]) == 1
     assert "scores one run, not an ensemble" in caplog.text
-    assert not (out / benchmark.AGREEMENT_RESULTS).exists(), "nothing written"
+    assert not (out / agreement.AGREEMENT_RESULTS).exists(), "nothing written"
 
     assert benchmark.main(run_args(prepared, "immseg", 1, "--mode", "iterations", "--iterations", "4", "--members",
                                    "2")) == 0
-    assert benchmark.main(agreement + ["--variant", "immseg+ens2", "--setting", "iterations 4"]) == 0
-    records = benchmark.read_results(out / benchmark.AGREEMENT_RESULTS)
+    assert benchmark.main(command + ["--variant", "immseg+ens2", "--setting", "iterations 4"]) == 0
+    records = result_files.read_results(out / agreement.AGREEMENT_RESULTS)
     runs = out / "runs" / "data"
     assert records[0]["members"] == [str(runs / name / "iterations_2" / "fold1") for name in ("immseg",
                                                                                             "immseg+seed1235")]
-    recorded = benchmark.read_results(results)
+    recorded = result_files.read_results(results)
     alone = {(r["case"], r["structure"]): r["dice"] for r in recorded
              if (r["variant"], r["setting"], r["fold"]) == ("immseg", "iterations 2", 1)}
     together = {(r["case"], r["structure"]): r["dice"] for r in recorded
@@ -505,20 +508,20 @@ def test_agreement_scores_each_member_as_run_scores_it_and_compares_their_predic
             alone[key]), "member 0 scored as run scored it alone"
         assert record["ensemble_dice"] == together[key]
         assert record["agreement"] is None or 0 <= record["agreement"] <= 1
-    size = (out / benchmark.AGREEMENT_RESULTS).stat().st_size
-    assert benchmark.main(agreement + ["--variant", "immseg+ens2", "--setting", "iterations 4"]) == 0
-    assert (out / benchmark.AGREEMENT_RESULTS).stat().st_size == size and "is already in" in caplog.text
+    size = (out / agreement.AGREEMENT_RESULTS).stat().st_size
+    assert benchmark.main(command + ["--variant", "immseg+ens2", "--setting", "iterations 4"]) == 0
+    assert (out / agreement.AGREEMENT_RESULTS).stat().st_size == size and "is already in" in caplog.text
     assert "| immseg+ens2 | data | iterations 4 | 1 | 2 |" in (out / "agreement.md").read_text()
 
     scar = np.zeros((2, 4), dtype=np.uint8)
     first, second, empty = scar.copy(), scar.copy(), scar.copy()
     first[0, :] = 2
     second[0, :2], second[1, :2] = 2, 2
-    assert benchmark.pairwise_agreement([first, second], "scar") == pytest.approx(0.5)
-    assert benchmark.pairwise_agreement([first, second, first], "scar") == pytest.approx((0.5 + 1 + 0.5) / 3)
-    assert benchmark.pairwise_agreement([empty, empty], "scar") is None
-    assert benchmark.pairwise_agreement([first, empty], "whole_myocardium") == pytest.approx(0.0)
-    table = benchmark.agreement_table([
+    assert agreement.pairwise_agreement([first, second], "scar") == pytest.approx(0.5)
+    assert agreement.pairwise_agreement([first, second, first], "scar") == pytest.approx((0.5 + 1 + 0.5) / 3)
+    assert agreement.pairwise_agreement([empty, empty], "scar") is None
+    assert agreement.pairwise_agreement([first, empty], "whole_myocardium") == pytest.approx(0.0)
+    table = agreement.agreement_table([
         {"input": "x", "variant": "e", "setting": "time 1 min", "fold": 0, "members": ["a", "b"], "case": case,
          "structure": "scar", "member_dice": members, "ensemble_dice": ensemble, "agreement": agreed}
         for case, members, ensemble, agreed in (("c1", [0.4, 0.6], 0.6, 0.5), ("c2", [0.8, None], 0.9, None))])
@@ -538,13 +541,13 @@ def test_fit_table_pools_the_folds_and_refuses_a_case_scored_twice_on_one_fold()
         training = [case for other, cases in enumerate(folds) if other != fold for case in cases]
         records += [scored(fold, f"iterations {10 + fold}", "training", case, 0.9) for case in training]
         records += [scored(fold, f"iterations {10 + fold}", "test", case, 0.5 + 0.1 * fold) for case in test_cases]
-    rows = [line for line in benchmark.fit_table(records).splitlines() if line.startswith("| immseg+bf16 |")]
+    rows = [line for line in fit.fit_table(records).splitlines() if line.startswith("| immseg+bf16 |")]
     assert len(rows) == 1
     cells = [cell.strip() for cell in rows[0].strip("|").split("|")]
     assert cells[2:5] == ["iterations", "0,1,2", "10-12"]
     assert cells[5:] == ["-", "90.00 / 60.00 (30.00)", "-", "-", "-"], "training cases pooled over the folds"
-    with pytest.raises(benchmark.BenchmarkError, match="scores a case twice on one fold"):
-        benchmark.fit_table(records + [scored(0, "iterations 99", "test", "a", 0.4)])
+    with pytest.raises(result_files.BenchmarkError, match="scores a case twice on one fold"):
+        fit.fit_table(records + [scored(0, "iterations 99", "test", "a", 0.4)])
 
 
 def hand_made(variant, fold, case, scar, edema):
@@ -559,10 +562,10 @@ def test_report_paired_differences_on_a_hand_made_results_file(tmp_path):
             + hand_made("immseg", 1, "c", 0.70, 0.30)
             + hand_made("no_cfm", 0, "a", 0.65, 0.30) + hand_made("no_cfm", 0, "b", 0.40, 0.20)
             + hand_made("no_cfm", 1, "c", 0.90, 0.30))
-    benchmark.append_results(tmp_path / "results.jsonl", rows[:6])
-    benchmark.append_results(tmp_path / "results.jsonl", rows[6:])
-    assert len(benchmark.read_results(tmp_path / "results.jsonl")) == len(rows)
-    text = benchmark.report(tmp_path)
+    result_files.append_results(tmp_path / "results.jsonl", rows[:6])
+    result_files.append_results(tmp_path / "results.jsonl", rows[6:])
+    assert len(result_files.read_results(tmp_path / "results.jsonl")) == len(rows)
+    text = report.report(tmp_path)
     assert (tmp_path / "report.md").read_text() == text
     table = {(cells[0], cells[4]): cells for cells in
              ([c.strip() for c in line.strip("|").split("|")] for line in text.splitlines() if line.startswith("| "))}
@@ -581,23 +584,23 @@ def test_report_paired_differences_on_a_hand_made_results_file(tmp_path):
     assert immseg_edema[5] == "3" and immseg_edema[6] == "35.00 ± 5.00" and immseg_edema[11:16] == [""] * 5
     assert table[("immseg", "normal myocardium")][6] == "n/a"
     assert table[("no_cfm", "normal myocardium")][11:16] == ["n/a", "n/a", "0/0", "n/a", "n/a"]
-    assert np.allclose(benchmark.paired_differences(rows[6:], rows[:6], "scar", "dice"), [0.05, -0.10, 0.20])
-    assert benchmark.bootstrap_interval([0.03] * 7) == pytest.approx((0.03, 0.03))
-    assert benchmark.signed_rank_p([0.0, 0.0]) == 1.0
+    assert np.allclose(statistics.paired_differences(rows[6:], rows[:6], "scar", "dice"), [0.05, -0.10, 0.20])
+    assert statistics.bootstrap_interval([0.03] * 7) == pytest.approx((0.03, 0.03))
+    assert statistics.signed_rank_p([0.0, 0.0]) == 1.0
 
 
 def test_report_pairs_with_the_reference_at_another_budget(tmp_path):
     shorter = [{**row, "setting": "time 38 min"} for row in hand_made("immseg", 0, "a", 0.60, 0.40)]
     rows = shorter + hand_made("immseg", 0, "a", 0.10, 0.10) + hand_made("nnunet_own", 0, "a", 0.50, 0.45)
-    benchmark.append_results(tmp_path / "results.jsonl", rows)
-    text = benchmark.report(tmp_path, reference_setting="time 38 min")
+    result_files.append_results(tmp_path / "results.jsonl", rows)
+    text = report.report(tmp_path, reference_setting="time 38 min")
     assert "against immseg on the same input at time 38 min" in text
     table = {(cells[0], cells[2], cells[4]): cells for cells in
              ([c.strip() for c in line.strip("|").split("|")] for line in text.splitlines() if line.startswith("| "))}
     assert table[("nnunet_own", "time 42 min", "scar")][11] == "-10.00", "paired with I-MMSeg at 38, not at 42 min"
     assert table[("immseg", "time 42 min", "scar")][11] == "-50.00"
     assert table[("immseg", "time 38 min", "scar")][11] == "", "the reference itself has no difference"
-    default = benchmark.report_table(benchmark.read_results(tmp_path / "results.jsonl"))
+    default = report.report_table(result_files.read_results(tmp_path / "results.jsonl"))
     assert "| nnunet_own | in | time 42 min | 0 | scar | 1 | 50.00 ± 0.00 |" in default and "+40.00" in default
 
 
@@ -605,10 +608,10 @@ def test_report_pools_a_variants_budgets_matched_fold_by_fold(tmp_path):
     reference = hand_made("immseg", 0, "a", 0.60, 0.40) + hand_made("immseg", 1, "c", 0.70, 0.30)
     matched = ([{**row, "setting": "iterations 100"} for row in hand_made("offline_priors", 0, "a", 0.70, 0.40)]
                + [{**row, "setting": "iterations 101"} for row in hand_made("offline_priors", 1, "c", 0.50, 0.30)])
-    benchmark.append_results(tmp_path / "results.jsonl", reference + matched)
-    split = benchmark.report(tmp_path)
-    assert "+10.00" not in split, "without pooling each fold's row has no reference at its own budget"
-    text = benchmark.report(tmp_path, pool_budgets=True)
+    result_files.append_results(tmp_path / "results.jsonl", reference + matched)
+    per_budget = report.report(tmp_path)
+    assert "+10.00" not in per_budget, "without pooling each fold's row has no reference at its own budget"
+    text = report.report(tmp_path, pool_budgets=True)
     assert "against immseg on the same input at its budget(s), pooled" in text
     table = {(cells[0], cells[4]): cells for cells in
              ([c.strip() for c in line.strip("|").split("|")] for line in text.splitlines() if line.startswith("| "))}
@@ -617,27 +620,27 @@ def test_report_pools_a_variants_budgets_matched_fold_by_fold(tmp_path):
     assert (scar[11], scar[13]) == ("-5.00", "1/2"), "per case +0.10 and -0.20"
     assert table[("immseg", "scar")][11] == ""
     named = {(cells[0], cells[4]): cells for cells in
-             ([c.strip() for c in line.strip("|").split("|")] for line in benchmark.report(
+             ([c.strip() for c in line.strip("|").split("|")] for line in report.report(
                  tmp_path, reference_setting="time 42 min", pool_budgets=True).splitlines() if line.startswith("| "))}
     assert named[("offline_priors", "scar")][11] == "-5.00", "pooled, paired with the reference's named budget"
     timed = hand_made("offline_priors", 0, "a", 0.20, 0.40)  # the same fold in the other mode: a row of its own
-    benchmark.append_results(tmp_path / "results.jsonl", timed)
+    result_files.append_results(tmp_path / "results.jsonl", timed)
     table = {(cells[0], cells[2], cells[4]): cells for cells in
-             ([c.strip() for c in line.strip("|").split("|")] for line in benchmark.report(
+             ([c.strip() for c in line.strip("|").split("|")] for line in report.report(
                  tmp_path, pool_budgets=True).splitlines() if line.startswith("| "))}
     assert table[("offline_priors", "time 42 min", "scar")][11] == "-40.00"
     assert table[("offline_priors", "iterations 100 + iterations 101", "scar")][11] == "-5.00"
-    with pytest.raises(benchmark.BenchmarkError, match="has rows at several budgets .* name one with --reference_"):
-        benchmark.report(tmp_path, reference="offline_priors", pool_budgets=True)
+    with pytest.raises(result_files.BenchmarkError, match="has rows at several budgets .* name one with --reference_"):
+        report.report(tmp_path, reference="offline_priors", pool_budgets=True)
     against = {(cells[0], cells[2], cells[4]): cells for cells in
-               ([c.strip() for c in line.strip("|").split("|")] for line in benchmark.report(
+               ([c.strip() for c in line.strip("|").split("|")] for line in report.report(
                    tmp_path, reference="offline_priors", reference_setting="iterations 100 + iterations 101",
                    pool_budgets=True).splitlines() if line.startswith("| "))}
     assert against[("immseg", "time 42 min", "scar")][11] == "+5.00"
     twice = [{**row, "setting": "iterations 102"} for row in hand_made("offline_priors", 0, "a", 0.20, 0.40)]
-    benchmark.append_results(tmp_path / "results.jsonl", twice)
+    result_files.append_results(tmp_path / "results.jsonl", twice)
     rows = {(cells[0], cells[2]) for cells in
-            ([c.strip() for c in line.strip("|").split("|")] for line in benchmark.report(
+            ([c.strip() for c in line.strip("|").split("|")] for line in report.report(
                 tmp_path, pool_budgets=True).splitlines() if line.startswith("| "))}
     assert {budget for variant, budget in rows if variant == "offline_priors"} == {
         "time 42 min", "iterations 100", "iterations 101", "iterations 102"}, "two budgets on fold 0: not pooled"
@@ -649,7 +652,7 @@ def test_cases_orders_the_paired_dice_by_the_structure_volume_in_the_labels(tmp_
     from datasets.vocabulary import LABEL_MAPS
 
     write_phantom(tmp_path / "raw", cases=4, seed=3)
-    found = {case.case_id: case for case in preprocess_data.DATASETS["Phantom"][0](tmp_path / "raw")}
+    found = {case.case_id: case for case in dataset_writer.DATASETS["Phantom"][0](tmp_path / "raw")}
     scar_ml = {}
     for case_id, case in found.items():
         volumes = load_case(case, LABEL_MAPS["MyoPS380"])
@@ -659,7 +662,7 @@ def test_cases_orders_the_paired_dice_by_the_structure_volume_in_the_labels(tmp_
     ours, theirs = [0.5, 0.6, 0.7, 0.8], [0.6, 0.5, 0.7, 0.6]
     rows = [row for case, a, b in zip(ids, ours, theirs)
             for row in hand_made("immseg", 0, case, a, 0.3) + hand_made("transunet_early", 0, case, b, 0.3)]
-    benchmark.append_results(tmp_path / "out" / "results.jsonl", rows)
+    result_files.append_results(tmp_path / "out" / "results.jsonl", rows)
     assert benchmark.main(["cases", "--out", str(tmp_path / "out"), "--variant", "immseg", "--reference",
                            "transunet_early", "--src", str(tmp_path / "raw"), "--dataset", "Phantom"]) == 0
     text = capsys.readouterr().out
@@ -684,48 +687,64 @@ def test_committed_results_hold_whole_folds_of_the_committed_split_and_make_the_
     """README's benchmark tables are regenerated from benchmarks/results: every recorded run must score each test case
     of its fold, and only those, in every structure, and the report must pair the rows it compares."""
     folder = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
-    folds = benchmark.read_split(folder / "split.json")["folds"]
-    records = benchmark.read_results(folder / "results.jsonl")
+    folds = split.read_split(folder / "split.json")["folds"]
+    records = result_files.read_results(folder / "results.jsonl")
     assert records, "benchmarks/results/results.jsonl holds no records"
     runs = {}
     for record in records:
-        runs.setdefault(benchmark.run_key(record), []).append((record["case"], record["structure"]))
+        runs.setdefault(result_files.run_key(record), []).append((record["case"], record["structure"]))
     for (input_name, variant, setting, fold), scored in runs.items():
-        expected = sorted((case, structure) for case in folds[fold] for structure in benchmark.STRUCTURE_NAMES)
+        expected = sorted((case, structure) for case in folds[fold] for structure in result_files.STRUCTURE_NAMES)
         assert sorted(scored) == expected, f"{variant} ({input_name}, {setting}) fold {fold}: not its fold's cases"
     ours, early = ([r for r in records if r["variant"] == f"{pipeline}+ens6_strong4_nnunet2+bf16"]
                    for pipeline in ("immseg", "transunet_early"))
     both = {r["fold"] for r in ours} & {r["fold"] for r in early}
     assert both, "README's six-member comparison is not in the records"
     ours = [r for r in ours if r["fold"] in both]
-    for structure in benchmark.STRUCTURE_NAMES:
+    for structure in result_files.STRUCTURE_NAMES:
         defined = [r for r in ours if r["structure"] == structure and r["dice"] is not None]
-        assert len(benchmark.paired_differences(ours, early, structure, "dice")) == len(defined), "a case unpaired"
-    fits = benchmark.read_results(folder / "fit.jsonl")
+        assert len(statistics.paired_differences(ours, early, structure, "dice")) == len(defined), "a case unpaired"
+    fits = result_files.read_results(folder / "fit.jsonl")
     assert fits, "README's training-against-test table is not in the records"
     fitted = {}
     for record in fits:
-        fitted.setdefault(benchmark.run_key(record), []).append((record["cases"], record["case"], record["structure"]))
+        fitted.setdefault(result_files.run_key(record), []).append((record["cases"], record["case"], record["structure"]))
     for (input_name, variant, setting, fold), scored in fitted.items():
         case_sets = {"training": [case for other, cases in enumerate(folds) if other != fold for case in cases],
                      "test": folds[fold]}
         expected = sorted((name, case, structure) for name, cases in case_sets.items() for case in cases
-                          for structure in benchmark.STRUCTURE_NAMES)
+                          for structure in result_files.STRUCTURE_NAMES)
         assert sorted(scored) == expected, f"fit of {variant} ({input_name}, {setting}) fold {fold}: not its cases"
-    assert benchmark.fit_table(fits).count("| immseg+bf16 |") == 2
-    agreements = benchmark.read_results(folder / benchmark.AGREEMENT_RESULTS)
+    assert fit.fit_table(fits).count("| immseg+bf16 |") == 2
+    agreements = result_files.read_results(folder / agreement.AGREEMENT_RESULTS)
     assert agreements, "README's agreement table is not in the records"
-    ensemble_dice = {benchmark.run_key(r) + (r["case"], r["structure"]): r["dice"] for r in records}
+    ensemble_dice = {result_files.run_key(r) + (r["case"], r["structure"]): r["dice"] for r in records}
     agreed = {}
     for record in agreements:
-        key = benchmark.run_key(record)
+        key = result_files.run_key(record)
         agreed.setdefault(key, []).append((record["case"], record["structure"]))
         assert record["ensemble_dice"] == ensemble_dice[key + (record["case"], record["structure"])], (
             f"agreement of {key}: the ensemble's Dice is not its record's")
         assert len(record["member_dice"]) == len(record["members"]) >= 2
     for (input_name, variant, setting, fold), scored in agreed.items():
-        expected = sorted((case, structure) for case in folds[fold] for structure in benchmark.STRUCTURE_NAMES)
+        expected = sorted((case, structure) for case in folds[fold] for structure in result_files.STRUCTURE_NAMES)
         assert sorted(scored) == expected, f"agreement of {variant} ({input_name}, {setting}) fold {fold}: not its cases"
-    table = benchmark.report_table(records, reference="transunet_early+ens6_strong4_nnunet2+bf16")
+    table = report.report_table(records, reference="transunet_early+ens6_strong4_nnunet2+bf16")
     assert sum(line.startswith("| immseg+ens6_strong4_nnunet2+bf16 |") for line in table.splitlines()) == len(
-        benchmark.STRUCTURE_NAMES)
+        result_files.STRUCTURE_NAMES)
+
+
+def test_the_committed_records_still_report_the_committed_tables(tmp_path):
+    """benchmarks/results/{report,fit,agreement}.md were written from the records beside them before the benchmark
+    became a package (commit 68cf5d8): the records must still give the same tables, to the byte."""
+    committed = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
+    out = tmp_path / "results"
+    out.mkdir()
+    for name in ("results.jsonl", "fit.jsonl", "agreement.jsonl"):
+        (out / name).symlink_to(committed / name)
+    report.report(out)
+    fit.fit_report(out)
+    agreement.agreement_report(out)
+    for table in ("report.md", "fit.md", "agreement.md"):
+        made = (out / table).read_text().replace(str(out), "benchmarks/results")
+        assert made == (committed / table).read_text(), f"{table} differs from the committed one"

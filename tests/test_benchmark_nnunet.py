@@ -9,7 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from benchmarks import myops2020 as benchmark
+from benchmarks.harness import prepare, records as result_files, report
 from benchmarks import nnunet_myops2020 as nnunet
 from benchmarks.nnunet_trainer import nnunet_budget
 from datasets.geometry import CaseGeometry, probabilities_to_original
@@ -24,7 +24,7 @@ def prepared(tmp_path_factory):
 
 
 def fold_input(prepared, fold):
-    return benchmark.read_input(prepared / "data", fold)
+    return prepare.read_input(prepared / "data", fold)
 
 
 def nifti(path):
@@ -202,7 +202,7 @@ def test_predictions_are_mapped_back_to_the_original_geometry(prepared):
     case = test_cases[0]
     archive = np.load(output / "validation" / f"{case}.npz")["probabilities"]
     np.savez_compressed(output / "validation" / f"{case}.npz", probabilities=archive.transpose(0, 2, 1, 3))
-    with pytest.raises(benchmark.BenchmarkError, match="axis order"):
+    with pytest.raises(result_files.BenchmarkError, match="axis order"):
         nnunet.predictions_in_original_space("nnunet_ours", output, fold_dir, test_cases)
 
 
@@ -213,7 +213,7 @@ def test_run_appends_records_the_report_lists_and_a_rerun_is_skipped(prepared, c
                  "--fold", "0", "--budget_minutes", "2", "--iterations_per_epoch", "25", "--nnunet_venv",
                  str(prepared / "no_venv")]
     assert nnunet.main(arguments) == 0
-    records = benchmark.read_results(prepared / "out" / "results.jsonl")
+    records = result_files.read_results(prepared / "out" / "results.jsonl")
     assert len(records) == 2 * 5 and {r["case"] for r in records} == set(dataset["split"]["test"])
     first = records[0]
     assert {key: first[key] for key in ("input", "variant", "setting", "fold", "mode", "budget_minutes",
@@ -221,10 +221,10 @@ def test_run_appends_records_the_report_lists_and_a_rerun_is_skipped(prepared, c
         "input": "data", "variant": "nnunet_own", "setting": "time 2 min", "fold": 0, "mode": "time",
         "budget_minutes": 2.0, "iterations": 75, "seconds_per_step": 0.8, "train_seconds": 60.0, "max_epochs": 3}
     assert all(r["dice"] in (None, 1.0) for r in records) and any(r["dice"] == 1.0 for r in records)
-    assert first["machine"] == benchmark.machine_description("cpu")
+    assert first["machine"] == result_files.machine_description("cpu")
     assert nnunet.main(arguments) == 0 and "already in" in caplog.text
-    assert len(benchmark.read_results(prepared / "out" / "results.jsonl")) == 10
-    table = benchmark.report_table(benchmark.read_results(prepared / "out" / "results.jsonl"))
+    assert len(result_files.read_results(prepared / "out" / "results.jsonl")) == 10
+    table = report.report_table(result_files.read_results(prepared / "out" / "results.jsonl"))
     assert "| nnunet_own | data | time 2 min | 0 | scar |" in table
     arguments[arguments.index("--budget_minutes") + 1] = "3"
     assert nnunet.main(arguments + ["--timed_iterations", "0"]) == 1 and "must be positive" in caplog.text

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import preprocess_data
+from datasets import dataset_writer
 from datasets.dataset_myops import MyoPSDataset, RandomGenerator
 from datasets.geometry import plan_geometry, probabilities_to_original, to_original, to_processed
 from datasets.layouts import DataError, find_myops2020_cases, map_labels
@@ -239,14 +240,14 @@ def test_rerun_gives_identical_files(phantom_raw, phantom_processed, tmp_path):
 
 def test_split_rules(tmp_path):
     cases = [f"c{i:02d}" for i in range(1, 11)]
-    split = preprocess_data.split_cases(cases, test_every=5)
+    split = dataset_writer.split_cases(cases, test_every=5)
     assert split["test"] == ["c01", "c06"] and split["val"] == [] and len(split["train"]) == 8
-    with_val = preprocess_data.split_cases(cases, test_every=5, val_fraction=0.25, seed=7)
-    assert len(with_val["val"]) == 2 and with_val == preprocess_data.split_cases(cases, 5, 0.25, 7)
+    with_val = dataset_writer.split_cases(cases, test_every=5, val_fraction=0.25, seed=7)
+    assert len(with_val["val"]) == 2 and with_val == dataset_writer.split_cases(cases, 5, 0.25, 7)
     split_file = tmp_path / "split.json"
     split_file.write_text(json.dumps({"test": ["c01"], "val": ["c02", "c99"]}))
     with pytest.raises(DataError, match="c99"):
-        preprocess_data.split_cases(cases, split_file=split_file)
+        dataset_writer.split_cases(cases, split_file=split_file)
 
 
 @pytest.mark.parametrize("preset", ["paper", "strong", "nnunet"])

@@ -11,6 +11,7 @@ import torch
 import predict
 from engine import predictor
 import test as test_script
+from engine import evaluation, prediction
 from conftest import train_tiny_run, write_phantom_training_data
 from datasets.dataset_myops import MyoPSDataset
 from datasets.geometry import probabilities_to_original
@@ -81,7 +82,7 @@ def run_test_script(runs, out, *extra):
 
 def test_test_py_postprocesses_its_predictions_and_records_it_with_tta(runs, monkeypatch):
     plain, processed = runs / "test_plain", runs / "test_postprocessed"
-    shapes = spy_on_postprocessing(monkeypatch, test_script)
+    shapes = spy_on_postprocessing(monkeypatch, evaluation)
     assert run_test_script(runs, plain, "--tta") == 0
     assert shapes == [], "off by default"
     assert run_test_script(runs, processed, "--tta", "--postprocess") == 0
@@ -189,7 +190,7 @@ def test_an_ensemble_writes_the_argmax_of_the_averaged_probabilities(runs, monke
     assert {row["checkpoint"] for row in rows} == {f"{runs / 'a' / 'last.pth'};{runs / 'b' / 'last.pth'}"}
 
     postprocessed = runs / "ensemble_postprocessed"
-    shapes = spy_on_postprocessing(monkeypatch, predict)
+    shapes = spy_on_postprocessing(monkeypatch, prediction)
     assert run_predict(runs, postprocessed, ["a", "b"], "--postprocess", "--save_png") == 0
     without_tta = labels_of_runs(runs, ["a", "b"], tta=False)
     assert sorted(shapes) == sorted([averaged.shape for averaged, _ in without_tta.values()]

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import predict
+from engine import prediction
 import test as test_script
 from datasets.layouts import DataError, find_cases
 from conftest import train_tiny_run, write_phantom_training_data
@@ -159,13 +160,13 @@ def test_volumes_are_voxel_counts_times_the_voxel_volume():
     mask[1:6, 1:3, 0] = 1  # 10 voxels of normal myocardium
     mask[2:4, 4:6, 1] = 2  # 4 of scar
     mask[5:8, 5:7, 2] = 3  # 6 of edema
-    volumes = predict.tissue_volumes(mask, (1.5, 1.25, 8.0))  # 15 mm^3 = 0.015 mL per voxel
+    volumes = prediction.tissue_volumes(mask, (1.5, 1.25, 8.0))  # 15 mm^3 = 0.015 mL per voxel
     assert volumes["normal_myocardium_ml"] == pytest.approx(0.150)
     assert volumes["scar_ml"] == pytest.approx(0.060)
     assert volumes["edema_ml"] == pytest.approx(0.090)
     assert volumes["whole_myocardium_ml"] == pytest.approx(0.300)
     assert volumes["scar_percent"] == pytest.approx(20.0) and volumes["edema_percent"] == pytest.approx(30.0)
-    empty = predict.tissue_volumes(np.zeros_like(mask), (1.0, 1.0, 1.0))
+    empty = prediction.tissue_volumes(np.zeros_like(mask), (1.0, 1.0, 1.0))
     assert empty["whole_myocardium_ml"] == 0.0 and math.isnan(empty["scar_percent"])
 
 

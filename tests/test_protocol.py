@@ -13,6 +13,7 @@ import torch
 
 import predict as predict_script
 import preprocess_data
+from datasets import dataset_writer
 import test as test_script
 import train as train_script
 from conftest import ROOT, make_batch, make_model, write_test_priors
@@ -53,7 +54,7 @@ def test_inference_copy_of_a_float64_model_keeps_float64_and_its_outputs(tiny_co
 # 2. the released split ---------------------------------------------------------------------------------------
 def test_test_every_five_gives_the_released_split_of_myops380():
     case_ids = [f"case{i:04d}" for i in range(380, 0, -1)]
-    split = preprocess_data.split_cases(case_ids, test_every=5)
+    split = dataset_writer.split_cases(case_ids, test_every=5)
     expected = [f"case{i:04d}" for i in (1 + 5 * k for k in range(76))]
     assert split["test"] == expected
     assert expected[:3] == ["case0001", "case0006", "case0011"] and expected[-1] == "case0376"
@@ -61,8 +62,8 @@ def test_test_every_five_gives_the_released_split_of_myops380():
 
 
 def test_negative_test_every_is_refused():
-    with pytest.raises(preprocess_data.DataError, match="--test_every"):
-        preprocess_data.split_cases(["a", "b"], test_every=-2)
+    with pytest.raises(dataset_writer.DataError, match="--test_every"):
+        dataset_writer.split_cases(["a", "b"], test_every=-2)
 
 
 # 3. the schedule -----------------------------------------------------------------------------------------------
@@ -211,7 +212,7 @@ def test_networks_datasets_and_priors_share_one_vocabulary():
 
     assert vit_seg_configs.MODALITIES is vocabulary.MODALITIES is layouts.MODALITIES is text.MODALITIES
     assert vit_seg_configs.CLASS_NAMES is vocabulary.CLASS_NAMES is text.CLASS_NAMES
-    assert preprocess_data.DATASETS["MyoPS2020"][1] is vocabulary.LABEL_MAPS["MyoPS2020"]
+    assert dataset_writer.DATASETS["MyoPS2020"][1] is vocabulary.LABEL_MAPS["MyoPS2020"]
 
 
 # 5. optional packages and the GPU check ------------------------------------------------------------------------

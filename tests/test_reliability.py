@@ -14,6 +14,7 @@ import torch
 
 import preprocess_data
 import test as test_script
+from engine import evaluation
 import train as train_script
 import trainer
 from datasets import phantom
@@ -498,7 +499,7 @@ def test_test_results_of_different_settings_never_share_a_folder(workspace, stra
 def test_a_case_that_cannot_be_scored_is_named_and_the_others_are_scored(straight, evaluation_data, monkeypatch,
                                                                         caplog):
     data = evaluation_data()
-    original = test_script.reference_in_original_space
+    original = evaluation.reference_in_original_space
     failing = sorted((data / "data" / "test_vol.txt").read_text().split())[0]
 
     def fails_for_one_case(volume):
@@ -506,7 +507,7 @@ def test_a_case_that_cannot_be_scored_is_named_and_the_others_are_scored(straigh
             raise RuntimeError("the label could not be resampled")
         return original(volume)
 
-    monkeypatch.setattr(test_script, "reference_in_original_space", fails_for_one_case)
+    monkeypatch.setattr(evaluation, "reference_in_original_space", fails_for_one_case)
     out = data / "scored"
     assert test_script.main(["--output_dir", str(straight), "--root_path", str(data / "data"), "--checkpoint", "last",
                              "--test_save_dir", str(out)]) == 1, "the exit status says that a case failed"
@@ -553,14 +554,14 @@ def test_a_stop_signal_during_validation_stops_after_the_current_volume_and_save
 def test_a_stop_signal_during_testing_stops_after_the_current_case_and_writes_what_was_scored(
         straight, evaluation_data, monkeypatch, caplog):
     data = evaluation_data()
-    original = test_script.score_case
+    original = evaluation.score_case
 
     def score_then_signal(*args, **kwargs):
         result = original(*args, **kwargs)
         os.kill(os.getpid(), signal.SIGTERM)
         return result
 
-    monkeypatch.setattr(test_script, "score_case", score_then_signal)
+    monkeypatch.setattr(evaluation, "score_case", score_then_signal)
     out = data / "stopped_scoring"
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:

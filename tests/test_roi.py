@@ -10,7 +10,9 @@ import torch
 import locate_heart
 import predict
 import preprocess_data
+from datasets import dataset_writer
 import test as test_script
+from engine import evaluation
 from benchmarks import myops2020 as benchmark
 from conftest import train_tiny_run, write_test_priors
 from datasets.dataset_myops import MyoPSDataset
@@ -150,7 +152,7 @@ def phantom_runs(tmp_path_factory):
 
 
 def phantom_case(root, case_id):
-    finder, label_map, _ = preprocess_data.DATASETS["Phantom"]
+    finder, label_map, _ = dataset_writer.DATASETS["Phantom"]
     case, = [case for case in finder(root / "raw") if case.case_id == case_id]
     return load_case(case, label_map)
 
@@ -222,7 +224,7 @@ def test_a_case_without_a_centre_is_refused_before_anything_is_written(phantom_r
 def test_test_py_scores_a_heart_centred_dataset_in_the_original_space(phantom_runs, tmp_path, caplog):
     root = phantom_runs
     for volume in MyoPSDataset(root / "heart_data", split="test_vol"):
-        reference = test_script.reference_in_original_space(volume)
+        reference = evaluation.reference_in_original_space(volume)
         assert all(volume["geometry"].crop_size[a] < reference.shape[a] for a in range(2)), "a crop, not the image"
         perfect = torch.nn.functional.one_hot(volume["label"].long(), 4).permute(3, 0, 1, 2).float().numpy()
         np.testing.assert_array_equal(probabilities_to_original(perfect, volume["geometry"]), reference)

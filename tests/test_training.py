@@ -75,10 +75,11 @@ def test_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(works
 
 def test_dice_class_weights_flag_sets_the_trainers_loss_and_bad_values_are_refused(workspace, capsys):
     from engine.distributed import setup_distributed
+    from engine.training import build
     from trainer import Trainer
     args = train_script.parse_args(train_args(workspace, "scar_weighted", "--dice_class_weights", "0.5,1,2,1"))
     ctx = setup_distributed("cpu")
-    model, spec, _ = train_script.build(args, ctx)
+    model, spec, _ = build(args, ctx)
     trainer = Trainer(args, ctx, model, spec, workspace / "scar_weighted")
     assert trainer.criterion.segmentation.dice.class_weights.tolist() == [0.5, 1.0, 2.0, 1.0]
     for bad, message in (("0.5,1,2", "3 weights for --num_classes 4"), ("0.5,1,two,1", "comma-separated numbers"),
