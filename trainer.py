@@ -34,6 +34,7 @@ from engine.runs import (check_run_folder, configure_logging, git_commit, plain_
 from engine.training import build, open_run_folder
 from networks.npz_weights import PretrainedWeightsError
 from networks.inference import autocast_context, predict_volume, warn_if_bf16_is_emulated
+from networks.missing_sequences import draw_present, hide_sequences, proper_subsets
 from networks.vit_seg_configs import with_switch_defaults
 from networks.vit_seg_modeling import compile_regions
 from priors import EncoderUnavailableError, PriorFileError, PromptFileError
@@ -127,6 +128,13 @@ class Trainer:
         warn_if_bf16_is_emulated(ctx.device, args.amp, logger)
         self.criterion = IMMSegLoss(args.num_classes, model.config.contrast,
                                     args.dice_class_weights).to(ctx.device)
+        # --sequence_dropout: the subsets a sample may keep, on the device (None: every sample keeps all sequences)
+        self.sequence_subsets = (proper_subsets(model.config.n_modalities, ctx.device) if args.sequence_dropout
+                                 else None)
+        if self.sequence_subsets is not None:
+            logger.info("--sequence_dropout %g: with this probability a training sample keeps only one of the %d "
+                        "non-empty proper subsets of its sequences (drawn alike)", args.sequence_dropout,
+                        len(self.sequence_subsets))
         self.state = TrainState()
         self.stop = StopRequest()
         self.writer = None
@@ -240,19 +248,29 @@ class Trainer:
         return loss_weights(epoch, self.args.start_contrast_epoch, self.args.region_fusion_start_epoch,
                             self.args.contrast_w, use_contrast=not self.args.no_contrast)
 
-    def forward_backward(self, network, images, labels, weights):
+    def draw_present(self, batch_size):
+        """(B, M) mask of the sequences each sample of the step keeps (--sequence_dropout), or None: all of them,
+        drawing nothing, so that a run without the switch draws the random numbers it always drew."""
+        if self.sequence_subsets is None:
+            return None
+        return draw_present(batch_size, self.args.sequence_dropout, self.sequence_subsets)
+
+    def forward_backward(self, network, images, labels, weights, present=None):
         with autocast_context(images.device, self.args.amp):
-            output = network(images, fused=weights.fused > 0, contrast=weights.contrast > 0)
-            loss, terms = self.criterion(output, labels, weights)
+            output = network(images, fused=weights.fused > 0, contrast=weights.contrast > 0, present=present)
+            loss, terms = self.criterion(output, labels, weights, present)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         return output, loss.detach(), terms
 
     def train_step(self, network, batch, weights):
         """One optimisation step. The loss stays on the device (read_losses reads it every --log_every steps), so
-        the host never waits for the device within a step (except fp16's grad scaler)."""
+        the host never waits for the device within a step (except fp16's grad scaler). With --sequence_dropout the
+        sequences a sample hides are zero-filled and left out of the model's mixing and of their heads' losses."""
         device = self.ctx.device
         images = batch["image"].to(device, non_blocking=True)
+        present = self.draw_present(images.shape[0])
+        images = hide_sequences(images, present)
         if device.type == "cuda":
             images = images.contiguous(memory_format=torch.channels_last)
         labels = batch["label"].to(device, non_blocking=True)
@@ -262,7 +280,7 @@ class Trainer:
         first_compiled_step = self.compile_mode != "off" and weights not in self.compiled_stages
         random_state = rng_state() if first_compiled_step else None
         try:
-            output, loss, terms = self.forward_backward(network, images, labels, weights)
+            output, loss, terms = self.forward_backward(network, images, labels, weights, present)
         except Exception as error:  # noqa: BLE001 - any failure of compilation falls back to the eager step
             if not first_compiled_step:
                 raise
@@ -271,7 +289,7 @@ class Trainer:
             self.compile_mode = "off"
             torch.compiler.set_stance("force_eager")
             set_rng_state(random_state)
-            output, loss, terms = self.forward_backward(network, images, labels, weights)
+            output, loss, terms = self.forward_backward(network, images, labels, weights, present)
         if first_compiled_step:
             self.compiled_stages.add(weights)
         self.scaler.step(self.optimizer)

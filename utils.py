@@ -26,9 +26,14 @@ class DiceLoss(nn.Module):
         weights = class_weights if class_weights is not None else [0.5] + [1.0] * (num_classes - 1)
         self.register_buffer("class_weights", torch.as_tensor(weights, dtype=torch.float32), persistent=False)
 
-    def forward(self, logits, target):
+    def forward(self, logits, target, sample_mask=None):
+        """``sample_mask`` (B,) bool: the samples that count, as if the batch held only them (None: all). Without
+        any, every class scores a perfect Dice (loss 0)."""
         probs = logits.float().softmax(dim=1)
         one_hot = F.one_hot(target, self.num_classes).permute(0, 3, 1, 2).to(probs.dtype)
+        if sample_mask is not None:  # zeros rather than indexing the batch: no wait for the device
+            keep = sample_mask[:, None, None, None]
+            probs, one_hot = torch.where(keep, probs, 0), torch.where(keep, one_hot, 0)
         dims = (0, 2, 3)
         intersect = (probs * one_hot).sum(dims)
         denominator = (probs * probs).sum(dims) + one_hot.sum(dims)
@@ -45,8 +50,16 @@ class SegmentationLoss(nn.Module):
         self.dice_weight = dice_weight
         self.dice = DiceLoss(num_classes, class_weights)
 
-    def forward(self, logits, target):
-        return self.ce_weight * F.cross_entropy(logits.float(), target) + self.dice_weight * self.dice(logits, target)
+    def forward(self, logits, target, sample_mask=None):
+        """``sample_mask`` (B,) bool: the loss of the batch of those samples only (None: all); 0, still connected
+        to the graph, when there is none."""
+        if sample_mask is None:
+            cross_entropy = F.cross_entropy(logits.float(), target)
+        else:
+            per_pixel = F.cross_entropy(logits.float(), target, reduction="none")
+            kept = torch.where(sample_mask[:, None, None], per_pixel, 0).sum()
+            cross_entropy = kept / (sample_mask.sum() * per_pixel[0].numel()).clamp(min=1)
+        return self.ce_weight * cross_entropy + self.dice_weight * self.dice(logits, target, sample_mask)
 
 
 class TextAnchoredContrastiveLoss(nn.Module):
@@ -61,7 +74,8 @@ class TextAnchoredContrastiveLoss(nn.Module):
     sum over negatives n of exp(s_in))), s = cosine / temperature, averaged over
     the positives of i and then over the samples that have a positive. The
     scales' losses are summed. Without any sampled pixel the loss is a zero that
-    stays connected to the graph.
+    stays connected to the graph. A ``sample_mask`` (B,) leaves the images it marks False out of the
+    sampling (a sequence the sample lacks: its embeddings contrast with nothing).
 
     On a GPU every tensor has a fixed size: a draw that finds fewer pixels than asked keeps
     its slots, marked invalid and left out of every sum, so the loss never waits for the
@@ -76,14 +90,16 @@ class TextAnchoredContrastiveLoss(nn.Module):
         self.temperature = temperature
         self.anchor_copies = anchor_copies
 
-    def forward(self, embeddings, labels, anchors, ignore_classes=()):
-        """embeddings: per scale (B, d_s, h_s, w_s); labels: (B, H, W); anchors: per scale (K, d_s)."""
+    def forward(self, embeddings, labels, anchors, ignore_classes=(), sample_mask=None):
+        """embeddings: per scale (B, d_s, h_s, w_s); labels: (B, H, W); anchors: per scale (K, d_s);
+        sample_mask: (B,) bool, the images whose pixels may be sampled (None: all)."""
         if not (len(embeddings) == len(anchors) == len(self.samples_per_scale)):
             raise ValueError(f"expected {len(self.samples_per_scale)} scales of embeddings and anchors, "
                              f"got {len(embeddings)} and {len(anchors)}")
         total = 0.0
         for features, anchor, count in zip(embeddings, anchors, self.samples_per_scale):
-            sampled, targets, valid = self.sample(features, labels, count, anchor.shape[0], ignore_classes)
+            sampled, targets, valid = self.sample(features, labels, count, anchor.shape[0], ignore_classes,
+                                                  sample_mask)
             if not (sampled.is_cuda if self.fixed_size is None else self.fixed_size):
                 sampled, targets, valid = sampled[valid], targets[valid], valid[valid]
             classes = torch.arange(anchor.shape[0], device=anchor.device).repeat(self.anchor_copies)
@@ -96,9 +112,10 @@ class TextAnchoredContrastiveLoss(nn.Module):
         return total
 
     @staticmethod
-    def sample(features, labels, count, num_classes, ignore_classes=()):
+    def sample(features, labels, count, num_classes, ignore_classes=(), sample_mask=None):
         """``count`` random pixel slots per image and class -> (B*K*count, d) features, (B*K*count,) class ids and
-        (B*K*count,) validity: a class with fewer than ``count`` pixels fills its other slots with invalid ones."""
+        (B*K*count,) validity: a class with fewer than ``count`` pixels fills its other slots with invalid ones, an
+        image that ``sample_mask`` marks False all its slots. The random draws do not depend on the mask."""
         batch, dim, height, width = features.shape
         small = F.interpolate(labels[:, None].float(), size=(height, width), mode="nearest")[:, 0].long()
         small = small.flatten(1)
@@ -106,6 +123,8 @@ class TextAnchoredContrastiveLoss(nn.Module):
         member = small[:, None, :] == classes[None, :, None]
         if ignore_classes:
             member[:, list(ignore_classes)] = False
+        if sample_mask is not None:
+            member = member & sample_mask[:, None, None]
         keys = torch.rand(small.shape, device=features.device)
         keyed = torch.where(member, keys[:, None, :], torch.full_like(keys[:, None, :], 2.0))
         count = min(count, small.shape[1])
@@ -160,7 +179,8 @@ class IMMSegLoss(nn.Module):
     heads; contrast: mean over modalities of the text-anchored contrastive loss,
     each with its modality's ignored classes. ``dice_class_weights`` replaces the soft
     Dice's class weights of every head (default method.md's: 0.5 background, 1 the rest).
-    Returns the total and the unweighted terms that were computed (detached, for logging).
+    With ``present`` (B, M) bool, a modality's head loss and contrastive loss count only the samples that have
+    the sequence (None: all). Returns the total and the unweighted terms that were computed (detached, for logging).
     """
 
     def __init__(self, num_classes, contrast_config, dice_class_weights=None):
@@ -170,15 +190,18 @@ class IMMSegLoss(nn.Module):
         self.contrast = TextAnchoredContrastiveLoss(counts, contrast_config.temperature, contrast_config.anchor_copies)
         self.ignore_classes = tuple(tuple(c) for c in contrast_config.ignore_classes)
 
-    def forward(self, output, labels, weights):
+    def forward(self, output, labels, weights, present=None):
         terms = {}
+        sample_masks = (None,) * len(self.ignore_classes) if present is None else present.unbind(dim=1)
         if weights.fused and output.fused_logits is not None:
             terms["fused"] = self.segmentation(output.fused_logits, labels)
         if weights.modality and output.modality_logits:
-            terms["modality"] = sum(self.segmentation(logits, labels) for logits in output.modality_logits)
+            terms["modality"] = sum(self.segmentation(logits, labels, mask)
+                                    for logits, mask in zip(output.modality_logits, sample_masks))
         if weights.contrast and output.contrast_embeddings is not None:
-            per_modality = [self.contrast(embeddings, labels, output.class_anchors, ignore)
-                            for embeddings, ignore in zip(output.contrast_embeddings, self.ignore_classes)]
+            per_modality = [self.contrast(embeddings, labels, output.class_anchors, ignore, mask)
+                            for embeddings, ignore, mask in zip(output.contrast_embeddings, self.ignore_classes,
+                                                                sample_masks)]
             terms["contrast"] = sum(per_modality) / len(per_modality)
         if not terms:
             raise ValueError(f"no loss term is active for weights {weights} and this model output")

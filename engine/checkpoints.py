@@ -78,6 +78,13 @@ def check_fused_head_trained(checkpoint, path):
             f"--resume auto and a --max_epochs above {start}), or use a checkpoint saved after epoch {start + 1}")
 
 
+def trained_sequence_dropout(record):
+    """train.py's --sequence_dropout of the run that wrote ``record`` (a checkpoint, or its run's config.json read
+    as a dict): above 0, the model was trained to segment any non-empty subset of the sequences. 0 for runs from
+    before the flag existed, which saw every sequence."""
+    return float((record.get("args") or {}).get("sequence_dropout") or 0.0)
+
+
 def load_model_state(model, state_dict, source):
     try:
         model.load_state_dict(state_dict)

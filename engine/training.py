@@ -9,7 +9,7 @@ import numpy as np
 from datasets.dataset_myops import AUGMENTATIONS
 from engine.checkpoint_writer import remove_interrupted_writes
 from networks.vit_seg_configs import DEFAULT_PRETRAINED_PATH
-from networks.vit_seg_modeling import build_model
+from networks.vit_seg_modeling import MISSING_SEQUENCE_MODELS, build_model
 from priors import DEFAULT_PROMPTS, resolve_priors
 from engine.checkpoints import model_spec
 from engine.options import CUDA_DEFAULTS, ROOT, add_run_arguments, build_config, filled, fit_stages, run_directory
@@ -34,6 +34,10 @@ def training_parser(description=__doc__):
                         help="pixels sampled per image and class: 5, 2, 1 times this at H/2, H/4, H/8")
     parser.add_argument("--contrast_w", type=float, default=0.1, help="contrastive loss weight")
     parser.add_argument("--weight_decay", type=float, default=1e-4)
+    parser.add_argument("--sequence_dropout", type=float, default=0.0,
+                        help="probability that a training sample hides one or two of its three sequences (each of "
+                             "the 6 subsets it may keep alike), so that one model segments any subset "
+                             "(documentation/missing_sequences.md); I-MMSeg only. Default 0: every sample has all")
     parser.add_argument("--dice_class_weights", type=class_weight_list, default=None,
                         help="soft Dice weight of each class, comma-separated, e.g. 0.5,1,2,1 to weight scar twice "
                              "(default: method.md's 0.5 for the background, 1 for the other classes)")
@@ -80,10 +84,21 @@ def parse_training_args(argv=None, description=__doc__):
             args.resume, args.output_dir or run_directory(args))):
         parser.error("--overwrite deletes the checkpoints that --resume continues from: give one of them")
     args.fitted_stages = fit_stages(args)
+    check_sequence_dropout(parser, args)
     if args.dice_class_weights is not None and len(args.dice_class_weights) != args.num_classes:
         parser.error(f"--dice_class_weights: {len(args.dice_class_weights)} weights for --num_classes "
                      f"{args.num_classes}; give one per class")
     return args
+
+
+def check_sequence_dropout(parser, args):
+    """--sequence_dropout must be a probability, and non-zero only for a model that can leave a sequence out."""
+    if not 0.0 <= args.sequence_dropout <= 1.0:  # also refuses nan
+        parser.error(f"--sequence_dropout must be a probability between 0 and 1, got {args.sequence_dropout}")
+    if args.sequence_dropout and args.model not in MISSING_SEQUENCE_MODELS:
+        parser.error(f"--sequence_dropout {args.sequence_dropout} needs a model that runs on a subset of the "
+                     f"sequences ({', '.join(MISSING_SEQUENCE_MODELS)}); --model {args.model} feeds its sequences "
+                     "to one encoder and cannot leave one out")
 
 
 def class_weight_list(text):

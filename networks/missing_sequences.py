@@ -1,0 +1,69 @@
+"""Any subset of the sequences (documentation/missing_sequences.md): the mask of the sequences a sample has, its
+random draw for ``--sequence_dropout``, and the zeroing of hidden sequences.
+
+A mask ``present`` is a bool tensor (B, M), True where sample b has sequence m (order of ``MODALITIES``);
+None means every sequence of every sample, the models' plain code path.
+"""
+import itertools
+
+import torch
+
+from datasets.vocabulary import MODALITIES
+
+
+def proper_subsets(num_modalities=len(MODALITIES), device=None):
+    """(2**M - 2, M) bool: every non-empty proper subset of the M sequences as a row, in a fixed order."""
+    rows = [row for row in itertools.product((False, True), repeat=num_modalities) if any(row) and not all(row)]
+    return torch.tensor(rows, dtype=torch.bool, device=device)
+
+
+def draw_present(batch_size, probability, subsets):
+    """(B, M) mask: each sample independently, with ``probability``, keeps only one of ``subsets`` (drawn
+    uniformly), else every sequence. Drawn from the global generator of ``subsets``' device, on that device, so
+    the step never waits for it and a checkpoint's RNG states let a resumed run draw the same masks."""
+    hide = torch.rand(batch_size, device=subsets.device) < probability
+    choice = torch.randint(len(subsets), (batch_size,), device=subsets.device)
+    return subsets[choice] | ~hide[:, None]
+
+
+def zero_hidden(features, present, modality):
+    """``features`` (B, ...) of sequence ``modality`` with the samples that lack it set to zero (``present`` None:
+    ``features`` itself). A selection rather than a product, so that not even a NaN of a hidden sequence passes."""
+    if present is None:
+        return features
+    keep = present[:, modality].view(-1, *([1] * (features.dim() - 1)))
+    return torch.where(keep, features, 0)
+
+
+def hide_sequences(images, present):
+    """``images`` (B, M, H, W) with the hidden sequences zero-filled, as training feeds a sample that lacks them."""
+    if present is None:
+        return images
+    return torch.where(present[:, :, None, None], images, 0)
+
+
+def check_present(present, batch_size, num_modalities, require_one=False):
+    """``present`` as a (B, M) bool mask (an (M,) mask applies to every sample), or None. ``require_one`` also checks
+    that every sample has a sequence, a check that waits for the device (inference only)."""
+    if present is None:
+        return None
+    if not torch.is_tensor(present) or present.dtype != torch.bool:
+        raise ValueError(f"present must be a bool tensor of shape (B, {num_modalities}) or ({num_modalities},), True "
+                         f"for each sequence a sample has (order {MODALITIES}), got {present!r}")
+    if present.dim() == 1:
+        present = present.expand(batch_size, -1)
+    if tuple(present.shape) != (batch_size, num_modalities):
+        raise ValueError(f"present must have shape ({batch_size}, {num_modalities}) or ({num_modalities},) for "
+                         f"{batch_size} samples of {num_modalities} sequences, got {tuple(present.shape)}")
+    if require_one and not bool(present.any(dim=1).all()):
+        raise ValueError("present leaves a sample without any sequence: each needs at least one")
+    return present
+
+
+def present_mask(names, batch_size=1, device=None):
+    """(B, M) mask of the sequences named in ``names`` (e.g. ``("bSSFP", "LGE")`` for a patient without T2w)."""
+    unknown = sorted(set(names) - set(MODALITIES))
+    if unknown or not names:
+        raise ValueError(f"expected a non-empty selection of the sequences {MODALITIES}, got {list(names)}")
+    row = torch.tensor([name in names for name in MODALITIES], dtype=torch.bool, device=device)
+    return row.expand(batch_size, -1).clone()
