@@ -15,16 +15,19 @@ inference copy of the model, and the class probabilities are mapped back to the 
 first (locate_heart.py); its crop is then placed around that centre. Several runs (--run A B C) form
 an ensemble: their class probabilities (each after its flip TTA with --tta) are averaged before the
 argmax; they must share the preprocessing record, the sequence order and img_size. --postprocess keeps
-only the largest connected myocardium in the final labels.
+only the largest connected myocardium in the final labels. A case without one or two of its sequences
+(no file) is predicted from those it has when every run was trained with --sequence_dropout (see
+documentation/missing_sequences.md), and skipped with the reason otherwise.
 
 Outputs in OUT: <case>.nii.gz (0 background, 1 normal myocardium, 2 scar, 3 edema, or the challenge's
-200, 2221, 1220 with --label_values myops2020) with the shape, affine and header of the input LGE;
-<case>.png with --save_png (processed grid: LGE, LGE with the prediction); volumes.csv (per case
-the mL of normal myocardium, scar, edema and whole myocardium, scar and edema as % of the whole
-myocardium, the checkpoint or the ensemble's checkpoints, separated by ';'; for a case that failed,
-the reason in "error" and no volumes). Cases are read, predicted and written one at a time, each file
-atomically. A case that fails at any stage (a sequence missing, sequences of different shape or
-orientation, an empty or unreadable file, no heart found by the locator, an error in preprocessing,
+200, 2221, 1220 with --label_values myops2020) with the shape, affine and header of the input LGE (of the
+first sequence present when it has no LGE); <case>.png with --save_png (processed grid: LGE, LGE with
+the prediction); volumes.csv (per case the sequences the prediction used, the mL of normal myocardium,
+scar, edema and whole myocardium, scar and edema as % of the whole myocardium, the checkpoint or the
+ensemble's checkpoints, separated by ';'; for a case that failed, the reason in "error" and no volumes).
+Cases are read, predicted and written one at a time, each file atomically. A case that fails at any stage
+(a sequence missing for a model that needs it, sequences of different shape or orientation, an empty or
+unreadable file, no heart found by the locator, an error in preprocessing,
 inference or export) is reported with the reason and skipped, the others are predicted; the exit code
 is then 1.
 """

@@ -144,11 +144,15 @@ def _checked_cases(cases, src, every_file=True):
     return cases
 
 
-def require_files(case):
-    """A file of the case that does not exist is an error naming the case, the role and the path."""
+def require_files(case, allow_missing_sequences=False):
+    """A file of the case that does not exist is an error naming the case, the role and the path; with
+    ``allow_missing_sequences`` a missing sequence is not, as long as one sequence is there."""
     for role, path in case.paths.items():
-        if not path.is_file():
+        if not path.is_file() and not (allow_missing_sequences and role in case.images):
             raise DataError(f"case {case.case_id}: missing {role} file {path}")
+    if not any(path.is_file() for path in case.images.values()):
+        raise DataError(f"case {case.case_id}: none of its sequences is there "
+                        f"({', '.join(map(str, case.images.values()))})")
 
 
 def _load(path, case_id, role):
@@ -166,14 +170,17 @@ def _load(path, case_id, role):
     return data, image
 
 
-def load_case(case, label_map=None):
+def load_case(case, label_map=None, allow_missing_sequences=False):
     """Load and check one case: readable 3D volumes of one shape and geometry, finite intensities, known labels.
 
-    The label is read (and mapped by ``label_map``) when the case has one.
+    The label is read (and mapped by ``label_map``) when the case has one. With ``allow_missing_sequences`` a
+    sequence whose file does not exist is left out of ``images`` (a case for a model that runs on any subset).
     """
-    require_files(case)
+    require_files(case, allow_missing_sequences)
     images, headers = {}, {}
     for modality, path in case.images.items():
+        if allow_missing_sequences and not path.is_file():
+            continue
         data, header = _load(path, case.case_id, modality)
         values = data.astype(np.float32)
         if not np.isfinite(values).all():
@@ -184,7 +191,7 @@ def load_case(case, label_map=None):
     if case.label is not None:
         label_data, headers["label"] = _load(case.label, case.case_id, "label")
 
-    reference_role = next(iter(case.images))
+    reference_role = next(iter(images))
     reference = headers[reference_role]
     for role, header in headers.items():
         if header.shape[:3] != reference.shape[:3]:
@@ -196,7 +203,7 @@ def load_case(case, label_map=None):
                             f"{np.abs(header.affine - reference.affine).max():.4g} mm); resample it onto the same grid")
     label = map_labels(label_data, label_map, case.case_id, case.label) if case.label is not None else None
     return CaseVolumes(case.case_id, images, label, tuple(float(z) for z in reference.header.get_zooms()[:3]),
-                       reference.affine, {modality: headers[modality].header for modality in case.images})
+                       reference.affine, {modality: headers[modality].header for modality in images})
 
 
 def map_labels(label, label_map, case_id, path):

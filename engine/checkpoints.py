@@ -13,6 +13,7 @@ from pathlib import Path
 import ml_collections
 import torch
 
+from datasets.vocabulary import MODALITIES
 from networks.inference import fuse_for_inference
 from networks.vit_seg_modeling import build_model
 
@@ -83,6 +84,16 @@ def trained_sequence_dropout(record):
     as a dict): above 0, the model was trained to segment any non-empty subset of the sequences. 0 for runs from
     before the flag existed, which saw every sequence."""
     return float((record.get("args") or {}).get("sequence_dropout") or 0.0)
+
+
+def check_subset_trained(sequence_dropout, path, sequences):
+    """A model asked to segment from a subset of the sequences must have been trained for it (its
+    --sequence_dropout above 0); all three sequences need no check."""
+    missing = [name for name in MODALITIES if name not in sequences]
+    if missing and not sequence_dropout:
+        raise CheckpointError(f"{path} was trained without --sequence_dropout and needs all of "
+                              f"{', '.join(MODALITIES)}; it cannot segment without {', '.join(missing)} (train "
+                              "I-MMSeg with --sequence_dropout P for a model that does)")
 
 
 def load_model_state(model, state_dict, source):

@@ -19,8 +19,8 @@ from datasets.layouts import DataError, map_labels
 from datasets.postprocessing import keep_largest_myocardium
 from datasets.preprocessing_record import preprocessing_differences, read_preprocessing
 from datasets.vocabulary import MODALITIES
-from engine.checkpoints import (CheckpointError, check_fused_head_trained, ensemble_checkpoints, inference_model,
-                                load_checkpoint)
+from engine.checkpoints import (CheckpointError, check_fused_head_trained, check_subset_trained, ensemble_checkpoints,
+                                inference_model, load_checkpoint, trained_sequence_dropout)
 from engine.distributed import StopRequest, seed_everything, setup_distributed
 from engine.options import ABLATIONS, add_run_arguments, filled, resolve_device_defaults, run_directory
 from engine.predictor import ensemble_probabilities
@@ -28,11 +28,20 @@ from engine.runs import configure_logging
 from engine.test_results import (HD95_UNITS, check_results_folder, format_table, results_folder_name,
                                  results_setting, write_released_protocol)
 from networks.inference import HeadAverage, warn_if_bf16_is_emulated
+from networks.missing_sequences import SequenceSubset
 from utils import STRUCTURES, atomic_path, case_metrics, released_case_metrics, summarise
 
 logger = logging.getLogger("test")
 
 HEADS = ("fused", *MODALITIES)
+
+
+def sequence_list(text):
+    """--sequences: a comma-separated, non-empty list of distinct sequence names -> tuple in MODALITIES' order."""
+    names = [name.strip() for name in text.split(",")]
+    if not names or any(name not in MODALITIES for name in names) or len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected distinct names from {', '.join(MODALITIES)}")
+    return tuple(name for name in MODALITIES if name in names)
 
 
 def head_list(text):
@@ -71,6 +80,10 @@ def evaluation_parser(description=__doc__):
                         help="I-MMSeg heads whose class probabilities are averaged, comma-separated from fused, "
                              f"{', '.join(MODALITIES)} (default fused, the method's output; the modality heads are "
                              "trained beside it)")
+    parser.add_argument("--sequences", default=MODALITIES, type=sequence_list,
+                        help="segment from these sequences only, comma-separated (e.g. bSSFP,LGE for patients "
+                             "without T2w): the others are hidden from the model; a model trained with "
+                             "--sequence_dropout (default: all three)")
     parser.add_argument("--postprocess", action="store_true",
                         help="keep only the largest 3-D connected component of the whole myocardium (scar and "
                              "edema outside it become background), in every label volume scored or written: the "
@@ -172,6 +185,9 @@ def load_members(args, device):
         if "fused" in args.heads:
             check_fused_head_trained(checkpoint, path)
         model = inference_model(checkpoint, path, device)
+        if tuple(args.sequences) != MODALITIES:
+            check_subset_trained(trained_sequence_dropout(checkpoint), path, args.sequences)
+            model = SequenceSubset(model, args.sequences)
         if args.heads != ("fused",):
             if checkpoint["spec"]["model"] != "immseg":
                 raise CheckpointError(f"{path}: --heads {','.join(args.heads)} needs I-MMSeg's modality heads; this "
@@ -217,7 +233,12 @@ def score_case(volume, members, args, ctx, out_dir):
 
 def parse_evaluation_args(argv=None, description=__doc__):
     """test.py's arguments from ``argv``, with the run folder they name (``run_dir``)."""
-    args = evaluation_parser(description).parse_args(argv)
+    parser = evaluation_parser(description)
+    args = parser.parse_args(argv)
+    hidden_heads = [head for head in args.heads if head != "fused" and head not in args.sequences]
+    if hidden_heads:
+        parser.error(f"--heads {','.join(args.heads)}: the head of {', '.join(hidden_heads)} sees a sequence that "
+                     f"--sequences {','.join(args.sequences)} hides")
     args.run_dir = Path(args.output_dir) if args.output_dir else run_directory(filled(args))
     return args
 

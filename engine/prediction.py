@@ -18,7 +18,7 @@ from datasets.vocabulary import LABEL_MAPS, MODALITIES
 from engine.checkpoints import CheckpointError
 from engine.distributed import setup_distributed
 from engine.options import resolve_device_defaults
-from engine.predictor import HeartLocator, load_ensemble, predict_case
+from engine.predictor import HeartLocator, load_ensemble, member_models, predict_case
 from engine.runs import configure_logging
 from networks.inference import warn_if_bf16_is_emulated
 from utils import STRUCTURES, atomic_path
@@ -31,7 +31,7 @@ OUTPUT_LABELS = {"default": {1: 1, 2: 2, 3: 3},
 # volumes.csv column -> the classes it counts (utils.STRUCTURES: "myocardium" is the normal myocardium)
 VOLUME_STRUCTURES = {"normal_myocardium_ml": "myocardium", "scar_ml": "scar", "edema_ml": "edema",
                      "whole_myocardium_ml": "whole_myocardium"}
-VOLUME_COLUMNS = ["case", *VOLUME_STRUCTURES, "scar_percent", "edema_percent", "checkpoint", "error"]
+VOLUME_COLUMNS = ["case", "sequences", *VOLUME_STRUCTURES, "scar_percent", "edema_percent", "checkpoint", "error"]
 PREDICTION_PATTERNS = ("*.nii.gz", "*.nii", "volumes.csv")
 
 
@@ -132,24 +132,34 @@ def heart_locator(settings, args, checkpoint_path):
     return HeartLocator(args.locator_run, device=args.device, batch_slices=args.batch_slices)
 
 
-def predict_and_write(case, models, modalities, settings, args, device, img_size, locator):
-    """Read, predict and write one case; its volumes.csv row (with the slice count under "slices")."""
-    volumes = load_case(case)
+def predict_and_write(case, members, args, device, locator):
+    """Read, predict and write one case from the sequences it has (a subset only for members trained with
+    --sequence_dropout); its volumes.csv row (with the slice count under "slices")."""
+    volumes = load_case(case, allow_missing_sequences=True)
+    sequences = [name for name in MODALITIES if name in volumes.images]
+    try:
+        models = member_models(members, sequences)
+    except DataError as error:
+        missing = "; ".join(f"missing {name} file {path}" for name, path in case.images.items()
+                            if name not in sequences)
+        raise DataError(f"{missing}: {error}") from None
     centre = locator(volumes) if locator is not None else None
     if locator is not None and centre is None:
         raise DataError(f"the locator {locator.checkpoint_path} finds no myocardium to centre the crop on")
-    prediction, processed, prepared = predict_case(models, volumes, modalities, settings, args, device, img_size,
-                                                   centre)
+    first = members[0]
+    prediction, processed, prepared = predict_case(models, volumes, first.modalities, first.settings, args, device,
+                                                   first.img_size, centre)
     if args.postprocess:
         prediction, processed = keep_largest_myocardium(prediction), keep_largest_myocardium(processed)
-    lge = volumes.headers["LGE"]
-    written = save_nifti(output_labels(prediction, args.label_values), lge.get_best_affine(),
-                         args.output_dir / f"{case.case_id}.nii.gz", header=lge)
+    header = volumes.headers["LGE" if "LGE" in volumes.headers else sequences[0]]
+    written = save_nifti(output_labels(prediction, args.label_values), header.get_best_affine(),
+                         args.output_dir / f"{case.case_id}.nii.gz", header=header)
     if args.save_png:
-        save_overlay(np.stack([prepared.images[m] for m in MODALITIES]), None, processed,
+        blank = np.zeros_like(prepared.images[sequences[0]])
+        save_overlay(np.stack([prepared.images.get(m, blank) for m in MODALITIES]), None, processed,
                      args.output_dir / f"{case.case_id}.png")
-    return {"case": case.case_id, **tissue_volumes(prediction, written.header.get_zooms()),
-            "slices": prediction.shape[2]}
+    return {"case": case.case_id, "sequences": ";".join(sequences),
+            **tissue_volumes(prediction, written.header.get_zooms()), "slices": prediction.shape[2]}
 
 
 def predict(args):
@@ -160,8 +170,7 @@ def predict(args):
     resolve_device_defaults(args, device)
     warn_if_bf16_is_emulated(device, args.amp, logger)
     members = load_ensemble(args.run, args.checkpoint, device)
-    models = [member.model for member in members]
-    modalities, settings, img_size = members[0].modalities, members[0].settings, members[0].img_size
+    settings = members[0].settings
     checkpoints = ";".join(str(member.checkpoint_path) for member in members)
     locator = heart_locator(settings, args, checkpoints)
     args.output_dir.mkdir(parents=True, exist_ok=True)
@@ -173,7 +182,7 @@ def predict(args):
     for case in tqdm(cases, desc="cases", unit="case"):
         case_start = time.perf_counter()
         try:
-            row = predict_and_write(case, models, modalities, settings, args, device, img_size, locator)
+            row = predict_and_write(case, members, args, device, locator)
         except Exception as error:  # noqa: BLE001 - one case's failure, whatever it is, never stops the others
             reason = str(error) if isinstance(error, DataError) else f"{type(error).__name__}: {error}"
             logger.error("%s: skipped: %s", case.case_id, reason)
@@ -182,8 +191,8 @@ def predict(args):
             remove_earlier_outputs(args.output_dir, case.case_id)
             row = {"case": case.case_id, "error": reason}
         else:
-            logger.info("%s: %d slices, %.2f s (read, predicted, written)", case.case_id, row.pop("slices"),
-                        time.perf_counter() - case_start)
+            logger.info("%s: %d slices from %s, %.2f s (read, predicted, written)", case.case_id, row.pop("slices"),
+                        row["sequences"].replace(";", ", "), time.perf_counter() - case_start)
         rows.append({**row, "checkpoint": checkpoints})
         write_volumes(rows, args.output_dir / "volumes.csv")
     if failures:

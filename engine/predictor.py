@@ -18,10 +18,11 @@ from datasets.geometry import probabilities_to_original
 from datasets.layouts import DataError, find_cases, load_case
 from datasets.roi import heart_centre, write_centres
 from datasets.vocabulary import MODALITIES
-from engine.checkpoints import (CheckpointError, check_fused_head_trained, ensemble_checkpoints, inference_model,
-                                load_checkpoint, resolve_checkpoint)
+from engine.checkpoints import (CheckpointError, check_fused_head_trained, check_subset_trained, ensemble_checkpoints,
+                                inference_model, load_checkpoint, resolve_checkpoint, trained_sequence_dropout)
 from engine.distributed import setup_distributed
 from networks.inference import predict_volume
+from networks.missing_sequences import SequenceSubset
 
 logger = logging.getLogger("locate_heart")
 
@@ -58,7 +59,8 @@ def predict_case(models, volumes, modalities, settings, args, device, img_size, 
     """(labels 0-3 in the original grid, labels in the processed grid, the preprocessed case); the class
     probabilities of several models (an ensemble, each with its flip TTA) are averaged before the argmax."""
     prepared = preprocess_case(volumes, settings, centre)
-    image = torch.from_numpy(np.stack([prepared.images[m] for m in modalities]))
+    blank = np.zeros_like(next(iter(prepared.images.values())))  # a sequence the case lacks (hidden from the model)
+    image = torch.from_numpy(np.stack([prepared.images.get(m, blank) for m in modalities]))
     probabilities = ensemble_probabilities(models, image, img_size, args.batch_slices, device, args.amp, args.tta)
     processed = probabilities.argmax(dim=0).numpy().astype(np.uint8)
     return probabilities_to_original(probabilities.numpy(), prepared.geometry), processed, prepared
@@ -79,8 +81,8 @@ class HeartLocator:
     def __call__(self, volumes):
         member = self.member
         with torch.inference_mode():
-            prediction, _, _ = predict_case([member.model], volumes, member.modalities, member.settings, self.options,
-                                            self.device, member.img_size)
+            prediction, _, _ = predict_case(member_models([member], volumes.images), volumes, member.modalities,
+                                            member.settings, self.options, self.device, member.img_size)
         return heart_centre(prediction, largest_component=True)
 
 
@@ -114,6 +116,7 @@ class EnsembleMember(NamedTuple):
     settings: PreprocessingSettings
     img_size: int
     model: torch.nn.Module
+    sequence_dropout: float  # train.py's --sequence_dropout: above 0, the model runs on any subset
 
 
 def load_member(checkpoint_path, device):
@@ -121,7 +124,22 @@ def load_member(checkpoint_path, device):
     check_fused_head_trained(checkpoint, checkpoint_path)
     modalities, settings = run_preprocessing(checkpoint, checkpoint_path)
     return EnsembleMember(checkpoint_path, checkpoint["train_state"]["epoch"], modalities, settings,
-                          checkpoint["spec"]["img_size"], inference_model(checkpoint, checkpoint_path, device))
+                          checkpoint["spec"]["img_size"], inference_model(checkpoint, checkpoint_path, device),
+                          trained_sequence_dropout(checkpoint))
+
+
+def member_models(members, sequences):
+    """The members' models for a case that has ``sequences``: as they are when it has all three, else each run on
+    that subset (a member trained without --sequence_dropout refuses, naming what the case lacks)."""
+    sequences = [name for name in MODALITIES if name in sequences]
+    if len(sequences) == len(MODALITIES):
+        return [member.model for member in members]
+    for member in members:
+        try:
+            check_subset_trained(member.sequence_dropout, member.checkpoint_path, sequences)
+        except CheckpointError as error:
+            raise DataError(str(error)) from None
+    return [SequenceSubset(member.model, sequences) for member in members]
 
 
 def member_input(member):

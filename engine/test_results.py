@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from datasets.layouts import DataError
+from datasets.vocabulary import MODALITIES
 from utils import PATHOLOGY, atomic_path, summarise_released
 
 logger = logging.getLogger("test")
@@ -26,6 +27,7 @@ RESULT_FILES = ("metrics.csv", "summary.json", "test_info.json", "metrics_releas
 def results_setting(args, members, root):
     return {"checkpoint": str(args.checkpoint_path), "ensemble": [str(path) for path, _, _ in members],
             "split": args.split, "tta": args.tta, "postprocess": args.postprocess, "heads": list(args.heads),
+            "sequences": list(args.sequences),
             "protocol": args.protocol, "root_path": str(root)}
 
 
@@ -34,6 +36,7 @@ def results_folder_name(args, members):
     name = f"test_{args.split}_{args.checkpoint_path.stem}" + (f"_ensemble{members}" if members > 1 else "")
     name += "_tta" if args.tta else ""
     name += f"_heads-{'-'.join(args.heads)}" if tuple(args.heads) != ("fused",) else ""
+    name += f"_sequences-{'-'.join(args.sequences)}" if tuple(args.sequences) != MODALITIES else ""
     name += "_postprocess" if args.postprocess else ""
     return name + ("_released" if args.protocol == "released" else "")
 
@@ -48,6 +51,7 @@ def check_results_folder(out_dir, setting, overwrite):
         earlier = json.loads(info_path.read_text())
     except (OSError, ValueError):
         earlier = {}
+    earlier.setdefault("sequences", list(MODALITIES))  # results from before --sequences used all three
     differences = [f"{key} {earlier.get(key)!r} there, {value!r} here" for key, value in setting.items()
                    if earlier.get(key) != value]
     if not differences:

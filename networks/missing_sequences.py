@@ -67,3 +67,26 @@ def present_mask(names, batch_size=1, device=None):
         raise ValueError(f"expected a non-empty selection of the sequences {MODALITIES}, got {list(names)}")
     row = torch.tensor([name in names for name in MODALITIES], dtype=torch.bool, device=device)
     return row.expand(batch_size, -1).clone()
+
+
+class SequenceSubset(torch.nn.Module):
+    """A model that runs on any subset (I-MMSeg trained with --sequence_dropout) applied to ``sequences`` alone: the
+    other sequences' channels are zero-filled and left out of every fusion (``present``), whatever they hold."""
+
+    def __init__(self, model, sequences):
+        super().__init__()
+        self.model = model
+        self.sequences = tuple(name for name in MODALITIES if name in sequences)
+        self.register_buffer("present", present_mask(sequences)[0], persistent=False)
+
+    def _inputs(self, images):
+        present = self.present.expand(images.shape[0], -1)
+        return hide_sequences(images, present), present
+
+    def forward(self, images):
+        images, present = self._inputs(images)
+        return self.model(images, present=present)
+
+    def head_logits(self, images):
+        images, present = self._inputs(images)
+        return self.model.head_logits(images, present=present)

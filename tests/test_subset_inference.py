@@ -1,0 +1,162 @@
+"""test.py --sequences and predict.py on cases without a sequence (documentation/missing_sequences.md): a model
+trained with --sequence_dropout segments from a subset; one trained without it refuses, saying so."""
+import csv
+import json
+import shutil
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+import predict
+import test as test_script
+from conftest import train_tiny_run, write_phantom_training_data
+from engine.checkpoints import load_checkpoint
+from engine.evaluation import sequence_list
+from networks.missing_sequences import SequenceSubset
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Two one-epoch runs of the testing configuration on 3 phantom cases, with and without --sequence_dropout, and
+    6 unlabelled cases."""
+    root = tmp_path_factory.mktemp("subsets")
+    priors = write_phantom_training_data(root, cases=6, seed=31)
+    assert train_tiny_run(root / "data", priors, root / "plain", "--max_epochs", "1") == 0
+    assert train_tiny_run(root / "data", priors, root / "dropout", "--max_epochs", "1", "--sequence_dropout",
+                          "0.5") == 0
+    for sequence in ("bSSFP", "LGE", "T2w"):
+        shutil.copytree(root / "raw" / "Raw_data" / sequence, root / "unlabelled" / "Raw_data" / sequence)
+    return root
+
+
+def score(run, out, *extra):
+    return test_script.main(["--output_dir", str(run), "--checkpoint", "last", "--test_save_dir", str(out),
+                             "--no_save_nii", "--device", "cpu", *extra])
+
+
+def test_sequence_list_keeps_the_sequence_order_and_refuses_bad_names():
+    assert sequence_list("T2w,bSSFP") == ("bSSFP", "T2w")
+    for bad in ("", "LGE,LGE", "LGE,PD"):
+        with pytest.raises(Exception, match="expected distinct names"):
+            sequence_list(bad)
+
+
+def test_test_py_scores_a_subset_with_a_dropout_model_and_records_it(runs, monkeypatch):
+    from engine import evaluation
+
+    seen = []
+
+    class SpiedSubset(SequenceSubset):
+        def forward(self, images):
+            seen.append(self.sequences)
+            return super().forward(images)
+
+    monkeypatch.setattr(evaluation, "SequenceSubset", SpiedSubset)
+    out = runs / "dropout" / "scored_bssfp_lge"
+    assert score(runs / "dropout", out, "--sequences", "LGE,bSSFP") == 0
+    assert seen and set(seen) == {("bSSFP", "LGE")}, "every batch went through the subset"
+    seen.clear()
+    info = json.loads((out / "test_info.json").read_text())
+    assert info["sequences"] == ["bSSFP", "LGE"]
+    full = runs / "dropout" / "scored_full"
+    assert score(runs / "dropout", full) == 0
+    assert json.loads((full / "test_info.json").read_text())["sequences"] == ["bSSFP", "LGE", "T2w"]
+    assert not seen, "all three sequences: the model as it is"
+    subset_rows = list(csv.DictReader(open(out / "metrics.csv")))
+    assert [row["case"] for row in subset_rows] == [row["case"] for row in csv.DictReader(open(full / "metrics.csv"))]
+    assert score(runs / "dropout", out) == 1, "the folder holds another setting's results (the subset)"
+
+    default = runs / "dropout"
+    assert test_script.main(["--output_dir", str(default), "--checkpoint", "last", "--no_save_nii", "--device", "cpu",
+                             "--sequences", "bSSFP,LGE"]) == 0
+    assert (default / "test_test_vol_last_sequences-bSSFP-LGE" / "metrics.csv").is_file()
+
+
+def test_test_py_refuses_a_subset_for_a_model_trained_without_dropout(runs, caplog):
+    assert score(runs / "plain", runs / "plain" / "refused", "--sequences", "bSSFP,LGE") == 1
+    assert "trained without --sequence_dropout" in caplog.text and "cannot segment without T2w" in caplog.text
+    assert not (runs / "plain" / "refused" / "metrics.csv").exists()
+
+
+def test_test_py_refuses_the_head_of_a_hidden_sequence(runs):
+    with pytest.raises(SystemExit):
+        score(runs / "dropout", runs / "dropout" / "heads", "--sequences", "bSSFP,LGE", "--heads", "fused,T2w")
+
+
+def test_predict_py_predicts_a_case_without_t2w_from_the_others_with_a_dropout_model(runs, caplog):
+    src = runs / "without_t2w"
+    shutil.copytree(runs / "unlabelled", src)
+    (src / "Raw_data" / "T2w" / "case0002.nii.gz").unlink()
+    (src / "Raw_data" / "LGE" / "case0003.nii.gz").unlink()
+    out = runs / "predicted_subsets"
+    assert predict.main(["--input_dir", str(src), "--output_dir", str(out), "--run", str(runs / "dropout"),
+                         "--checkpoint", "last", "--device", "cpu", "--save_png"]) == 0
+    rows = {row["case"]: row for row in csv.DictReader(open(out / "volumes.csv"))}
+    assert rows["case0002"]["sequences"] == "bSSFP;LGE" and rows["case0002"]["error"] == ""
+    assert rows["case0003"]["sequences"] == "bSSFP;T2w"
+    assert rows["case0001"]["sequences"] == "bSSFP;LGE;T2w"
+    assert "case0002: " in caplog.text and "from bSSFP, LGE," in caplog.text
+    written = nib.load(str(out / "case0003.nii.gz"))  # no LGE: the header of bSSFP
+    source = nib.load(str(src / "Raw_data" / "bSSFP" / "case0003.nii.gz"))
+    assert written.shape == source.shape
+    np.testing.assert_array_equal(written.affine, source.affine)
+
+
+def test_the_case_without_a_sequence_is_predicted_as_the_model_on_that_subset(runs):
+    """What predict.py writes for a case without T2w is the model's prediction with T2w hidden: the same labels
+    whatever the T2w file held (here: the case's own T2w, which the subset model never sees)."""
+    src = runs / "one_case"
+    for sequence in ("bSSFP", "LGE", "T2w"):
+        (src / "Raw_data" / sequence).mkdir(parents=True)
+        shutil.copy(runs / "unlabelled" / "Raw_data" / sequence / "case0004.nii.gz", src / "Raw_data" / sequence)
+    with_t2w, without = runs / "with_t2w", runs / "without"
+    checkpoint = load_checkpoint(runs / "dropout" / "last.pth", map_location="cpu")
+    assert checkpoint["args"]["sequence_dropout"] == 0.5
+    import engine.predictor
+
+    original = engine.predictor.member_models
+
+    def always_without_t2w(members, sequences):
+        return original(members, [name for name in sequences if name != "T2w"])
+
+    engine.prediction.member_models = always_without_t2w
+    try:
+        assert predict.main(["--input_dir", str(src), "--output_dir", str(with_t2w), "--run", str(runs / "dropout"),
+                             "--checkpoint", "last", "--device", "cpu"]) == 0
+    finally:
+        engine.prediction.member_models = original
+    (src / "Raw_data" / "T2w" / "case0004.nii.gz").unlink()
+    assert predict.main(["--input_dir", str(src), "--output_dir", str(without), "--run", str(runs / "dropout"),
+                         "--checkpoint", "last", "--device", "cpu"]) == 0
+    labels = np.asarray(nib.load(str(without / "case0004.nii.gz")).dataobj)
+    assert len(np.unique(labels)) > 1, "the model predicts more than one class: the comparison can fail"
+    np.testing.assert_array_equal(np.asarray(nib.load(str(with_t2w / "case0004.nii.gz")).dataobj), labels)
+
+
+def test_predict_py_skips_a_case_without_a_sequence_for_a_model_trained_without_dropout(runs, caplog):
+    src = runs / "plain_without_t2w"
+    shutil.copytree(runs / "unlabelled", src)
+    (src / "Raw_data" / "T2w" / "case0002.nii.gz").unlink()
+    out = runs / "plain_predicted"
+    assert predict.main(["--input_dir", str(src), "--output_dir", str(out), "--run", str(runs / "plain"),
+                         "--checkpoint", "last", "--device", "cpu"]) == 1
+    rows = {row["case"]: row for row in csv.DictReader(open(out / "volumes.csv"))}
+    assert "missing T2w file" in rows["case0002"]["error"]
+    assert "trained without --sequence_dropout" in rows["case0002"]["error"]
+    assert rows["case0001"]["sequences"] == "bSSFP;LGE;T2w" and not (out / "case0002.nii.gz").exists()
+
+
+def test_a_subset_model_zero_fills_and_hides_what_it_does_not_use(tiny_config):
+    from conftest import make_batch, make_model
+
+    model = make_model(tiny_config).eval()
+    subset = SequenceSubset(model, ("LGE", "bSSFP")).eval()
+    images, _ = make_batch()
+    noisy = images.clone()
+    noisy[:, 2] = torch.rand_like(noisy[:, 2]) * 100
+    with torch.no_grad():
+        torch.testing.assert_close(subset(images), subset(noisy), rtol=0, atol=0)
+        assert not torch.equal(model(images), model(noisy)), "without the subset the T2w channel matters"
+        assert set(subset.head_logits(images)) == {"fused", "bSSFP", "LGE", "T2w"}
