@@ -44,7 +44,9 @@ from benchmarks.harness.run import run  # noqa: E402
 from benchmarks.harness.split import write_split  # noqa: E402
 from benchmarks.harness.variants import DATASETS, RECIPE_FLAGS, RECIPE_INPUT, VARIANTS  # noqa: E402
 from datasets.dataset_myops import AUGMENTATIONS  # noqa: E402
+from datasets.vocabulary import MODALITIES  # noqa: E402
 from engine.evaluation import head_list  # noqa: E402
+from engine.options import sequence_list  # noqa: E402
 from engine.runs import configure_logging  # noqa: E402
 from priors import EncoderUnavailableError  # noqa: E402
 
@@ -114,6 +116,11 @@ def parse_args(argv=None):
     go.add_argument("--heads", default=("fused",), type=head_list,
                     help="score with test.py --heads (I-MMSeg heads averaged, e.g. fused,LGE,T2w); recorded as "
                          "<variant>+heads_<names>, the training reused")
+    go.add_argument("--sequences", default=MODALITIES, type=sequence_list,
+                    help="score with test.py --sequences (a subset, the others hidden); recorded as "
+                         "<variant>+seq_<names>, the training reused")
+    go.add_argument("--missing", default="leave_out", choices=["leave_out", "zero_fill"],
+                    help="with --sequences, test.py --missing (zero_fill: recorded as <variant>+seq_<names>_zerofill)")
     go.add_argument("--fused_start_epoch", type=int, default=None,
                     help="epoch of the paper's 300 at which the fused head starts training, scaled to the run like "
                          "the paper's 100 (the default); recorded as <variant>+fused<E>")

@@ -26,8 +26,11 @@ class CheckpointError(ValueError):
 
 
 def model_spec(args, config):
-    return {"model": args.model, "modality": args.modality if args.model == "transunet_single" else None,
+    spec = {"model": args.model, "modality": args.modality if args.model == "transunet_single" else None,
             "img_size": args.img_size, "num_classes": args.num_classes, "config": config.to_dict()}
+    if getattr(args, "input_sequences", None) is not None:
+        spec["input_sequences"] = list(args.input_sequences)  # early fusion on a subset (absent: all three)
+    return spec
 
 
 def _flatten(tree, prefix=""):
@@ -47,7 +50,7 @@ def model_from_spec(spec, state_dict=None, intensity_priors=None, class_embeddin
     if spec["model"] == "immseg" and config.use_text_prior and intensity_priors is None and state_dict is not None:
         intensity_priors, class_embeddings = state_dict["intensity_priors"], state_dict["class_embeddings"]
     return build_model(spec["model"], config, spec["img_size"], spec["num_classes"], intensity_priors,
-                       class_embeddings, spec["modality"] or "LGE")
+                       class_embeddings, spec["modality"] or "LGE", spec.get("input_sequences"))
 
 
 def load_checkpoint(path, map_location="cpu"):

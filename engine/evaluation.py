@@ -22,7 +22,8 @@ from datasets.vocabulary import MODALITIES
 from engine.checkpoints import (CheckpointError, check_fused_head_trained, check_subset_trained, ensemble_checkpoints,
                                 inference_model, load_checkpoint, trained_sequence_dropout)
 from engine.distributed import StopRequest, seed_everything, setup_distributed
-from engine.options import ABLATIONS, add_run_arguments, filled, resolve_device_defaults, run_directory
+from engine.options import (ABLATIONS, add_run_arguments, filled, resolve_device_defaults, run_directory,
+                            sequence_list)
 from engine.predictor import ensemble_probabilities
 from engine.runs import configure_logging
 from engine.test_results import (HD95_UNITS, check_results_folder, format_table, results_folder_name,
@@ -34,14 +35,6 @@ from utils import STRUCTURES, atomic_path, case_metrics, released_case_metrics, 
 logger = logging.getLogger("test")
 
 HEADS = ("fused", *MODALITIES)
-
-
-def sequence_list(text):
-    """--sequences: a comma-separated, non-empty list of distinct sequence names -> tuple in MODALITIES' order."""
-    names = [name.strip() for name in text.split(",")]
-    if not names or any(name not in MODALITIES for name in names) or len(set(names)) != len(names):
-        raise argparse.ArgumentTypeError(f"{text!r}: expected distinct names from {', '.join(MODALITIES)}")
-    return tuple(name for name in MODALITIES if name in names)
 
 
 def head_list(text):
@@ -84,6 +77,10 @@ def evaluation_parser(description=__doc__):
                         help="segment from these sequences only, comma-separated (e.g. bSSFP,LGE for patients "
                              "without T2w): the others are hidden from the model; a model trained with "
                              "--sequence_dropout (default: all three)")
+    parser.add_argument("--missing", default="leave_out", choices=["leave_out", "zero_fill"],
+                        help="with --sequences, what the model is given for the others: leave_out (default) keeps "
+                             "them out of every fusion, for a model trained with --sequence_dropout; zero_fill only "
+                             "fills their images with zeros, as a model trained on all three would naively be used")
     parser.add_argument("--postprocess", action="store_true",
                         help="keep only the largest 3-D connected component of the whole myocardium (scar and "
                              "edema outside it become background), in every label volume scored or written: the "
@@ -186,8 +183,9 @@ def load_members(args, device):
             check_fused_head_trained(checkpoint, path)
         model = inference_model(checkpoint, path, device)
         if tuple(args.sequences) != MODALITIES:
-            check_subset_trained(trained_sequence_dropout(checkpoint), path, args.sequences)
-            model = SequenceSubset(model, args.sequences)
+            if args.missing == "leave_out":
+                check_subset_trained(trained_sequence_dropout(checkpoint), path, args.sequences)
+            model = SequenceSubset(model, args.sequences, leave_out=args.missing == "leave_out")
         if args.heads != ("fused",):
             if checkpoint["spec"]["model"] != "immseg":
                 raise CheckpointError(f"{path}: --heads {','.join(args.heads)} needs I-MMSeg's modality heads; this "

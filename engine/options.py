@@ -1,5 +1,6 @@
 """The run flags: the released scripts' flags that name a run and define its model, their defaults by device,
 the run folder's name and the model configuration they define."""
+import argparse
 import copy
 import math
 import os
@@ -107,6 +108,14 @@ def add_run_arguments(parser, with_defaults=True):
                              f"{CUDA_DEFAULTS['deterministic']} on a GPU")
 
 
+def sequence_list(text):
+    """A comma-separated, non-empty list of distinct sequence names -> tuple in MODALITIES' order."""
+    names = [name.strip() for name in text.split(",")]
+    if any(name not in MODALITIES for name in names) or len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected distinct names from {', '.join(MODALITIES)}")
+    return tuple(name for name in MODALITIES if name in names)
+
+
 # The paper's schedule: 300 epochs, the contrastive loss from epoch 20, the fused head from epoch 100 (from 0).
 PAPER_SCHEDULE = {"max_epochs": 300, "start_contrast_epoch": 20, "region_fusion_start_epoch": 100}
 
@@ -176,6 +185,8 @@ def run_directory(args):
         name += f"_s{args.seed}"
     if args.model != "immseg":
         name += f"_{args.model}" + (f"-{args.modality}" if args.model == "transunet_single" else "")
+        if getattr(args, "input_sequences", None) is not None:
+            name += "-" + "-".join(args.input_sequences)
     name += "".join(f"_{flag}" for flag in ABLATIONS if getattr(args, flag))
     return ROOT / "weights" / f"TU_{args.dataset}{args.img_size}" / name
 

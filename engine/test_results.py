@@ -27,7 +27,7 @@ RESULT_FILES = ("metrics.csv", "summary.json", "test_info.json", "metrics_releas
 def results_setting(args, members, root):
     return {"checkpoint": str(args.checkpoint_path), "ensemble": [str(path) for path, _, _ in members],
             "split": args.split, "tta": args.tta, "postprocess": args.postprocess, "heads": list(args.heads),
-            "sequences": list(args.sequences),
+            "sequences": list(args.sequences), "missing": args.missing,
             "protocol": args.protocol, "root_path": str(root)}
 
 
@@ -36,7 +36,8 @@ def results_folder_name(args, members):
     name = f"test_{args.split}_{args.checkpoint_path.stem}" + (f"_ensemble{members}" if members > 1 else "")
     name += "_tta" if args.tta else ""
     name += f"_heads-{'-'.join(args.heads)}" if tuple(args.heads) != ("fused",) else ""
-    name += f"_sequences-{'-'.join(args.sequences)}" if tuple(args.sequences) != MODALITIES else ""
+    if tuple(args.sequences) != MODALITIES:
+        name += f"_sequences-{'-'.join(args.sequences)}" + ("-zerofill" if args.missing == "zero_fill" else "")
     name += "_postprocess" if args.postprocess else ""
     return name + ("_released" if args.protocol == "released" else "")
 
@@ -52,6 +53,7 @@ def check_results_folder(out_dir, setting, overwrite):
     except (OSError, ValueError):
         earlier = {}
     earlier.setdefault("sequences", list(MODALITIES))  # results from before --sequences used all three
+    earlier.setdefault("missing", "leave_out")
     differences = [f"{key} {earlier.get(key)!r} there, {value!r} here" for key, value in setting.items()
                    if earlier.get(key) != value]
     if not differences:

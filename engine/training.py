@@ -12,7 +12,8 @@ from networks.vit_seg_configs import DEFAULT_PRETRAINED_PATH
 from networks.vit_seg_modeling import MISSING_SEQUENCE_MODELS, build_model
 from priors import DEFAULT_PROMPTS, resolve_priors
 from engine.checkpoints import model_spec
-from engine.options import CUDA_DEFAULTS, ROOT, add_run_arguments, build_config, filled, fit_stages, run_directory
+from engine.options import (CUDA_DEFAULTS, ROOT, add_run_arguments, build_config, filled, fit_stages, run_directory,
+                            sequence_list)
 from engine.runs import clear_run_folder, configure_logging, resumes_from_folder
 
 logger = logging.getLogger("train")
@@ -34,6 +35,9 @@ def training_parser(description=__doc__):
                         help="pixels sampled per image and class: 5, 2, 1 times this at H/2, H/4, H/8")
     parser.add_argument("--contrast_w", type=float, default=0.1, help="contrastive loss weight")
     parser.add_argument("--weight_decay", type=float, default=1e-4)
+    parser.add_argument("--input_sequences", type=sequence_list, default=None,
+                        help="with --model transunet_early: the sequences stacked as its channels, comma-separated "
+                             "(e.g. bSSFP,LGE: early fusion for patients without T2w; default all three)")
     parser.add_argument("--sequence_dropout", type=float, default=0.0,
                         help="probability that a training sample hides one or two of its three sequences (each of "
                              "the 6 subsets it may keep alike), so that one model segments any subset "
@@ -85,6 +89,9 @@ def parse_training_args(argv=None, description=__doc__):
         parser.error("--overwrite deletes the checkpoints that --resume continues from: give one of them")
     args.fitted_stages = fit_stages(args)
     check_sequence_dropout(parser, args)
+    if args.input_sequences is not None and args.model != "transunet_early":
+        parser.error(f"--input_sequences goes with --model transunet_early (I-MMSeg: --sequence_dropout; "
+                     f"transunet_single: --modality), not --model {args.model}")
     if args.dice_class_weights is not None and len(args.dice_class_weights) != args.num_classes:
         parser.error(f"--dice_class_weights: {len(args.dice_class_weights)} weights for --num_classes "
                      f"{args.num_classes}; give one per class")
@@ -130,7 +137,7 @@ def build(args, ctx):
     config = build_config(args, text_dim=priors.dim if priors is not None else None)
     model = build_model(args.model, config, args.img_size, args.num_classes,
                         priors.intensity if priors is not None else None,
-                        priors.classes if priors is not None else None, args.modality)
+                        priors.classes if priors is not None else None, args.modality, args.input_sequences)
     if not args.no_pretrain:
         if not args.pretrained_path.is_file():
             raise FileNotFoundError(f"pretrained weights {args.pretrained_path} do not exist: place Google's "

@@ -70,23 +70,25 @@ def present_mask(names, batch_size=1, device=None):
 
 
 class SequenceSubset(torch.nn.Module):
-    """A model that runs on any subset (I-MMSeg trained with --sequence_dropout) applied to ``sequences`` alone: the
-    other sequences' channels are zero-filled and left out of every fusion (``present``), whatever they hold."""
+    """A model applied to ``sequences`` alone: the other sequences' channels are zero-filled, whatever they hold,
+    and, with ``leave_out`` (a model that runs on any subset: I-MMSeg trained with --sequence_dropout), left out of
+    every fusion (``present``); without it the model sees the zeros as it would see an image (any model)."""
 
-    def __init__(self, model, sequences):
+    def __init__(self, model, sequences, leave_out=True):
         super().__init__()
         self.model = model
         self.sequences = tuple(name for name in MODALITIES if name in sequences)
+        self.leave_out = leave_out
         self.register_buffer("present", present_mask(sequences)[0], persistent=False)
 
     def _inputs(self, images):
         present = self.present.expand(images.shape[0], -1)
-        return hide_sequences(images, present), present
+        return hide_sequences(images, present), {"present": present} if self.leave_out else {}
 
     def forward(self, images):
-        images, present = self._inputs(images)
-        return self.model(images, present=present)
+        images, mask = self._inputs(images)
+        return self.model(images, **mask)
 
     def head_logits(self, images):
-        images, present = self._inputs(images)
-        return self.model.head_logits(images, present=present)
+        images, mask = self._inputs(images)
+        return self.model.head_logits(images, **mask)

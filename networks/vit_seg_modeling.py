@@ -429,10 +429,10 @@ MISSING_SEQUENCE_MODELS = ("immseg",)  # the models that run on a subset of the 
 
 
 def build_model(name, config, img_size=128, num_classes=4, intensity_priors=None, class_embeddings=None,
-                modality="LGE"):
+                modality="LGE", input_sequences=None):
     """I-MMSeg (``immseg``) or a TransUNet baseline on one sequence (``transunet_single``, see ``modality``)
-    or on the three stacked as channels (``transunet_early``). Switches absent from ``config`` (a checkpoint
-    written before they existed) take their defaults."""
+    or on the sequences stacked as channels (``transunet_early``: ``input_sequences``, None for all three).
+    Switches absent from ``config`` (a checkpoint written before they existed) take their defaults."""
     config = configs.with_switch_defaults(config)
     if name == "immseg":
         return IMMSeg(config, img_size, num_classes, intensity_priors, class_embeddings)
@@ -441,5 +441,10 @@ def build_model(name, config, img_size=128, num_classes=4, intensity_priors=None
             raise ValueError(f"unknown modality {modality!r}; expected one of {MODALITIES}")
         return TransUNetBaseline(config, img_size, num_classes, (MODALITIES.index(modality),))
     if name == "transunet_early":
-        return TransUNetBaseline(config, img_size, num_classes, tuple(range(config.n_modalities)))
+        sequences = MODALITIES[:config.n_modalities] if input_sequences is None else input_sequences
+        unknown = sorted(set(sequences) - set(MODALITIES))
+        if unknown or not sequences:
+            raise ValueError(f"input_sequences {list(sequences)}: expected a non-empty subset of {MODALITIES}")
+        return TransUNetBaseline(config, img_size, num_classes,
+                                 tuple(MODALITIES.index(name) for name in MODALITIES if name in sequences))
     raise ValueError(f"unknown model {name!r}; expected one of {MODEL_NAMES}")

@@ -748,3 +748,22 @@ def test_the_committed_records_still_report_the_committed_tables(tmp_path):
     for table in ("report.md", "fit.md", "agreement.md"):
         made = (out / table).read_text().replace(str(out), "benchmarks/results")
         assert made == (committed / table).read_text(), f"{table} differs from the committed one"
+
+
+def test_a_subset_is_scored_from_one_training_and_recorded_by_its_sequences(prepared, caplog):
+    out, results = prepared / "out", prepared / "out" / "results.jsonl"
+    budget = ("--mode", "iterations", "--iterations", "2")
+    assert benchmark.main(run_args(prepared, "immseg", 2, *budget, "--sequences", "bSSFP,LGE")) == 1
+    assert "immseg was not trained to leave a sequence out" in caplog.text
+    assert benchmark.main(run_args(prepared, "immseg_seqdrop", 2, *budget)) == 0
+    for sequences, missing, name in (("bSSFP,LGE", "leave_out", "immseg_seqdrop+seq_bSSFP_LGE"),
+                                     ("T2w", "zero_fill", "immseg_seqdrop+seq_T2w_zerofill")):
+        assert benchmark.main(run_args(prepared, "immseg_seqdrop", 2, *budget, "--sequences", sequences,
+                                       "--missing", missing)) == 0
+        records = [r for r in result_files.read_results(results) if r["variant"] == name]
+        assert records and {tuple(r["inference"]) for r in records} == {(name.split("+", 1)[1],)}
+    run_dir = out / "runs" / "data" / "immseg_seqdrop" / "iterations_2" / "fold2"
+    assert json.loads((run_dir / "test_last_seq_T2w_zerofill" / "test_info.json").read_text())["missing"] == \
+        "zero_fill"
+    assert load_checkpoint(run_dir / "last.pth")["args"]["sequence_dropout"] == 0.5
+    assert caplog.text.count("is trained (") >= 2, "the subsets reuse the one training"

@@ -13,7 +13,7 @@ import predict
 import test as test_script
 from conftest import train_tiny_run, write_phantom_training_data
 from engine.checkpoints import load_checkpoint
-from engine.evaluation import sequence_list
+from engine.options import sequence_list
 from networks.missing_sequences import SequenceSubset
 
 
@@ -160,3 +160,44 @@ def test_a_subset_model_zero_fills_and_hides_what_it_does_not_use(tiny_config):
         torch.testing.assert_close(subset(images), subset(noisy), rtol=0, atol=0)
         assert not torch.equal(model(images), model(noisy)), "without the subset the T2w channel matters"
         assert set(subset.head_logits(images)) == {"fused", "bSSFP", "LGE", "T2w"}
+
+
+def test_zero_filled_scoring_serves_any_model_and_is_recorded_as_such(runs):
+    out = runs / "plain" / "zero_filled"
+    assert score(runs / "plain", out, "--sequences", "bSSFP,LGE", "--missing", "zero_fill") == 0
+    info = json.loads((out / "test_info.json").read_text())
+    assert (info["sequences"], info["missing"]) == (["bSSFP", "LGE"], "zero_fill")
+    assert test_script.main(["--output_dir", str(runs / "plain"), "--checkpoint", "last", "--no_save_nii",
+                             "--device", "cpu", "--sequences", "bSSFP,LGE", "--missing", "zero_fill"]) == 0
+    assert (runs / "plain" / "test_test_vol_last_sequences-bSSFP-LGE-zerofill" / "metrics.csv").is_file()
+
+
+def test_a_zero_filling_subset_gives_the_model_zeros_and_no_mask(tiny_config):
+    from conftest import make_batch, make_model
+
+    model = make_model(tiny_config).eval()
+    images, _ = make_batch()
+    zeroed = images.clone()
+    zeroed[:, 2] = 0
+    with torch.no_grad():
+        torch.testing.assert_close(SequenceSubset(model, ("bSSFP", "LGE"), leave_out=False)(images), model(zeroed),
+                                   rtol=0, atol=0)
+        assert not torch.equal(SequenceSubset(model, ("bSSFP", "LGE"))(images), model(zeroed)), "left out != zeros"
+
+
+def test_early_fusion_trains_and_scores_on_a_subset_of_the_sequences(runs):
+    run = runs / "early_bssfp_lge"
+    priors = runs / "priors.pt"
+    assert train_tiny_run(runs / "data", priors, run, "--max_epochs", "1", "--model", "transunet_early",
+                          "--input_sequences", "LGE,bSSFP") == 0
+    checkpoint = load_checkpoint(run / "last.pth", map_location="cpu")
+    assert checkpoint["spec"]["input_sequences"] == ["bSSFP", "LGE"]
+    assert checkpoint["model"]["transformer.hybrid_model.root.conv.weight"].shape[1] == 2, "two input channels"
+    assert score(run, run / "scored") == 0
+
+
+def test_input_sequences_is_refused_for_other_models(runs, capsys):
+    with pytest.raises(SystemExit):
+        train_tiny_run(runs / "data", runs / "priors.pt", runs / "refused", "--input_sequences", "bSSFP,LGE")
+    assert "--input_sequences goes with --model transunet_early" in capsys.readouterr().err
+    assert not (runs / "refused").exists()

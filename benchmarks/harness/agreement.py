@@ -10,8 +10,8 @@ import nibabel as nib
 import numpy as np
 
 from benchmarks.harness.prepare import read_input
-from benchmarks.harness.records import (STRUCTURE_NAMES, BenchmarkError, append_results, defined, publish_report, read_json,
-                                        read_results, run_key, table_row)
+from benchmarks.harness.records import (STRUCTURE_NAMES, BenchmarkError, append_results, defined, publish_report,
+                                        read_json, read_results, run_key, table_row)
 from benchmarks.harness.run import read_metrics, run_folder, score_run, trained_amp
 from engine.runs import git_commit
 from utils import STRUCTURES

@@ -16,6 +16,7 @@ from benchmarks.harness.records import (BenchmarkError, append_results, defined,
 from benchmarks.harness.variants import (RECIPE_FLAGS, VARIANTS, custom_lr, ensemble_name, flag_value,
                                          paper_schedule, recipe_flags, schedule_name, setting_label, training_name)
 from datasets.dataset_myops import AUGMENTATIONS
+from datasets.vocabulary import MODALITIES
 from engine.evaluation import parse_evaluation_args, run_evaluation
 from engine.options import RUN_DEFAULTS
 from engine.runs import configure_logging, git_commit, run_folder_lock
@@ -152,6 +153,10 @@ def check_budget_flags(options, variant_names):
         if options.heads != ("fused",) and baseline:
             raise BenchmarkError(f"--heads {','.join(options.heads)}: {name} has one head (only I-MMSeg's "
                                  "variants have modality heads)")
+        if tuple(options.sequences) != MODALITIES and options.missing == "leave_out" and (
+                "--sequence_dropout" not in variant.flags):
+            raise BenchmarkError(f"--sequences {','.join(options.sequences)}: {name} was not trained to leave a "
+                                 "sequence out (only immseg_seqdrop is); score it with --missing zero_fill")
         if options.fused_start_epoch is not None and baseline:
             raise BenchmarkError(f"--fused_start_epoch: {name} has no fused head (only I-MMSeg's variants "
                                  "train one)")
@@ -218,10 +223,12 @@ def run_records(options, key, runs, plans, train_seconds, metrics):
 
 
 def inference_names(options):
-    """The inference options recorded in the variant's name (tta, pp, heads_<names>)."""
+    """The inference options recorded in the variant's name (tta, pp, heads_<names>, seq_<names>[_zerofill])."""
     names = [name for name, on in (("tta", options.tta), ("pp", options.postprocess)) if on]
     if options.heads != ("fused",):
         names.append("heads_" + "_".join(options.heads))
+    if tuple(options.sequences) != MODALITIES:
+        names.append("seq_" + "_".join(options.sequences) + ("_zerofill" if options.missing == "zero_fill" else ""))
     return names
 
 
@@ -275,7 +282,8 @@ def run(options):
         train_seconds += train_member(flags, plan, run_dir, seed, standalone)
     test_dir = run_folder(out, input_name, scored_variant, label, options.fold) / "_".join(["test_last", *inference])
     inference_flags = ((["--tta"] if options.tta else []) + (["--postprocess"] if options.postprocess else [])
-                       + ["--heads", ",".join(options.heads)])
+                       + ["--heads", ",".join(options.heads), "--sequences", ",".join(options.sequences),
+                          "--missing", options.missing])
     ensemble_flags = ["--ensemble", *[str(run_dir) for run_dir, _, _ in runs[1:]]] if options.members > 1 else []
     code = score_run(runs[0][0], fold_dir.resolve(), test_dir, options.device, options.amp,
                      inference_flags + ensemble_flags)

@@ -41,6 +41,13 @@ VARIANTS = {
     "transunet_early": Variant("TransUNet, early fusion", ("--model", "transunet_early")),
     "transunet_single_lge": Variant("TransUNet, LGE only", ("--model", "transunet_single", "--modality", "LGE")),
     "transunet_single_t2w": Variant("TransUNet, T2w only", ("--model", "transunet_single", "--modality", "T2w")),
+    "transunet_single_bssfp": Variant("TransUNet, bSSFP only", ("--model", "transunet_single", "--modality", "bSSFP")),
+    "immseg_seqdrop": Variant("I-MMSeg, sequence dropout 0.5 (one model for any subset)",
+                              ("--sequence_dropout", "0.5"), "biomedclip"),
+    **{f"transunet_early_{'_'.join(pair).lower()}": Variant(
+        f"TransUNet, early fusion of {' and '.join(pair)}", ("--model", "transunet_early", "--input_sequences",
+                                                             ",".join(pair)))
+       for pair in (("bSSFP", "LGE"), ("bSSFP", "T2w"), ("LGE", "T2w"))},
 }
 
 
