@@ -24,6 +24,8 @@ report: one Markdown table over all cases of all folds, with paired differences 
 cases: two variants' per-case Dice in one structure, ordered by its volume in the labels (where does a gap sit?).
 fit: one trained run scored on its fold's training cases and on its test cases (-> <out>/fit.jsonl and the table
 <out>/fit.md): how much of what a run learnt carries over to cases it did not see.
+subsets: per subset of the sequences, one I-MMSeg trained with sequence dropout against the recipe given the subset
+zero-filled and TransUNet trained on the subset alone (-> <out>/subsets.md).
 agreement: each member of a recorded ensemble scored alone and the mean Dice between every two members' predictions
 (-> <out>/agreement.jsonl and the table <out>/agreement.md): how much an ensemble gains over its members, and why.
 """
@@ -42,6 +44,7 @@ from benchmarks.harness.records import STRUCTURE_NAMES  # noqa: E402
 from benchmarks.harness.report import compare_cases, report  # noqa: E402
 from benchmarks.harness.run import run  # noqa: E402
 from benchmarks.harness.split import write_split  # noqa: E402
+from benchmarks.harness.subsets import subsets_report  # noqa: E402
 from benchmarks.harness.variants import DATASETS, RECIPE_FLAGS, RECIPE_INPUT, VARIANTS  # noqa: E402
 from datasets.dataset_myops import AUGMENTATIONS  # noqa: E402
 from datasets.vocabulary import MODALITIES  # noqa: E402
@@ -170,6 +173,13 @@ def parse_args(argv=None):
     cases.add_argument("--src", type=Path, required=True, help="raw folder the split was made from (the labels)")
     cases.add_argument("--dataset", default="MyoPS2020", choices=DATASETS, help="raw layout (Phantom: MyoPS380's)")
 
+    subsets = commands.add_parser("subsets", help="per subset of the sequences: the dropout model, the recipe "
+                                                  "zero-filled and TransUNet trained on it (-> <out>/subsets.md)")
+    subsets.add_argument("--out", type=Path, required=True)
+    subsets.add_argument("--setting", required=True, help="the budget as recorded, e.g. 'iterations 300'")
+    subsets.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"], help="the runs' --amp")
+    subsets.add_argument("--table_file", type=Path, default=None, help="default: <out>/subsets.md")
+
     args, extra = parser.parse_known_args(argv)
     if extra and args.command != "prepare":
         parser.error(f"unrecognised arguments: {' '.join(extra)}")
@@ -193,6 +203,8 @@ def main(argv=None):
             return fit(args)
         elif args.command == "agreement":
             return agreement(args)
+        elif args.command == "subsets":
+            subsets_report(args.out, args.setting, args.amp, args.table_file)
         elif args.command == "cases":
             compare_cases(args.out, args.variant, args.reference, args.structure, args.src, args.dataset)
         else:

@@ -767,3 +767,30 @@ def test_a_subset_is_scored_from_one_training_and_recorded_by_its_sequences(prep
         "zero_fill"
     assert load_checkpoint(run_dir / "last.pth")["args"]["sequence_dropout"] == 0.5
     assert caplog.text.count("is trained (") >= 2, "the subsets reuse the one training"
+
+
+def test_the_subset_table_pairs_each_subset_s_three_models_per_case(tmp_path):
+    from benchmarks.harness import subsets
+
+    def rows(variant, fold, case, scar):
+        return [{**row, "setting": "iterations 300", "variant": variant} for row in hand_made(variant, fold, case,
+                                                                                               scar, 0.5)]
+
+    records = []
+    for case, fold, (a, b, c) in (("a", 0, (0.6, 0.4, 0.5)), ("b", 1, (0.7, 0.5, 0.6))):
+        for name, scar in zip(subsets.subset_variants(("bSSFP", "LGE"), "bf16"), (a, b, c)):
+            records += rows(name, fold, case, scar)
+    assert subsets.subset_variants(("LGE",)) == ("immseg_seqdrop+seq_LGE", "immseg+seq_LGE_zerofill",
+                                                 "transunet_single_lge")
+    assert subsets.subset_variants(subsets.MODALITIES, "bf16")[2] == "transunet_early+bf16"
+    table = subsets.subset_table(records, "iterations 300", "bf16")
+    scar, = [line for line in table.splitlines() if line.startswith("| bSSFP,LGE | scar |")]
+    cells = [cell.strip() for cell in scar.strip("|").split("|")]
+    assert cells[2:7] == ["0,1", "2", "65.00", "45.00", "55.00"]
+    assert cells[7].startswith("+20.00") and cells[8].startswith("+10.00")
+    assert "| LGE |" not in table, "a subset without records is left out"
+    with pytest.raises(result_files.BenchmarkError, match="no records at the budget"):
+        subsets.subset_table(records, "iterations 5")
+    result_files.append_results(tmp_path / "results.jsonl", records)
+    assert benchmark.main(["subsets", "--out", str(tmp_path), "--setting", "iterations 300", "--amp", "bf16"]) == 0
+    assert "| bSSFP,LGE | scar |" in (tmp_path / "subsets.md").read_text()
