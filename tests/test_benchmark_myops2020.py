@@ -103,7 +103,12 @@ def test_every_variant_is_a_set_of_train_py_flags(prepared):
         parsed[name] = train_script.parse_args(flags)
         assert (parsed[name].augmentation, parsed[name].no_pretrain, parsed[name].img_size) == ("strong", True, 64)
     assert [name for name, args in parsed.items() if args.model == "immseg"] == [
-        "immseg", "immseg_half", "immseg_scar2", "no_cmfe", "no_cfm", "no_contrast", "names_only", "offline_priors"]
+        "immseg", "immseg_half", "immseg_scar2", "no_cmfe", "no_cfm", "no_contrast", "names_only", "offline_priors",
+        "immseg_seqdrop"]
+    assert parsed["immseg_seqdrop"].sequence_dropout == 0.5 and parsed["immseg"].sequence_dropout == 0.0
+    pair = parsed["transunet_early_bssfp_t2w"]
+    assert (pair.model, pair.input_sequences) == ("transunet_early", ("bSSFP", "T2w"))
+    assert parsed["transunet_early"].input_sequences is None
     assert parsed["no_cfm"].no_cfm and not parsed["immseg"].no_cfm and parsed["no_contrast"].no_contrast
     assert parsed["immseg_half"].vit_name == "compact-half" and parsed["immseg"].vit_name == "testing"
     assert parsed["immseg_scar2"].dice_class_weights == [0.5, 1, 2, 1] and parsed["immseg"].dice_class_weights is None
