@@ -44,6 +44,7 @@ VARIANTS = {
     "transunet_single_bssfp": Variant("TransUNet, bSSFP only", ("--model", "transunet_single", "--modality", "bSSFP")),
     "immseg_seqdrop": Variant("I-MMSeg, sequence dropout 0.5 (one model for any subset)",
                               ("--sequence_dropout", "0.5"), "biomedclip"),
+    "immseg_seqdrop25": Variant("I-MMSeg, sequence dropout 0.25", ("--sequence_dropout", "0.25"), "biomedclip"),
     **{f"transunet_early_{'_'.join(pair).lower()}": Variant(
         f"TransUNet, early fusion of {' and '.join(pair)}", ("--model", "transunet_early", "--input_sequences",
                                                              ",".join(pair)))
