@@ -18,7 +18,7 @@ from datasets.vocabulary import LABEL_MAPS, MODALITIES
 from engine.checkpoints import CheckpointError
 from engine.distributed import setup_distributed
 from engine.options import resolve_device_defaults
-from engine.predictor import HeartLocator, load_ensemble, member_models, predict_case
+from engine.predictor import HeartLocator, load_ensemble, member_models, predict_case, stacked_sequences
 from engine.runs import configure_logging
 from networks.inference import warn_if_bf16_is_emulated
 from utils import STRUCTURES, atomic_path
@@ -155,8 +155,7 @@ def predict_and_write(case, members, args, device, locator):
     written = save_nifti(output_labels(prediction, args.label_values), header.get_best_affine(),
                          args.output_dir / f"{case.case_id}.nii.gz", header=header)
     if args.save_png:
-        blank = np.zeros_like(prepared.images[sequences[0]])
-        save_overlay(np.stack([prepared.images.get(m, blank) for m in MODALITIES]), None, processed,
+        save_overlay(stacked_sequences(prepared, MODALITIES), None, processed,
                      args.output_dir / f"{case.case_id}.png")
     return {"case": case.case_id, "sequences": ";".join(sequences),
             **tissue_volumes(prediction, written.header.get_zooms()), "slices": prediction.shape[2]}

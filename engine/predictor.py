@@ -55,12 +55,18 @@ def run_preprocessing(checkpoint, checkpoint_path):
     return modalities, PreprocessingSettings.from_dataset_settings(record["settings"], source)
 
 
+def stacked_sequences(prepared, modalities):
+    """(M, Z, H, W) of a preprocessed case's sequences in the order ``modalities``; a sequence the case lacks is
+    zeros (a model trained with --sequence_dropout leaves it out)."""
+    blank = np.zeros_like(next(iter(prepared.images.values())))
+    return np.stack([prepared.images.get(m, blank) for m in modalities])
+
+
 def predict_case(models, volumes, modalities, settings, args, device, img_size, centre=None):
     """(labels 0-3 in the original grid, labels in the processed grid, the preprocessed case); the class
     probabilities of several models (an ensemble, each with its flip TTA) are averaged before the argmax."""
     prepared = preprocess_case(volumes, settings, centre)
-    blank = np.zeros_like(next(iter(prepared.images.values())))  # a sequence the case lacks (hidden from the model)
-    image = torch.from_numpy(np.stack([prepared.images.get(m, blank) for m in modalities]))
+    image = torch.from_numpy(stacked_sequences(prepared, modalities))
     probabilities = ensemble_probabilities(models, image, img_size, args.batch_slices, device, args.amp, args.tta)
     processed = probabilities.argmax(dim=0).numpy().astype(np.uint8)
     return probabilities_to_original(probabilities.numpy(), prepared.geometry), processed, prepared
