@@ -5,7 +5,7 @@
 #
 # On a phantom made here (20 cases, 1.0 mm: 123 training slices at 176 px, as the MyoPS 2020 input of the
 # benchmark), with random 512-d text priors and no pretrained file, it times:
-#   - the benchmark's own timing (benchmarks/myops2020.py time_training_step: 3 warm-up and 8 timed steps per
+#   - the benchmark's own timing (benchmarks/gpu_speed_steps.py benchmark_step: 3 warm-up and 8 timed steps per
 #     stage plus the save) of I-MMSeg and TransUNet early fusion in BASELINE_CHECKOUT (an earlier commit, e.g.
 #     git worktree add ../base f45b770) when given, and here: the GPU defaults with --compile off and on, and
 #     --compile on with --deterministic 1;
@@ -58,29 +58,13 @@ run() {
   return $status
 }
 
-# bench NAME CHECKOUT FLAGS...: benchmarks/myops2020.py's time_training_step in CHECKOUT (3 warm-up, 8 timed).
+# bench NAME CHECKOUT FLAGS...: the benchmark's timing of an iteration (3 warm-up, 8 timed) with CHECKOUT's code.
 bench() {
   local name=$1 checkout=$2
   shift 2
-  run "$name" 150 "$PYTHON" - "$name" "$checkout" "$@" <<'EOF'
-import json, os, sys, time
-name, checkout, flags = sys.argv[1], sys.argv[2], sys.argv[3:]
-os.chdir(checkout)
-sys.path.insert(0, checkout)
-sys.argv = ["benchmarks/myops2020.py"]
-import torch
-from benchmarks import myops2020
-start = time.perf_counter()
-seconds, per_stage, per_epoch = myops2020.time_training_step(flags + ["--output_dir", f"/tmp/bench_{name}"], 3, 8)
-record = {"step": name, "status": "ok", "checkout": checkout, "flags": flags, "s_per_iteration": seconds,
-          "per_stage": per_stage, "iterations_per_epoch": per_epoch, "wall_s": time.perf_counter() - start,
-          "peak_cuda_mb": torch.cuda.max_memory_allocated() / 2 ** 20}
-print(json.dumps(record))
-with open(os.environ["RESULTS"], "a") as handle:
-    handle.write(json.dumps(record) + "\n")
-EOF
+  run "$name" 150 "$PYTHON" benchmarks/gpu_speed_steps.py benchmark_step --name "$name" --checkout "$checkout" \
+    --results "$RESULTS" -- "$@"
 }
-export RESULTS
 
 # data and priors
 run data 120 bash -c "
@@ -120,27 +104,8 @@ bench early "$ROOT" "${COMMON[@]}" --compile "$COMPILE" --model transunet_early
 run speed_paper 200 "${SPEED[@]}" --img_size 128 --batch_size 24 --compile "$COMPILE" --loop_data "$OUT/d128" \
   --loop_epochs 1 --skip_inference --json "$OUT/speed_paper.json"
 # the loader at 224 px, batch 24: data time per batch (loader alone) against the bare step
-run loader_224 60 "$PYTHON" - "$OUT/d224" <<'EOF'
-import json, os, sys, time
-import numpy as np, torch
-from torch.utils.data import DataLoader
-from datasets.dataset_myops import MyoPSDataset, RandomGenerator
-from engine.distributed import PositionSeededSampler, SeededAugmentation
-from engine.options import loader_workers
-data = MyoPSDataset(sys.argv[1], sys.argv[1], "train")
-sampler = PositionSeededSampler(data, 1, 0, 1234)
-workers = loader_workers(torch.cuda.is_available())
-loader = DataLoader(SeededAugmentation(data, RandomGenerator((224, 224), "paper")), 24, sampler=sampler,
-                    drop_last=True, num_workers=workers, pin_memory=torch.cuda.is_available(), persistent_workers=True)
-for _ in loader:  # workers started, first epoch
-    pass
-start = time.perf_counter()
-batches = sum(1 for _ in loader)
-seconds = (time.perf_counter() - start) / batches
-record = {"step": "loader_224", "status": "ok", "s_per_batch": seconds, "workers": workers, "batches": batches}
-print(json.dumps(record))
-open(os.environ["RESULTS"], "a").write(json.dumps(record) + "\n")
-EOF
+run loader_224 60 "$PYTHON" benchmarks/gpu_speed_steps.py loader --name loader_224 --data "$OUT/d224" \
+  --img_size 224 --batch_size 24 --results "$RESULTS"
 run speed_224 120 "${SPEED[@]}" --img_size 224 --batch_size 24 --compile "$COMPILE" --skip_inference --steps 5 \
   --json "$OUT/speed_224.json"
 # the same method: losses of the first 200 steps, eager and compiled, deterministic
