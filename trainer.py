@@ -96,6 +96,19 @@ def mean_pathology_dice(model, dataset, args, device, should_stop=lambda: False)
     return float(np.nanmean(scores)) if np.isfinite(scores).any() else 0.0
 
 
+def training_loader(train_set, args, ctx):
+    """(sampler, loader) of the training slices as train.py feeds them: position-seeded order, augmentation
+    ``args.augmentation`` at ``args.img_size``, ``args.batch_size`` per process, ``args.num_workers`` workers."""
+    sampler = PositionSeededSampler(train_set, ctx.world_size, ctx.rank, args.seed)
+    augmented = SeededAugmentation(train_set, RandomGenerator((args.img_size, args.img_size), args.augmentation))
+    # The loader's own generator keeps its worker seeds off the global stream that the model draws from.
+    loader = DataLoader(augmented, args.batch_size, sampler=sampler, drop_last=True, num_workers=args.num_workers,
+                        pin_memory=ctx.device.type == "cuda", persistent_workers=args.num_workers > 0,
+                        worker_init_fn=leave_stop_signals_to_the_trainer,
+                        generator=torch.Generator().manual_seed(args.seed))
+    return sampler, loader
+
+
 class Trainer:
     """Trains one model on one preprocessed dataset; see train.py for the flags."""
 
@@ -113,15 +126,7 @@ class Trainer:
         if len(self.train_set) < args.batch_size * ctx.world_size:
             raise ValueError(f"{len(self.train_set)} training slices in {args.list_dir / 'train.txt'} are fewer than "
                              f"one global batch ({args.batch_size} x {ctx.world_size} processes)")
-        self.sampler = PositionSeededSampler(self.train_set, ctx.world_size, ctx.rank, args.seed)
-        augmented = SeededAugmentation(self.train_set, RandomGenerator((args.img_size, args.img_size),
-                                                                       args.augmentation))
-        # The loader's own generator keeps its worker seeds off the global stream that the model draws from.
-        self.loader = DataLoader(augmented, args.batch_size, sampler=self.sampler, drop_last=True,
-                                 num_workers=args.num_workers, pin_memory=ctx.device.type == "cuda",
-                                 persistent_workers=args.num_workers > 0,
-                                 worker_init_fn=leave_stop_signals_to_the_trainer,
-                                 generator=torch.Generator().manual_seed(args.seed))
+        self.sampler, self.loader = training_loader(self.train_set, args, ctx)
         self.max_iterations = iteration_budget(args, len(self.loader), spec["model"])
         self.optimizer = make_optimizer(self.model.parameters(), args.base_lr, args.weight_decay, ctx.device)
         self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=args.amp == "fp16")

@@ -25,7 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from datasets.dataset_myops import MyoPSDataset  # noqa: E402
-from engine.checkpoints import CheckpointError, load_checkpoint, model_from_spec, resolve_checkpoint  # noqa: E402
+from engine.checkpoints import (CheckpointError, load_checkpoint, load_model_state, model_from_spec,  # noqa: E402
+                                resolve_checkpoint)
 from engine.runs import configure_logging  # noqa: E402
 from networks.inference import autocast_context  # noqa: E402
 from utils import atomic_path  # noqa: E402
@@ -85,7 +86,7 @@ def main(argv=None):
         if args.output_dir.exists():
             raise FileExistsError(f"{args.output_dir} exists: give a new folder")
         model = model_from_spec(checkpoint["spec"], checkpoint["model"])
-        model.load_state_dict(checkpoint["model"])
+        load_model_state(model, checkpoint["model"], source)
         dataset = MyoPSDataset(args.root_path, split="train")
     except (CheckpointError, FileExistsError, FileNotFoundError, ValueError) as error:
         logger.error("%s", error)

@@ -48,19 +48,19 @@ def benchmark_step(args):
 
 def loader(args):
     import torch
-    from torch.utils.data import DataLoader
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from datasets.dataset_myops import MyoPSDataset, RandomGenerator
-    from engine.distributed import PositionSeededSampler, SeededAugmentation
+    from datasets.dataset_myops import MyoPSDataset
+    from engine.distributed import setup_distributed
     from engine.options import loader_workers
+    from trainer import training_loader
 
     data = MyoPSDataset(args.data, args.data, "train")
-    cuda = torch.cuda.is_available()
-    workers = loader_workers(cuda) if args.num_workers is None else args.num_workers
-    batches = DataLoader(SeededAugmentation(data, RandomGenerator((args.img_size, args.img_size), "paper")),
-                         args.batch_size, sampler=PositionSeededSampler(data, 1, 0, 1234), drop_last=True,
-                         num_workers=workers, pin_memory=cuda, persistent_workers=workers > 0)
+    ctx = setup_distributed("cuda" if torch.cuda.is_available() else "cpu")
+    workers = loader_workers(ctx.device.type == "cuda") if args.num_workers is None else args.num_workers
+    settings = argparse.Namespace(img_size=args.img_size, augmentation="paper", batch_size=args.batch_size,
+                                  num_workers=workers, seed=1234)
+    _, batches = training_loader(data, settings, ctx)  # the loader train.py builds
     if len(batches) == 0:
         raise SystemExit(f"{args.data} has {len(data)} training slices: fewer than one batch of {args.batch_size}")
     for _ in batches:  # the first epoch starts the workers
