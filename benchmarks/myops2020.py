@@ -179,6 +179,8 @@ def parse_args(argv=None):
     subsets.add_argument("--setting", required=True, help="the budget as recorded, e.g. 'iterations 300'")
     subsets.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"], help="the runs' --amp")
     subsets.add_argument("--table_file", type=Path, default=None, help="default: <out>/subsets.md")
+    subsets.add_argument("--dropout_variant", default="immseg_seqdrop",
+                         help="the variant trained with --sequence_dropout shown as (a), e.g. immseg_seqdrop_partial")
 
     args, extra = parser.parse_known_args(argv)
     if extra and args.command != "prepare":
@@ -204,7 +206,7 @@ def main(argv=None):
         elif args.command == "agreement":
             return agreement(args)
         elif args.command == "subsets":
-            subsets_report(args.out, args.setting, args.amp, args.table_file)
+            subsets_report(args.out, args.setting, args.amp, args.table_file, args.dropout_variant)
         elif args.command == "cases":
             compare_cases(args.out, args.variant, args.reference, args.structure, args.src, args.dataset)
         else:

@@ -800,3 +800,13 @@ def test_the_subset_table_pairs_each_subset_s_three_models_per_case(tmp_path):
     result_files.append_results(tmp_path / "results.jsonl", records)
     assert benchmark.main(["subsets", "--out", str(tmp_path), "--setting", "iterations 300", "--amp", "bf16"]) == 0
     assert "| bSSFP,LGE | scar |" in (tmp_path / "subsets.md").read_text()
+    # another dropout model as (a): its records, and a variant trained without dropout refused by name
+    partial = [{**row, "variant": row["variant"].replace("immseg_seqdrop", "immseg_seqdrop_partial")}
+               for row in records if row["variant"].startswith("immseg_seqdrop")]
+    result_files.append_results(tmp_path / "results.jsonl", partial)
+    assert benchmark.main(["subsets", "--out", str(tmp_path), "--setting", "iterations 300", "--amp", "bf16",
+                           "--dropout_variant", "immseg_seqdrop_partial", "--table_file",
+                           str(tmp_path / "partial.md")]) == 0
+    assert "(immseg_seqdrop_partial)" in (tmp_path / "partial.md").read_text()
+    assert benchmark.main(["subsets", "--out", str(tmp_path), "--setting", "iterations 300",
+                           "--dropout_variant", "immseg"]) == 1

@@ -8,19 +8,19 @@ import numpy as np
 
 from benchmarks.harness.records import STRUCTURE_NAMES, BenchmarkError, publish, records_or_refuse
 from benchmarks.harness.statistics import bootstrap_interval, paired_differences
-from benchmarks.harness.variants import with_amp
+from benchmarks.harness.variants import VARIANTS, with_amp
 from datasets.vocabulary import MODALITIES
 
 SUBSETS = [MODALITIES, ("bSSFP", "LGE"), ("bSSFP", "T2w"), ("LGE", "T2w"), ("bSSFP",), ("LGE",), ("T2w",)]
 
 
-def subset_variants(subset, amp="none"):
-    """The recorded names of (a), (b) and (c) for one subset."""
+def subset_variants(subset, amp="none", dropout="immseg_seqdrop"):
+    """The recorded names of (a) (the variant ``dropout``), (b) and (c) for one subset."""
     names = "_".join(subset)
     if tuple(subset) == MODALITIES:
-        return with_amp("immseg_seqdrop", amp), with_amp("immseg", amp), with_amp("transunet_early", amp)
+        return with_amp(dropout, amp), with_amp("immseg", amp), with_amp("transunet_early", amp)
     alone = (f"transunet_early_{names.lower()}" if len(subset) == 2 else f"transunet_single_{names.lower()}")
-    return (f"{with_amp('immseg_seqdrop', amp)}+seq_{names}", f"{with_amp('immseg', amp)}+seq_{names}_zerofill",
+    return (f"{with_amp(dropout, amp)}+seq_{names}", f"{with_amp('immseg', amp)}+seq_{names}_zerofill",
             with_amp(alone, amp))
 
 
@@ -37,7 +37,7 @@ def _difference(records, reference, structure):
     return f"{np.mean(differences) * 100:+.2f} ({low * 100:+.2f} to {high * 100:+.2f})"
 
 
-def subset_table(records, setting, amp="none"):
+def subset_table(records, setting, amp="none", dropout="immseg_seqdrop"):
     """Markdown: one row per subset and structure at budget ``setting``; a subset with any of (a), (b), (c) missing
     shows what is recorded."""
     at_budget = [r for r in records if r["setting"] == setting]
@@ -48,7 +48,7 @@ def subset_table(records, setting, amp="none"):
               "HD95 (a) / (b) / (c) mm"]
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for subset in SUBSETS:
-        groups = [[r for r in at_budget if r["variant"] == name] for name in subset_variants(subset, amp)]
+        groups = [[r for r in at_budget if r["variant"] == name] for name in subset_variants(subset, amp, dropout)]
         if not any(groups):
             continue
         folds = ",".join(str(f) for f in sorted({r["fold"] for group in groups for r in group}))
@@ -62,17 +62,23 @@ def subset_table(records, setting, amp="none"):
     return "\n".join(lines)
 
 
-def subsets_report(out, setting, amp="none", path=None):
-    """The subset table of <out>/results.jsonl at ``setting``, published to ``path`` (default <out>/subsets.md)."""
+def subsets_report(out, setting, amp="none", path=None, dropout="immseg_seqdrop"):
+    """The subset table of <out>/results.jsonl at ``setting`` with (a) the variant ``dropout``, published to ``path``
+    (default <out>/subsets.md)."""
+    if dropout not in VARIANTS or "--sequence_dropout" not in VARIANTS[dropout].flags:
+        raise BenchmarkError(f"--dropout_variant {dropout!r} is not a benchmark variant trained with "
+                             "--sequence_dropout (" + ", ".join(name for name, variant in VARIANTS.items()
+                                                                  if "--sequence_dropout" in variant.flags) + ")")
     results = Path(out) / "results.jsonl"
-    records = records_or_refuse(results, "run --variant immseg_seqdrop --sequences ...")
+    records = records_or_refuse(results, f"run --variant {dropout} --sequences ...")
     text = "\n".join([
         f"# What each subset of the sequences delivers ({results}, {setting})", "",
         "Mean Dice (%) and HD95 (mm) over the cases of the folds recorded, per subset of the sequences: (a) one "
-        "I-MMSeg trained with --sequence_dropout 0.5, the other sequences left out; (b) I-MMSeg trained without it, "
+        f"model, {VARIANTS[dropout].description} ({dropout}), the other sequences left out; (b) I-MMSeg trained "
+        "without sequence dropout, "
         "given the subset with the others zero-filled; (c) TransUNet trained on the subset alone (early fusion; one "
         "sequence: a single-sequence TransUNet). Δ: (a)'s mean per-case paired Dice difference in points, 95% "
         "percentile bootstrap interval over the cases (10000 resamples, seed 0).", "",
-        subset_table(records, setting, amp), ""])
+        subset_table(records, setting, amp, dropout), ""])
     publish(text, Path(path) if path else Path(out) / "subsets.md")
     return 0
