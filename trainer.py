@@ -34,7 +34,7 @@ from engine.runs import (check_run_folder, configure_logging, git_commit, plain_
 from engine.training import build, open_run_folder
 from networks.npz_weights import PretrainedWeightsError
 from networks.inference import autocast_context, predict_volume, warn_if_bf16_is_emulated
-from networks.missing_sequences import draw_present, hide_sequences, label_merges, proper_subsets
+from networks.missing_sequences import draw_present, hide_sequences, proper_subsets
 from networks.vit_seg_configs import with_switch_defaults
 from networks.vit_seg_modeling import compile_regions
 from priors import EncoderUnavailableError, PriorFileError, PromptFileError
@@ -131,8 +131,8 @@ class Trainer:
         self.optimizer = make_optimizer(self.model.parameters(), args.base_lr, args.weight_decay, ctx.device)
         self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=args.amp == "fp16")
         warn_if_bf16_is_emulated(ctx.device, args.amp, logger)
-        self.criterion = IMMSegLoss(args.num_classes, model.config.contrast, args.dice_class_weights,
-                                    label_merges() if getattr(args, "partial_labels", False) else ()).to(ctx.device)
+        self.criterion = IMMSegLoss(args.num_classes, model.config.contrast,
+                                    args.dice_class_weights).to(ctx.device)
         # --sequence_dropout: the subsets a sample may keep, on the device (None: every sample keeps all sequences)
         self.sequence_subsets = (proper_subsets(model.config.n_modalities, ctx.device) if args.sequence_dropout
                                  else None)
@@ -140,8 +140,6 @@ class Trainer:
             logger.info("--sequence_dropout %g: with this probability a training sample keeps only one of the %d "
                         "non-empty proper subsets of its sequences (drawn alike)", args.sequence_dropout,
                         len(self.sequence_subsets))
-            if self.criterion.label_merges:
-                logger.info("--partial_labels: a sample without T2w learns edema and normal myocardium as one region")
         self.state = TrainState()
         self.stop = StopRequest()
         self.writer = None

@@ -153,19 +153,6 @@ class TextAnchoredContrastiveLoss(nn.Module):
         return -(per_sample * has_positive).sum() / has_positive.sum().clamp(min=1)
 
 
-def merge_class(logits, labels, merge, source, into):
-    """Logits (float32) and labels with class ``source`` joined to class ``into`` in the samples ``merge`` (B,)
-    marks: ``into``'s logit becomes the log-sum-exp of both (its softmax probability the sum of theirs), ``source``'s
-    a probability of 0, and ``source``'s labels ``into``. The other samples are unchanged. A sample whose image cannot
-    show ``source`` is then taught the region of both without being asked where ``source`` lies within it."""
-    logits = logits.float()
-    joined = logits.clone()
-    joined[:, into] = torch.logsumexp(logits[:, [source, into]], dim=1)
-    joined[:, source] = -1e4  # exp() underflows to 0 in float32; finite, so no 0 * inf in any gradient
-    mask = merge[:, None, None, None]
-    return torch.where(mask, joined, logits), torch.where(mask[:, 0] & (labels == source), into, labels)
-
-
 class LossWeights(NamedTuple):
     fused: float
     modality: float
@@ -193,42 +180,26 @@ class IMMSegLoss(nn.Module):
     each with its modality's ignored classes. ``dice_class_weights`` replaces the soft
     Dice's class weights of every head (default method.md's: 0.5 background, 1 the rest).
     With ``present`` (B, M) bool, a modality's head loss and contrastive loss count only the samples that have
-    the sequence (None: all). ``label_merges``, ((m, source, into), ...): a sample without sequence m learns class
-    ``source`` as part of ``into`` in every head's loss (:func:`merge_class`) and gives no ``source`` pixel to the
-    contrastive loss (--partial_labels; empty: every sample keeps its classes). Returns the total and the
-    unweighted terms that were computed (detached, for logging).
+    the sequence (None: all). Returns the total and the unweighted terms that were computed (detached, for logging).
     """
 
-    def __init__(self, num_classes, contrast_config, dice_class_weights=None, label_merges=()):
+    def __init__(self, num_classes, contrast_config, dice_class_weights=None):
         super().__init__()
         self.segmentation = SegmentationLoss(num_classes, class_weights=dice_class_weights)
         counts = [int(s * contrast_config.sample_num) for s in contrast_config.samples_per_scale]
         self.contrast = TextAnchoredContrastiveLoss(counts, contrast_config.temperature, contrast_config.anchor_copies)
         self.ignore_classes = tuple(tuple(c) for c in contrast_config.ignore_classes)
-        self.label_merges = tuple(tuple(int(v) for v in merge) for merge in label_merges)
-
-    def head_loss(self, logits, labels, present, sample_mask=None):
-        for modality, source, into in (self.label_merges if present is not None else ()):
-            logits, labels = merge_class(logits, labels, ~present[:, modality], source, into)
-        return self.segmentation(logits, labels, sample_mask)
-
-    def contrast_labels(self, labels, present):
-        """``labels`` with the pixels of a merged class of a sample set to -1, which no class anchor samples."""
-        for modality, source, _ in (self.label_merges if present is not None else ()):
-            labels = torch.where(~present[:, modality, None, None] & (labels == source), -1, labels)
-        return labels
 
     def forward(self, output, labels, weights, present=None):
         terms = {}
         sample_masks = (None,) * len(self.ignore_classes) if present is None else present.unbind(dim=1)
         if weights.fused and output.fused_logits is not None:
-            terms["fused"] = self.head_loss(output.fused_logits, labels, present)
+            terms["fused"] = self.segmentation(output.fused_logits, labels)
         if weights.modality and output.modality_logits:
-            terms["modality"] = sum(self.head_loss(logits, labels, present, mask)
+            terms["modality"] = sum(self.segmentation(logits, labels, mask)
                                     for logits, mask in zip(output.modality_logits, sample_masks))
         if weights.contrast and output.contrast_embeddings is not None:
-            contrast_labels = self.contrast_labels(labels, present)
-            per_modality = [self.contrast(embeddings, contrast_labels, output.class_anchors, ignore, mask)
+            per_modality = [self.contrast(embeddings, labels, output.class_anchors, ignore, mask)
                             for embeddings, ignore, mask in zip(output.contrast_embeddings, self.ignore_classes,
                                                                 sample_masks)]
             terms["contrast"] = sum(per_modality) / len(per_modality)

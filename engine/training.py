@@ -42,10 +42,6 @@ def training_parser(description=__doc__):
                         help="probability that a training sample hides one or two of its three sequences (each of "
                              "the 6 subsets it may keep alike), so that one model segments any subset "
                              "(documentation/missing_sequences.md); I-MMSeg only. Default 0: every sample has all")
-    parser.add_argument("--partial_labels", action="store_true",
-                        help="with --sequence_dropout: a sample that hides T2w learns edema and normal myocardium as "
-                             "one region (the sum of their probabilities), since without T2w edema cannot be told "
-                             "from normal myocardium; default: every sample is taught its four classes")
     parser.add_argument("--dice_class_weights", type=class_weight_list, default=None,
                         help="soft Dice weight of each class, comma-separated, e.g. 0.5,1,2,1 to weight scar twice "
                              "(default: method.md's 0.5 for the background, 1 for the other classes)")
@@ -110,9 +106,6 @@ def check_sequence_dropout(parser, args):
         parser.error(f"--sequence_dropout {args.sequence_dropout} needs a model that runs on a subset of the "
                      f"sequences ({', '.join(MISSING_SEQUENCE_MODELS)}); --model {args.model} feeds its sequences "
                      "to one encoder and cannot leave one out")
-    if args.partial_labels and not args.sequence_dropout:
-        parser.error("--partial_labels changes what a sample that hides T2w learns, and needs --sequence_dropout "
-                     "above 0 (without it no sample hides a sequence)")
 
 
 def class_weight_list(text):

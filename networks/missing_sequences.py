@@ -11,16 +11,6 @@ import torch
 from datasets.vocabulary import MODALITIES
 
 
-# --partial_labels: the class only one sequence shows, and the class it is learned as by a sample without that
-# sequence. Edema is T2w's bright myocardium; bSSFP and LGE do not tell it from normal myocardium (method.md).
-CLASSES_SHOWN_ONLY_BY = {"T2w": (3, 1)}  # sequence: (class, class it joins)
-
-
-def label_merges(modalities=MODALITIES):
-    """((sequence index, class, class it joins), ...) of :data:`CLASSES_SHOWN_ONLY_BY`, for IMMSegLoss."""
-    return tuple((modalities.index(name), source, into) for name, (source, into) in CLASSES_SHOWN_ONLY_BY.items())
-
-
 def proper_subsets(num_modalities=len(MODALITIES), device=None):
     """(2**M - 2, M) bool: every non-empty proper subset of the M sequences as a row, in a fixed order."""
     rows = [row for row in itertools.product((False, True), repeat=num_modalities) if any(row) and not all(row)]

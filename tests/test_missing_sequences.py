@@ -14,10 +14,10 @@ from engine.checkpoints import load_checkpoint, trained_sequence_dropout
 from engine.distributed import rng_state, set_rng_state, setup_distributed
 from engine.options import resolve_device_defaults
 from networks.inference import fuse_for_inference
-from networks.missing_sequences import draw_present, hide_sequences, label_merges, present_mask, proper_subsets
+from networks.missing_sequences import draw_present, hide_sequences, present_mask, proper_subsets
 from networks.vit_seg_configs import get_config
 from networks.vit_seg_modeling import SegmentationOutput, TransUNetBaseline
-from utils import IMMSegLoss, SegmentationLoss, loss_weights, merge_class
+from utils import IMMSegLoss, SegmentationLoss, loss_weights
 
 SUBSETS = [tuple(MODALITIES[m] for m in range(3) if row[m]) for row in proper_subsets().tolist()]
 ALL_SUBSETS = SUBSETS + [MODALITIES]
@@ -317,88 +317,6 @@ def test_every_sequence_present_gives_the_unmasked_losses(tiny_config):
         torch.testing.assert_close(masked[name], plain[name])
 
 
-# (g) --partial_labels: without T2w, edema and normal myocardium are one region --------------------------------
-
-EDEMA, NORMAL = 3, 1
-
-
-def test_merging_a_class_sums_its_probability_into_the_other_in_the_marked_samples_only():
-    generator = torch.Generator().manual_seed(0)
-    logits = torch.randn(3, 4, 8, 8, generator=generator)
-    labels = torch.randint(0, 4, (3, 8, 8), generator=generator)
-    merge = torch.tensor([True, False, True])
-    merged, merged_labels = merge_class(logits, labels, merge, EDEMA, NORMAL)
-    probabilities, before = merged.softmax(dim=1), logits.softmax(dim=1)
-    torch.testing.assert_close(probabilities[merge][:, NORMAL], before[merge][:, NORMAL] + before[merge][:, EDEMA])
-    assert probabilities[merge][:, EDEMA].max() == 0 and not (merged_labels[merge] == EDEMA).any()
-    assert torch.equal(merged_labels[merge], torch.where(labels[merge] == EDEMA, NORMAL, labels[merge]))
-    assert torch.equal(merged[1], logits[1]) and torch.equal(merged_labels[1], labels[1])
-
-
-def edema_split_moved(output, sample):
-    """``output`` with the fused and modality logits of ``sample`` moved between edema and normal myocardium, their
-    log-sum-exp (the merged region's probability) kept."""
-    def move(logits):
-        logits = logits.detach().clone()
-        joined = torch.logsumexp(logits[sample, [EDEMA, NORMAL]], dim=0)
-        share = torch.rand(joined.shape, generator=torch.Generator().manual_seed(9)).clamp(0.05, 0.95)
-        logits[sample, EDEMA], logits[sample, NORMAL] = joined + share.log(), joined + (1 - share).log()
-        return logits
-    return output._replace(fused_logits=move(output.fused_logits),
-                           modality_logits=tuple(move(logits) for logits in output.modality_logits))
-
-
-@pytest.mark.parametrize("fixed_size", [True, False], ids=["fixed size (GPU)", "compacted (CPU)"])
-def test_partial_labels_ask_a_sample_without_t2w_nothing_about_where_edema_lies(tiny_config, fixed_size):
-    criterion = IMMSegLoss(4, tiny_config.contrast, label_merges=label_merges())
-    plain = IMMSegLoss(4, tiny_config.contrast)
-    criterion.contrast.fixed_size = plain.contrast.fixed_size = fixed_size
-    labels = torch.randint(0, 4, (3, 16, 16), generator=torch.Generator().manual_seed(1))
-    present = torch.tensor([[True, True, False], [True, True, True], [False, True, True]])
-    output, weights = random_output(), loss_weights(epoch=150)
-    moved = edema_split_moved(output, 0)
-    losses = {}
-    for name, loss in (("partial", criterion), ("plain", plain)):
-        for which, out in (("output", output), ("moved", moved)):
-            torch.manual_seed(2)
-            losses[name, which] = loss(out, labels, weights, present)[1]
-    for term in ("fused", "modality"):
-        torch.testing.assert_close(losses["partial", "output"][term], losses["partial", "moved"][term])
-        assert not torch.allclose(losses["plain", "output"][term], losses["plain", "moved"][term])
-    assert not torch.equal(losses["partial", "output"]["fused"], losses["plain", "output"]["fused"])
-    # the contrastive loss samples no edema pixel of the sample without T2w; moving the split of a sample with T2w
-    # changes the partial loss too
-    contrast_labels = criterion.contrast_labels(labels, present)
-    assert not (contrast_labels[0] == EDEMA).any() and (contrast_labels[0] == -1).sum() == (labels[0] == EDEMA).sum()
-    assert torch.equal(contrast_labels[1:], labels[1:])
-    torch.manual_seed(2)
-    other = criterion(edema_split_moved(output, 1), labels, weights, present)[1]
-    assert not torch.allclose(other["fused"], losses["partial", "output"]["fused"])
-
-
-def test_partial_labels_change_nothing_for_samples_with_t2w_or_without_a_mask(tiny_config):
-    output, weights = random_output(), loss_weights(epoch=150)
-    labels = torch.randint(0, 4, (3, 16, 16), generator=torch.Generator().manual_seed(1))
-    with_t2w = torch.tensor([[True, False, True], [False, True, True], [True, True, True]])
-    partial, plain = (IMMSegLoss(4, tiny_config.contrast, label_merges=merges) for merges in (label_merges(), ()))
-    for mask in (with_t2w, None):
-        torch.manual_seed(2)
-        expected = plain(output, labels, weights, mask)[0]
-        torch.manual_seed(2)
-        assert torch.equal(partial(output, labels, weights, mask)[0], expected)
-
-
-def test_partial_labels_train_a_step_with_finite_gradients(phantom):
-    trainer = tiny_trainer(phantom, "--sequence_dropout", "1", "--partial_labels")
-    assert trainer.criterion.label_merges == ((MODALITIES.index("T2w"), EDEMA, NORMAL),)
-    batch = next(iter(trainer.loader))
-    torch.manual_seed(0)
-    _, loss, _, _ = trainer.train_step(trainer.model, batch, loss_weights(epoch=150))
-    assert torch.isfinite(loss)
-    assert all(torch.isfinite(p.grad).all() for p in trainer.model.parameters() if p.grad is not None)
-    assert tiny_trainer(phantom, "--sequence_dropout", "1").criterion.label_merges == ()
-
-
 # (f) train.py: the flag's range, the models that honour it, and its record -----------------------------------------
 
 @pytest.mark.parametrize("flags, message", [
@@ -407,8 +325,6 @@ def test_partial_labels_train_a_step_with_finite_gradients(phantom):
     (("--sequence_dropout", "nan"), "between 0 and 1, got nan"),
     (("--sequence_dropout", "0.5", "--model", "transunet_early"), "--model transunet_early feeds its sequences"),
     (("--sequence_dropout", "0.5", "--model", "transunet_single"), "cannot leave one out"),
-    (("--partial_labels",), "--partial_labels changes what a sample that hides T2w learns, and needs "
-                            "--sequence_dropout above 0"),
 ])
 def test_train_refuses_a_sequence_dropout_it_cannot_honour(flags, message, capsys):
     with pytest.raises(SystemExit):
