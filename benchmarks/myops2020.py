@@ -180,7 +180,7 @@ def parse_args(argv=None):
     subsets.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"], help="the runs' --amp")
     subsets.add_argument("--table_file", type=Path, default=None, help="default: <out>/subsets.md")
     subsets.add_argument("--dropout_variant", default="immseg_seqdrop",
-                         help="the variant trained with --sequence_dropout shown as (a), e.g. immseg_seqdrop_partial")
+                         help="the recorded variant trained with --sequence_dropout shown as (a), e.g. immseg_seqdrop25")
 
     args, extra = parser.parse_known_args(argv)
     if extra and args.command != "prepare":

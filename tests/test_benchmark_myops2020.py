@@ -800,13 +800,15 @@ def test_the_subset_table_pairs_each_subset_s_three_models_per_case(tmp_path):
     result_files.append_results(tmp_path / "results.jsonl", records)
     assert benchmark.main(["subsets", "--out", str(tmp_path), "--setting", "iterations 300", "--amp", "bf16"]) == 0
     assert "| bSSFP,LGE | scar |" in (tmp_path / "subsets.md").read_text()
-    # another dropout model as (a): its records, and a variant trained without dropout refused by name
-    partial = [{**row, "variant": row["variant"].replace("immseg_seqdrop", "immseg_seqdrop_partial")}
-               for row in records if row["variant"].startswith("immseg_seqdrop")]
-    result_files.append_results(tmp_path / "results.jsonl", partial)
+    # another dropout model as (a), named by its description; one without records refused
+    other = [{**row, "variant": row["variant"].replace("immseg_seqdrop", "immseg_seqdrop25"),
+              "dice": 0.1 if row["dice"] is not None else None}
+             for row in records if row["variant"].startswith("immseg_seqdrop")]
+    result_files.append_results(tmp_path / "results.jsonl", other)
     assert benchmark.main(["subsets", "--out", str(tmp_path), "--setting", "iterations 300", "--amp", "bf16",
-                           "--dropout_variant", "immseg_seqdrop_partial", "--table_file",
-                           str(tmp_path / "partial.md")]) == 0
-    assert "(immseg_seqdrop_partial)" in (tmp_path / "partial.md").read_text()
-    assert benchmark.main(["subsets", "--out", str(tmp_path), "--setting", "iterations 300",
-                           "--dropout_variant", "immseg"]) == 1
+                           "--dropout_variant", "immseg_seqdrop25", "--table_file", str(tmp_path / "p25.md")]) == 0
+    text = (tmp_path / "p25.md").read_text()
+    assert "sequence dropout 0.25 (immseg_seqdrop25)" in text
+    assert "| bSSFP,LGE | scar | 0,1 | 2 | 10.00 | 45.00 | 55.00 |" in text
+    assert benchmark.main(["subsets", "--out", str(tmp_path), "--setting", "iterations 300", "--amp", "bf16",
+                           "--dropout_variant", "immseg_seqdrop_gone"]) == 1

@@ -63,19 +63,22 @@ def subset_table(records, setting, amp="none", dropout="immseg_seqdrop"):
 
 
 def subsets_report(out, setting, amp="none", path=None, dropout="immseg_seqdrop"):
-    """The subset table of <out>/results.jsonl at ``setting`` with (a) the variant ``dropout``, published to ``path``
-    (default <out>/subsets.md)."""
-    if dropout not in VARIANTS or "--sequence_dropout" not in VARIANTS[dropout].flags:
-        raise BenchmarkError(f"--dropout_variant {dropout!r} is not a benchmark variant trained with "
-                             "--sequence_dropout (" + ", ".join(name for name, variant in VARIANTS.items()
-                                                                  if "--sequence_dropout" in variant.flags) + ")")
+    """The subset table of <out>/results.jsonl at ``setting`` with (a) the recorded variant ``dropout`` (trained with
+    --sequence_dropout; one no longer defined is named as recorded), published to ``path`` (default
+    <out>/subsets.md)."""
     results = Path(out) / "results.jsonl"
     records = records_or_refuse(results, f"run --variant {dropout} --sequences ...")
+    names = {subset_variants(subset, amp, dropout)[0] for subset in SUBSETS}
+    if not any(r["variant"] in names and r["setting"] == setting for r in records):
+        raise BenchmarkError(f"{results} holds no records of {with_amp(dropout, amp)} at {setting!r}: run --variant "
+                             f"{dropout} first (the variants trained with --sequence_dropout: "
+                             + ", ".join(name for name, variant in VARIANTS.items()
+                                         if "--sequence_dropout" in variant.flags) + ")")
+    described = f"{VARIANTS[dropout].description} ({dropout})" if dropout in VARIANTS else dropout
     text = "\n".join([
         f"# What each subset of the sequences delivers ({results}, {setting})", "",
         "Mean Dice (%) and HD95 (mm) over the cases of the folds recorded, per subset of the sequences: (a) one "
-        f"model, {VARIANTS[dropout].description} ({dropout}), the other sequences left out; (b) I-MMSeg trained "
-        "without sequence dropout, "
+        f"model, {described}, the other sequences left out; (b) I-MMSeg trained without sequence dropout, "
         "given the subset with the others zero-filled; (c) TransUNet trained on the subset alone (early fusion; one "
         "sequence: a single-sequence TransUNet). Δ: (a)'s mean per-case paired Dice difference in points, 95% "
         "percentile bootstrap interval over the cases (10000 resamples, seed 0).", "",
