@@ -689,6 +689,25 @@ def test_cases_orders_the_paired_dice_by_the_structure_volume_in_the_labels(tmp_
                            "no_cfm", "--src", str(tmp_path / "raw"), "--dataset", "Phantom"]) == 1, "no records of it"
 
 
+def test_a_results_file_kept_compressed_is_read_and_appended_as_the_plain_one(tmp_path):
+    import gzip
+
+    records = [{"input": "x", "variant": "v", "setting": "iterations 3", "fold": f, "case": "a"} for f in range(3)]
+    plain, kept = tmp_path / "plain" / "results.jsonl", tmp_path / "kept" / "results.jsonl"
+    result_files.append_results(plain, records[:2])
+    kept.parent.mkdir()
+    (kept.parent / "results.jsonl.gz").write_bytes(gzip.compress(plain.read_bytes()))
+    assert result_files.stored_results(kept) == kept.parent / "results.jsonl.gz"
+    assert result_files.read_results(kept) == result_files.read_results(plain) == records[:2]
+    result_files.append_results(kept, records[2:])
+    result_files.append_results(plain, records[2:])
+    assert not kept.exists(), "appended to the compressed file, not beside it"
+    assert gzip.decompress((kept.parent / "results.jsonl.gz").read_bytes()) == plain.read_bytes()
+    kept.write_text("")
+    with pytest.raises(result_files.BenchmarkError, match="both exist"):
+        result_files.read_results(kept)
+
+
 def test_committed_results_hold_whole_folds_of_the_committed_split_and_make_the_report():
     """README's benchmark tables are regenerated from benchmarks/results: every recorded run must score each test case
     of its fold, and only those, in every structure, and the report must pair the rows it compares."""

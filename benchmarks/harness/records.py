@@ -1,5 +1,6 @@
 """The benchmark's files: its error, JSON read and written atomically under a lock, the results files (one
-JSON record per line), the machine each record was made on, and the tables published."""
+JSON record per line, plain or gzip-compressed), the machine each record was made on, and the tables published."""
+import gzip
 import json
 import logging
 import math
@@ -70,18 +71,34 @@ def machine_description(device):
     return description
 
 
-def read_results(path):
-    """All records of a results file (JSON lines); absent file: none."""
+def stored_results(path):
+    """Where the results file ``path`` is kept: ``path`` itself, or ``path`` + ``.gz`` where only that exists (a
+    results file the repository keeps compressed); both at once is an error, since neither says which is current."""
     path = Path(path)
-    if not path.is_file():
-        return []
+    compressed = path.with_name(path.name + ".gz")
+    if not compressed.is_file():
+        return path
+    if path.is_file():
+        raise BenchmarkError(f"{path} and {compressed} both exist: keep one of them (gunzip the second, or merge)")
+    return compressed
+
+
+def _results_text(stored):
+    if not stored.is_file():
+        return ""
+    return gzip.decompress(stored.read_bytes()).decode() if stored.suffix == ".gz" else stored.read_text()
+
+
+def read_results(path):
+    """All records of a results file (JSON lines, or their .gz, see stored_results); absent file: none."""
+    stored = stored_results(path)
     records = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    for number, line in enumerate(_results_text(stored).splitlines(), 1):
         if line.strip():
             try:
                 records.append(json.loads(line))
             except json.JSONDecodeError as error:
-                raise BenchmarkError(f"{path}, line {number}: not a JSON record ({error})") from None
+                raise BenchmarkError(f"{stored}, line {number}: not a JSON record ({error})") from None
     return records
 
 
@@ -90,15 +107,20 @@ def run_key(record):
 
 
 def append_results(path, records):
-    """Add records to the results file; the file is replaced atomically, under a lock."""
+    """Add records to the results file (compressed again where it is kept compressed); the file is replaced
+    atomically, under a lock."""
     path = Path(path)
     with locked(path):
-        existing = path.read_text() if path.is_file() else ""
+        stored = stored_results(path)
+        existing = _results_text(stored)
         if existing and not existing.endswith("\n"):
             existing += "\n"
-        lines = "".join(json.dumps(record, allow_nan=False) + "\n" for record in records)
-        with atomic_path(path) as temporary:
-            temporary.write_text(existing + lines)
+        text = existing + "".join(json.dumps(record, allow_nan=False) + "\n" for record in records)
+        with atomic_path(stored) as temporary:
+            if stored.suffix == ".gz":
+                temporary.write_bytes(gzip.compress(text.encode(), mtime=0))
+            else:
+                temporary.write_text(text)
 
 
 def records_or_refuse(results, command):
