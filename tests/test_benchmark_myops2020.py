@@ -1,5 +1,6 @@
 """benchmarks/myops2020.py on a small phantom with the tiny configuration: split, budget, schedule, results, report."""
 import argparse
+import gzip
 import json
 import os
 import random
@@ -690,8 +691,6 @@ def test_cases_orders_the_paired_dice_by_the_structure_volume_in_the_labels(tmp_
 
 
 def test_a_results_file_kept_compressed_is_read_and_appended_as_the_plain_one(tmp_path):
-    import gzip
-
     records = [{"input": "x", "variant": "v", "setting": "iterations 3", "fold": f, "case": "a"} for f in range(3)]
     plain, kept = tmp_path / "plain" / "results.jsonl", tmp_path / "kept" / "results.jsonl"
     result_files.append_results(plain, records[:2])
