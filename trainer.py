@@ -34,7 +34,7 @@ from engine.runs import (check_run_folder, configure_logging, git_commit, plain_
 from engine.training import build, open_run_folder
 from networks.npz_weights import PretrainedWeightsError
 from networks.inference import autocast_context, predict_volume, warn_if_bf16_is_emulated
-from networks.missing_sequences import draw_present, hide_sequences, proper_subsets
+from networks.missing_sequences import draw_present, draw_subset_views, hide_sequences, proper_subsets, split_views
 from networks.vit_seg_configs import with_switch_defaults
 from networks.vit_seg_modeling import compile_regions
 from priors import EncoderUnavailableError, PriorFileError, PromptFileError
@@ -136,7 +136,13 @@ class Trainer:
         # --sequence_dropout: the subsets a sample may keep, on the device (None: every sample keeps all sequences)
         self.sequence_subsets = (proper_subsets(model.config.n_modalities, ctx.device) if args.sequence_dropout
                                  else None)
-        if self.sequence_subsets is not None:
+        self.paired_views = (self.sequence_subsets is not None
+                             and getattr(args, "sequence_dropout_mode", "replace") == "paired")
+        if self.paired_views:
+            logger.info("--sequence_dropout %g, paired: every training sample is seen complete and with one of the %d "
+                        "non-empty proper subsets of its sequences (drawn alike), whose loss weighs %g",
+                        args.sequence_dropout, len(self.sequence_subsets), args.sequence_dropout)
+        elif self.sequence_subsets is not None:
             logger.info("--sequence_dropout %g: with this probability a training sample keeps only one of the %d "
                         "non-empty proper subsets of its sequences (drawn alike)", args.sequence_dropout,
                         len(self.sequence_subsets))
@@ -254,19 +260,36 @@ class Trainer:
                             self.args.contrast_w, use_contrast=not self.args.no_contrast)
 
     def draw_present(self, batch_size):
-        """(B, M) mask of the sequences each sample of the step keeps (--sequence_dropout), or None: all of them,
-        drawing nothing, so that a run without the switch draws the random numbers it always drew."""
+        """(B, M) masks of the sequences each sample of the step keeps and of its second, subset view
+        (--sequence_dropout; the second only in paired mode), or None: all of them, drawing nothing, so that a run
+        without the switch draws the random numbers it always drew."""
         if self.sequence_subsets is None:
-            return None
-        return draw_present(batch_size, self.args.sequence_dropout, self.sequence_subsets)
+            return None, None
+        if self.paired_views:
+            return None, draw_subset_views(batch_size, self.sequence_subsets)
+        return draw_present(batch_size, self.args.sequence_dropout, self.sequence_subsets), None
 
-    def forward_backward(self, network, images, labels, weights, present=None):
+    def forward_backward(self, network, images, labels, weights, present=None, subset_view=None):
         with autocast_context(images.device, self.args.amp):
-            output = network(images, fused=weights.fused > 0, contrast=weights.contrast > 0, present=present)
-            loss, terms = self.criterion(output, labels, weights, present)
+            if subset_view is None:
+                output = network(images, fused=weights.fused > 0, contrast=weights.contrast > 0, present=present)
+                loss, terms = self.criterion(output, labels, weights, present)
+            else:
+                output, loss, terms = self.paired_loss(network, images, labels, weights, subset_view)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         return output, loss.detach(), terms
+
+    def paired_loss(self, network, images, labels, weights, subset_view):
+        """--sequence_dropout_mode paired: the complete view's loss, as without dropout, plus --sequence_dropout
+        times the subset view's (its heads and fused head; no contrastive term, its embeddings being the complete
+        view's). The output returned is the complete view's; the subset view's terms are logged as subset_*."""
+        output = network(images, fused=weights.fused > 0, contrast=weights.contrast > 0, subset_view=subset_view)
+        complete, subset = split_views(output, images.shape[0])
+        loss, terms = self.criterion(complete, labels, weights)
+        subset_loss, subset_terms = self.criterion(subset, labels, weights._replace(contrast=0.0), subset_view)
+        terms.update({f"subset_{name}": value for name, value in subset_terms.items()})
+        return complete, loss + self.args.sequence_dropout * subset_loss, terms
 
     def train_step(self, network, batch, weights):
         """One optimisation step. The loss stays on the device (read_losses reads it every --log_every steps), so
@@ -274,7 +297,7 @@ class Trainer:
         sequences a sample hides are zero-filled and left out of the model's mixing and of their heads' losses."""
         device = self.ctx.device
         images = batch["image"].to(device, non_blocking=True)
-        present = self.draw_present(images.shape[0])
+        present, subset_view = self.draw_present(images.shape[0])
         images = hide_sequences(images, present)
         if device.type == "cuda":
             images = images.contiguous(memory_format=torch.channels_last)
@@ -285,7 +308,7 @@ class Trainer:
         first_compiled_step = self.compile_mode != "off" and weights not in self.compiled_stages
         random_state = rng_state() if first_compiled_step else None
         try:
-            output, loss, terms = self.forward_backward(network, images, labels, weights, present)
+            output, loss, terms = self.forward_backward(network, images, labels, weights, present, subset_view)
         except Exception as error:  # noqa: BLE001 - any failure of compilation falls back to the eager step
             if not first_compiled_step:
                 raise
@@ -294,7 +317,7 @@ class Trainer:
             self.compile_mode = "off"
             torch.compiler.set_stance("force_eager")
             set_rng_state(random_state)
-            output, loss, terms = self.forward_backward(network, images, labels, weights, present)
+            output, loss, terms = self.forward_backward(network, images, labels, weights, present, subset_view)
         if first_compiled_step:
             self.compiled_stages.add(weights)
         self.scaler.step(self.optimizer)

@@ -42,6 +42,12 @@ def training_parser(description=__doc__):
                         help="probability that a training sample hides one or two of its three sequences (each of "
                              "the 6 subsets it may keep alike), so that one model segments any subset "
                              "(documentation/missing_sequences.md); I-MMSeg only. Default 0: every sample has all")
+    parser.add_argument("--sequence_dropout_mode", default="replace", choices=["replace", "paired"],
+                        help="replace (default): a sample drawn with --sequence_dropout's probability is seen only "
+                             "with its subset. paired: every sample is seen complete, as without dropout, and also "
+                             "with one subset drawn alike, from the same encoder outputs; the subset view's loss "
+                             "weighs --sequence_dropout (its expected share under replace). Costs a second pass "
+                             "through CMFE, the decoders and the heads")
     parser.add_argument("--dice_class_weights", type=class_weight_list, default=None,
                         help="soft Dice weight of each class, comma-separated, e.g. 0.5,1,2,1 to weight scar twice "
                              "(default: method.md's 0.5 for the background, 1 for the other classes)")
@@ -102,6 +108,9 @@ def check_sequence_dropout(parser, args):
     """--sequence_dropout must be a probability, and non-zero only for a model that can leave a sequence out."""
     if not 0.0 <= args.sequence_dropout <= 1.0:  # also refuses nan
         parser.error(f"--sequence_dropout must be a probability between 0 and 1, got {args.sequence_dropout}")
+    if args.sequence_dropout_mode != "replace" and not args.sequence_dropout:
+        parser.error(f"--sequence_dropout_mode {args.sequence_dropout_mode} needs --sequence_dropout above 0 (the "
+                     "weight of the subset view's loss)")
     if args.sequence_dropout and args.model not in MISSING_SEQUENCE_MODELS:
         parser.error(f"--sequence_dropout {args.sequence_dropout} needs a model that runs on a subset of the "
                      f"sequences ({', '.join(MISSING_SEQUENCE_MODELS)}); --model {args.model} feeds its sequences "

@@ -26,6 +26,25 @@ def draw_present(batch_size, probability, subsets):
     return subsets[choice] | ~hide[:, None]
 
 
+def draw_subset_views(batch_size, subsets):
+    """(B, M) mask: one of ``subsets`` per sample, drawn uniformly (--sequence_dropout_mode paired, where every
+    sample is also seen complete), from the global generator of ``subsets``' device, as ``draw_present``."""
+    return subsets[torch.randint(len(subsets), (batch_size,), device=subsets.device)]
+
+
+def split_views(output, batch_size):
+    """A training output of ``IMMSeg(..., subset_view=...)`` (2B samples) as the output of each view: the first
+    with the contrastive embeddings, the second without (they come from the encoders, the same for both)."""
+    def part(logits, views):
+        return None if logits is None else logits[views]
+    first, second = slice(None, batch_size), slice(batch_size, None)
+    return (output._replace(fused_logits=part(output.fused_logits, first),
+                            modality_logits=tuple(logits[first] for logits in output.modality_logits)),
+            output._replace(fused_logits=part(output.fused_logits, second),
+                            modality_logits=tuple(logits[second] for logits in output.modality_logits),
+                            contrast_embeddings=None, class_anchors=None))
+
+
 def zero_hidden(features, present, modality):
     """``features`` (B, ...) of sequence ``modality`` with the samples that lack it set to zero (``present`` None:
     ``features`` itself). A selection rather than a product, so that not even a NaN of a hidden sequence passes."""

@@ -14,7 +14,8 @@ from engine.checkpoints import load_checkpoint, trained_sequence_dropout
 from engine.distributed import rng_state, set_rng_state, setup_distributed
 from engine.options import resolve_device_defaults
 from networks.inference import fuse_for_inference
-from networks.missing_sequences import draw_present, hide_sequences, present_mask, proper_subsets
+from networks.missing_sequences import (draw_present, draw_subset_views, hide_sequences, present_mask,
+                                        proper_subsets, split_views)
 from networks.vit_seg_configs import get_config
 from networks.vit_seg_modeling import SegmentationOutput, TransUNetBaseline
 from utils import IMMSegLoss, SegmentationLoss, loss_weights
@@ -164,6 +165,60 @@ def test_bad_masks_are_refused(trained, tiny_config):
         baseline(images, present=torch.ones(2, 3, dtype=torch.bool))
 
 
+# (c') paired views: the complete view and a subset view from the same encoder outputs -------------------------
+
+def frozen_training_mode(model):
+    """``model`` computing its training outputs with BatchNorm's running statistics and no dropout, so that a view's
+    outputs do not depend on the other samples of the batch."""
+    model.eval()
+    model.training = True
+    return model
+
+
+def test_a_paired_forward_is_the_complete_forward_beside_the_subset_forward(trained):
+    model = frozen_training_mode(copy.deepcopy(trained))
+    images, _ = make_batch(3, seed=8)
+    subset_view = torch.tensor([[True, False, False], [True, True, False], [False, True, True]])
+    with torch.no_grad():
+        paired = model(images, subset_view=subset_view)
+        complete, subset = split_views(paired, 3)
+        expected_complete = model(images)
+        expected_subset = model(images, present=subset_view, contrast=False)
+        generator = torch.Generator().manual_seed(9)
+        noisy = torch.where(subset_view[:, :, None, None], images, 5 * torch.randn(images.shape, generator=generator))
+        noisy_subset = split_views(model(noisy, subset_view=subset_view), 3)[1]
+    assert paired.fused_logits.shape[0] == 6 and complete.fused_logits.shape[0] == 3
+    for got, expected in ((complete, expected_complete), (subset, expected_subset)):
+        torch.testing.assert_close(got.fused_logits, expected.fused_logits, rtol=1e-5, atol=1e-5)
+        for m in range(3):
+            torch.testing.assert_close(got.modality_logits[m], expected.modality_logits[m], rtol=1e-5, atol=1e-5)
+    for got, expected in zip(complete.contrast_embeddings, expected_complete.contrast_embeddings):
+        assert all(torch.equal(g, e) for g, e in zip(got, expected)), "the embeddings of the encoders, once"
+    assert subset.contrast_embeddings is None and subset.class_anchors is None
+    torch.testing.assert_close(noisy_subset.fused_logits, subset.fused_logits, rtol=1e-5, atol=1e-5)
+    for m in range(3):
+        kept = subset_view[:, m]
+        torch.testing.assert_close(noisy_subset.modality_logits[m][kept], subset.modality_logits[m][kept],
+                                   rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(subset.fused_logits, complete.fused_logits), "the subset view hides sequences"
+
+
+def test_a_paired_view_is_for_training_and_needs_a_valid_mask(trained):
+    images, _ = make_batch(2)
+    with pytest.raises(ValueError, match="second view for training"):
+        trained(images, subset_view=torch.ones(2, 3, dtype=torch.bool))
+    model = frozen_training_mode(copy.deepcopy(trained))
+    with pytest.raises(ValueError, match=r"shape \(2, 3\)"):
+        model(images, subset_view=torch.ones(3, 3, dtype=torch.bool))
+
+
+def test_subset_views_are_proper_subsets_drawn_alike():
+    torch.manual_seed(0)
+    views = draw_subset_views(1200, proper_subsets())
+    counts = torch.stack([(views == row).all(dim=1).sum() for row in proper_subsets()])
+    assert counts.sum() == 1200 and counts.min() > 150, counts
+
+
 # (d) the per-sample draw ---------------------------------------------------------------------------------------
 
 def test_at_probability_one_every_sample_hides_one_or_two_sequences_of_every_subset_alike():
@@ -249,6 +304,37 @@ def test_at_probability_one_each_sample_hides_one_or_two_sequences_zero_filled(p
     assert not all(torch.equal(calls[0][1], present) for _, present in calls), "drawn anew each step"
 
 
+def test_in_paired_mode_a_step_adds_the_weighted_loss_of_a_subset_view_to_the_plain_one(phantom, monkeypatch):
+    trainer = tiny_trainer(phantom, "--sequence_dropout", "0.25", "--sequence_dropout_mode", "paired")
+    batch = next(iter(trainer.loader))
+    weights = loss_weights(epoch=150)
+    before = copy.deepcopy(trainer.model)
+    calls = []
+    model_forward = type(trainer.model).forward
+
+    def recording(model, images, *args, **kwargs):
+        calls.append((images.clone(), kwargs))
+        return model_forward(model, images, *args, **kwargs)
+
+    monkeypatch.setattr(type(trainer.model), "forward", recording)
+    torch.manual_seed(5)
+    output, loss, terms, _ = trainer.train_step(trainer.model, batch, weights)
+    assert len(calls) == 1 and torch.equal(calls[0][0], batch["image"]), "complete images, one forward"
+    subset_view = calls[0][1]["subset_view"]
+    assert calls[0][1].get("present") is None and subset_view.shape == (4, 3)
+    assert ((subset_view.sum(dim=1) == 1) | (subset_view.sum(dim=1) == 2)).all()
+    assert output.fused_logits.shape[0] == 4, "the complete view is the step's output"
+    torch.manual_seed(5)
+    assert torch.equal(draw_subset_views(4, trainer.sequence_subsets), subset_view)
+    complete, subset = split_views(model_forward(before, batch["image"], subset_view=subset_view), 4)
+    complete_loss, complete_terms = trainer.criterion(complete, batch["label"], weights)
+    subset_loss, subset_terms = trainer.criterion(subset, batch["label"], weights._replace(contrast=0.0), subset_view)
+    torch.testing.assert_close(loss, (complete_loss + 0.25 * subset_loss).detach())
+    assert set(terms) == {"fused", "modality", "contrast", "subset_fused", "subset_modality"}
+    torch.testing.assert_close(terms["subset_fused"], subset_terms["fused"])
+    torch.testing.assert_close(terms["fused"], complete_terms["fused"])
+
+
 # (e) the losses leave hidden sequences out --------------------------------------------------------------------
 
 def random_output(batch=3, seed=0):
@@ -325,6 +411,7 @@ def test_every_sequence_present_gives_the_unmasked_losses(tiny_config):
     (("--sequence_dropout", "nan"), "between 0 and 1, got nan"),
     (("--sequence_dropout", "0.5", "--model", "transunet_early"), "--model transunet_early feeds its sequences"),
     (("--sequence_dropout", "0.5", "--model", "transunet_single"), "cannot leave one out"),
+    (("--sequence_dropout_mode", "paired"), "--sequence_dropout_mode paired needs --sequence_dropout above 0"),
 ])
 def test_train_refuses_a_sequence_dropout_it_cannot_honour(flags, message, capsys):
     with pytest.raises(SystemExit):
@@ -333,11 +420,14 @@ def test_train_refuses_a_sequence_dropout_it_cannot_honour(flags, message, capsy
     assert train_script.parse_args([*TINY_TRAIN_FLAGS, "--model", "transunet_early"]).sequence_dropout == 0.0
 
 
-def test_a_run_with_sequence_dropout_trains_and_records_it(phantom):
+@pytest.mark.parametrize("mode", ["replace", "paired"])
+def test_a_run_with_sequence_dropout_trains_and_records_it(phantom, mode):
     root, priors = phantom
-    run = root / "dropout_run"
-    assert train_tiny_run(root / "data", priors, run, "--max_epochs", "1", "--sequence_dropout", "0.5") == 0
+    run = root / f"dropout_run_{mode}"
+    assert train_tiny_run(root / "data", priors, run, "--max_epochs", "1", "--sequence_dropout", "0.5",
+                          "--sequence_dropout_mode", mode) == 0
     checkpoint = load_checkpoint(run / "last.pth")
     config = json.loads((run / "config.json").read_text())
     assert trained_sequence_dropout(checkpoint) == trained_sequence_dropout(config) == 0.5
+    assert checkpoint["args"]["sequence_dropout_mode"] == config["args"]["sequence_dropout_mode"] == mode
     assert trained_sequence_dropout({"args": {"batch_size": 4}}) == 0.0, "runs before the flag saw every sequence"
