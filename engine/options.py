@@ -202,7 +202,6 @@ def build_config(args, text_dim=None):
         config.contrast.sample_num = args.contrast_sample_num
     for flag, switch in ABLATIONS.items():
         setattr(config, switch, not getattr(args, flag))
-    config.subset_fused_heads = bool(getattr(args, "subset_heads", False))
     if text_dim is not None:
         config.text_dim = int(text_dim)
     return config

@@ -48,11 +48,6 @@ def training_parser(description=__doc__):
                              "with one subset drawn alike, from the same encoder outputs; the subset view's loss "
                              "weighs --sequence_dropout (its expected share under replace). Costs a second pass "
                              "through CMFE, the decoders and the heads")
-    parser.add_argument("--subset_heads", action="store_true",
-                        help="with --sequence_dropout: each of the 6 proper subsets gets fusions and a fused head of "
-                             "its own, on its sequences alone, so that the fused head of complete cases learns from "
-                             "complete samples only (config.subset_fused_heads; the encoders, CMFE and decoders "
-                             "stay shared)")
     parser.add_argument("--dice_class_weights", type=class_weight_list, default=None,
                         help="soft Dice weight of each class, comma-separated, e.g. 0.5,1,2,1 to weight scar twice "
                              "(default: method.md's 0.5 for the background, 1 for the other classes)")
@@ -116,8 +111,6 @@ def check_sequence_dropout(parser, args):
     if args.sequence_dropout_mode != "replace" and not args.sequence_dropout:
         parser.error(f"--sequence_dropout_mode {args.sequence_dropout_mode} needs --sequence_dropout above 0 (the "
                      "weight of the subset view's loss)")
-    if args.subset_heads and not args.sequence_dropout:
-        parser.error("--subset_heads needs --sequence_dropout above 0 (without it no sample lacks a sequence)")
     if args.sequence_dropout and args.model not in MISSING_SEQUENCE_MODELS:
         parser.error(f"--sequence_dropout {args.sequence_dropout} needs a model that runs on a subset of the "
                      f"sequences ({', '.join(MISSING_SEQUENCE_MODELS)}); --model {args.model} feeds its sequences "

@@ -45,19 +45,6 @@ def split_views(output, batch_size):
                             contrast_embeddings=None, class_anchors=None))
 
 
-def subset_name(members):
-    """The name of the subset of sequence indices ``members``, e.g. ``bSSFP_LGE`` (a module key)."""
-    return "_".join(MODALITIES[m] for m in members)
-
-
-def subset_groups(present):
-    """[(rows, members)], one per distinct row of ``present`` (B, M): the indices of the samples that have exactly
-    the sequences ``members`` (a tuple of sequence indices). Reads the mask on the host."""
-    codes = (present.long() << torch.arange(present.shape[1], device=present.device)).sum(dim=1)
-    return [((codes == code).nonzero().squeeze(1), tuple(m for m in range(present.shape[1]) if code >> m & 1))
-            for code in codes.unique().tolist()]
-
-
 def zero_hidden(features, present, modality):
     """``features`` (B, ...) of sequence ``modality`` with the samples that lack it set to zero (``present`` None:
     ``features`` itself). A selection rather than a product, so that not even a NaN of a hidden sequence passes."""

@@ -35,7 +35,6 @@ SWITCH_DEFAULTS = {
     "cfm.mlp_dropout": 0.0,  # dropout after those MLPs (training only)
     "cfm.average_visual_over_batch": False,  # v_m averaged over the batch (only the training-time modality heads)
     "contrast.anchor_copies": 1,  # times each class anchor enters the contrastive loss
-    "subset_fused_heads": False,  # a fused head of its own per proper subset of the sequences (--subset_heads)
 }
 
 # What the released review code does (read from its networks/ and utils.py; see README).

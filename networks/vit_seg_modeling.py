@@ -23,7 +23,7 @@ from datasets.vocabulary import MODALITIES
 from . import vit_seg_configs as configs
 from .immseg_modules import (ClassFeatureModulation, ConcatFusion, ContrastProjection, CrossModalFeatureEnhancement,
                              DynamicClassHead)
-from .missing_sequences import check_present, proper_subsets, subset_groups, subset_name, zero_hidden
+from .missing_sequences import check_present, zero_hidden
 from .npz_weights import NpzReader, conv_kernel, dense_kernel, flat, resize_position_embedding
 from .vit_seg_modeling_resnet_skip import ResNetV2
 
@@ -228,22 +228,6 @@ class DecoderCup(nn.Module):
         return x
 
 
-def fused_logits(skip_fusions, decoder_fusion, head, skips, decoded, class_features):
-    """``head`` on the fusion of the sequences' skips (one list of scales per sequence) and decoder outputs."""
-    fused_skips = [fusion(list(scale)) for fusion, scale in zip(skip_fusions, zip(*skips))]
-    return head(fused_skips, class_features, decoder_fusion(decoded))
-
-
-class SubsetFusedHead(nn.Module):
-    """The skip and decoder fusions and the fused head of one subset of ``num_sequences`` sequences."""
-
-    def __init__(self, num_sequences, skip_channels, decoder_channels, head):
-        super().__init__()
-        self.skip_fusions = nn.ModuleList(ConcatFusion(num_sequences * c, c) for c in skip_channels)
-        self.decoder_fusion = ConcatFusion(num_sequences * decoder_channels, decoder_channels)
-        self.head = head
-
-
 class IMMSeg(nn.Module):
     """I-MMSeg: three hybrid encoders, CMFE, three decoders, CFM, dynamic modality heads and a fused head.
 
@@ -287,13 +271,6 @@ class IMMSeg(nn.Module):
         self.skip_fusions = nn.ModuleList(ConcatFusion(num_modalities * c, c) for c in skips)
         self.decoder_fusion = ConcatFusion(num_modalities * decoder_out, decoder_out)
         self.fused_head = head()
-        # --subset_heads: each proper subset's samples go through fusions and a fused head of their own, which
-        # concatenate only that subset's sequences; the fusions and head above serve complete samples alone
-        self.subset_heads = None
-        if config.get("subset_fused_heads", False):
-            self.subset_heads = nn.ModuleDict({
-                subset_name(members): SubsetFusedHead(len(members), skips, decoder_out, head())
-                for members in (tuple(row.nonzero().flatten().tolist()) for row in proper_subsets(num_modalities))})
 
         if config.use_contrast:
             dims = tuple(config.contrast.dims)
@@ -339,28 +316,11 @@ class IMMSeg(nn.Module):
         return bottlenecks, skips, decoded, self.class_proj(self.class_embeddings)
 
     def _fused_logits(self, skips, decoded, class_features, present=None):
-        """The fused head on the concatenated skips and decoder outputs; a hidden sequence's slot holds zeros, or,
-        with subset heads, each subset's samples go through its own fusions and head on its sequences alone."""
-        if self.subset_heads is not None and present is not None:
-            return self._subset_fused_logits(skips, decoded, class_features, present)
+        """The fused head on the concatenated skips and decoder outputs; a hidden sequence's slot holds zeros."""
         skips = [[zero_hidden(s, present, m) for s in scales] for m, scales in enumerate(skips)]
         decoded = [zero_hidden(d, present, m) for m, d in enumerate(decoded)]
-        return fused_logits(self.skip_fusions, self.decoder_fusion, self.fused_head, skips, decoded, class_features)
-
-    def _subset_fused_logits(self, skips, decoded, class_features, present):
-        logits = None
-        for rows, members in subset_groups(present):
-            if len(members) == len(decoded):
-                parts = (self.skip_fusions, self.decoder_fusion, self.fused_head)
-            else:
-                subset = self.subset_heads[subset_name(members)]
-                parts = (subset.skip_fusions, subset.decoder_fusion, subset.head)
-            group = fused_logits(*parts, [[s[rows] for s in skips[m]] for m in members],
-                                 [decoded[m][rows] for m in members], class_features)
-            if logits is None:
-                logits = group.new_zeros(present.shape[0], *group.shape[1:])
-            logits = logits.index_copy(0, rows, group)
-        return logits
+        fused_skips = [fusion(list(scale)) for fusion, scale in zip(self.skip_fusions, zip(*skips))]
+        return self.fused_head(fused_skips, class_features, self.decoder_fusion(decoded))
 
     def _present(self, present, images):
         """``present`` checked (a sample without any sequence is refused at inference, where checking is cheap)."""

@@ -10,14 +10,14 @@ import torch.nn.functional as F
 import train as train_script
 from conftest import IMG_SIZE, TINY_TRAIN_FLAGS, make_batch, make_model, train_tiny_run, write_phantom_training_data
 from datasets.vocabulary import MODALITIES
-from engine.checkpoints import load_checkpoint, load_model_state, model_from_spec, trained_sequence_dropout
+from engine.checkpoints import load_checkpoint, trained_sequence_dropout
 from engine.distributed import rng_state, set_rng_state, setup_distributed
 from engine.options import resolve_device_defaults
 from networks.inference import fuse_for_inference
-from networks.missing_sequences import (SequenceSubset, draw_present, draw_subset_views, hide_sequences,
-                                        present_mask, proper_subsets, split_views)
+from networks.missing_sequences import (draw_present, draw_subset_views, hide_sequences, present_mask,
+                                        proper_subsets, split_views)
 from networks.vit_seg_configs import get_config
-from networks.vit_seg_modeling import SegmentationOutput, TransUNetBaseline, fused_logits
+from networks.vit_seg_modeling import SegmentationOutput, TransUNetBaseline
 from utils import IMMSegLoss, SegmentationLoss, loss_weights
 
 SUBSETS = [tuple(MODALITIES[m] for m in range(3) if row[m]) for row in proper_subsets().tolist()]
@@ -219,65 +219,6 @@ def test_subset_views_are_proper_subsets_drawn_alike():
     assert counts.sum() == 1200 and counts.min() > 150, counts
 
 
-# (c'') subset heads: each proper subset's own fusions and fused head --------------------------------------------
-
-@pytest.fixture(scope="module")
-def with_subset_heads():
-    config = get_config("testing")
-    config.subset_fused_heads = True
-    return make_model(config, seed=1).eval()
-
-
-def test_subset_heads_exist_only_when_asked_and_leave_the_complete_head_as_it_was(trained, with_subset_heads):
-    assert trained.subset_heads is None and not any(".subset_heads." in f".{k}" for k in trained.state_dict())
-    assert sorted(with_subset_heads.subset_heads) == sorted("_".join(n) for n in SUBSETS)
-    plain_keys = set(trained.state_dict())
-    assert plain_keys <= set(with_subset_heads.state_dict()), "the complete set's modules keep their names"
-    images, _ = make_batch(3, seed=4)
-    with torch.no_grad():
-        original = original_fused_logits(with_subset_heads, images)
-        assert torch.equal(with_subset_heads(images), original)
-        torch.testing.assert_close(with_subset_heads(images, present=torch.ones(3, 3, dtype=torch.bool)), original)
-
-
-def test_each_sample_goes_through_the_head_of_its_subset_on_its_sequences_alone(with_subset_heads):
-    model = with_subset_heads
-    images, _ = make_batch(4, seed=5)
-    present = torch.tensor([[True, True, False], [False, False, True], [True, True, True], [True, True, False]])
-    with torch.no_grad():
-        mixed = model(images, present=present)
-        for b in range(4):
-            alone = model(images[b:b + 1], present=present[b:b + 1])
-            torch.testing.assert_close(mixed[b:b + 1], alone, rtol=1e-5, atol=1e-5)
-        encoded = [t(images[:, m:m + 1]) for m, t in enumerate(model.transformers)]
-        bottlenecks = model.cmfe([x for x, _ in encoded], model.intensity_priors, present)
-        skips = [s for _, s in encoded]
-        decoded = [d(x, s) for d, x, s in zip(model.decoders, bottlenecks, skips)]
-        head = model.subset_heads["bSSFP_LGE"]
-        expected = fused_logits(head.skip_fusions, head.decoder_fusion, head.head, [skips[0], skips[1]],
-                                [decoded[0], decoded[1]], model.class_proj(model.class_embeddings))
-        torch.testing.assert_close(mixed[[0, 3]], expected[[0, 3]], rtol=1e-5, atol=1e-5)
-        noisy = images.clone()
-        noisy[0, 2] = 5 * torch.randn(IMG_SIZE, IMG_SIZE, generator=torch.Generator().manual_seed(0))
-        noisy[1, :2] = math.nan
-        assert torch.equal(model(noisy, present=present)[:2], mixed[:2]), "a hidden sequence reaches no head"
-
-
-def test_a_subset_sample_trains_its_own_head_and_not_the_complete_one(with_subset_heads, tiny_config):
-    model = copy.deepcopy(with_subset_heads).train()
-    images, labels = make_batch(2, seed=6)
-    present = present_mask(("LGE", "T2w"), batch_size=2)
-    total, _ = IMMSegLoss(4, tiny_config.contrast)(model(hide_sequences(images, present), present=present), labels,
-                                                   loss_weights(epoch=150), present)
-    total.backward()
-
-    def reached(module):
-        return any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters())
-    assert reached(model.subset_heads["LGE_T2w"])
-    assert not reached(model.fused_head) and not reached(model.decoder_fusion)
-    assert not any(reached(model.subset_heads[name]) for name in model.subset_heads if name != "LGE_T2w")
-
-
 # (d) the per-sample draw ---------------------------------------------------------------------------------------
 
 def test_at_probability_one_every_sample_hides_one_or_two_sequences_of_every_subset_alike():
@@ -471,7 +412,6 @@ def test_every_sequence_present_gives_the_unmasked_losses(tiny_config):
     (("--sequence_dropout", "0.5", "--model", "transunet_early"), "--model transunet_early feeds its sequences"),
     (("--sequence_dropout", "0.5", "--model", "transunet_single"), "cannot leave one out"),
     (("--sequence_dropout_mode", "paired"), "--sequence_dropout_mode paired needs --sequence_dropout above 0"),
-    (("--subset_heads",), "--subset_heads needs --sequence_dropout above 0"),
 ])
 def test_train_refuses_a_sequence_dropout_it_cannot_honour(flags, message, capsys):
     with pytest.raises(SystemExit):
@@ -480,20 +420,14 @@ def test_train_refuses_a_sequence_dropout_it_cannot_honour(flags, message, capsy
     assert train_script.parse_args([*TINY_TRAIN_FLAGS, "--model", "transunet_early"]).sequence_dropout == 0.0
 
 
-@pytest.mark.parametrize("mode, heads", [("replace", ()), ("paired", ("--subset_heads",))])
-def test_a_run_with_sequence_dropout_trains_and_records_it(phantom, mode, heads):
+@pytest.mark.parametrize("mode", ["replace", "paired"])
+def test_a_run_with_sequence_dropout_trains_and_records_it(phantom, mode):
     root, priors = phantom
     run = root / f"dropout_run_{mode}"
     assert train_tiny_run(root / "data", priors, run, "--max_epochs", "1", "--sequence_dropout", "0.5",
-                          "--sequence_dropout_mode", mode, *heads) == 0
+                          "--sequence_dropout_mode", mode) == 0
     checkpoint = load_checkpoint(run / "last.pth")
     config = json.loads((run / "config.json").read_text())
     assert trained_sequence_dropout(checkpoint) == trained_sequence_dropout(config) == 0.5
     assert checkpoint["args"]["sequence_dropout_mode"] == config["args"]["sequence_dropout_mode"] == mode
-    assert checkpoint["spec"]["config"]["subset_fused_heads"] == bool(heads)
-    model = model_from_spec(checkpoint["spec"], checkpoint["model"])
-    load_model_state(model, checkpoint["model"], run / "last.pth")
-    with torch.no_grad():
-        logits = SequenceSubset(model.eval(), ("LGE",))(make_batch(2)[0])
-    assert logits.shape == (2, 4, IMG_SIZE, IMG_SIZE) and torch.isfinite(logits).all()
     assert trained_sequence_dropout({"args": {"batch_size": 4}}) == 0.0, "runs before the flag saw every sequence"
