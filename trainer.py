@@ -260,9 +260,10 @@ class Trainer:
                             self.args.contrast_w, use_contrast=not self.args.no_contrast)
 
     def draw_present(self, batch_size):
-        """(B, M) masks of the sequences each sample of the step keeps and of its second, subset view
-        (--sequence_dropout; the second only in paired mode), or None: all of them, drawing nothing, so that a run
-        without the switch draws the random numbers it always drew."""
+        """(present, subset_view) for the step (--sequence_dropout): ``present`` (B, M), the sequences each sample
+        keeps in replace mode, and ``subset_view`` (B, M), the subset of each sample's second view in paired mode;
+        None where unused. Without the switch both are None and nothing is drawn, so that such a run draws the
+        random numbers it always drew."""
         if self.sequence_subsets is None:
             return None, None
         if self.paired_views:
@@ -294,7 +295,8 @@ class Trainer:
     def train_step(self, network, batch, weights):
         """One optimisation step. The loss stays on the device (read_losses reads it every --log_every steps), so
         the host never waits for the device within a step (except fp16's grad scaler). With --sequence_dropout the
-        sequences a sample hides are zero-filled and left out of the model's mixing and of their heads' losses."""
+        sequences a sample hides are zero-filled and left out of the model's mixing and of their heads' losses; in
+        paired mode the images stay whole and the subset view leaves the hidden sequences out alike."""
         device = self.ctx.device
         images = batch["image"].to(device, non_blocking=True)
         present, subset_view = self.draw_present(images.shape[0])
