@@ -137,12 +137,11 @@ class Trainer:
         self.sequence_subsets = (proper_subsets(model.config.n_modalities, ctx.device) if args.sequence_dropout
                                  else None)
         self.paired_views = (self.sequence_subsets is not None
-                             and getattr(args, "sequence_dropout_mode", "replace") != "replace")
+                             and getattr(args, "sequence_dropout_mode", "replace") == "paired")
         if self.paired_views:
-            logger.info("--sequence_dropout %g, %s: every training sample is seen complete and with one of the %d "
+            logger.info("--sequence_dropout %g, paired: every training sample is seen complete and with one of the %d "
                         "non-empty proper subsets of its sequences (drawn alike), whose loss weighs %g",
-                        args.sequence_dropout, args.sequence_dropout_mode, len(self.sequence_subsets),
-                        args.sequence_dropout)
+                        args.sequence_dropout, len(self.sequence_subsets), args.sequence_dropout)
         elif self.sequence_subsets is not None:
             logger.info("--sequence_dropout %g: with this probability a training sample keeps only one of the %d "
                         "non-empty proper subsets of its sequences (drawn alike)", args.sequence_dropout,
@@ -286,8 +285,7 @@ class Trainer:
         """--sequence_dropout_mode paired: the complete view's loss, as without dropout, plus --sequence_dropout
         times the subset view's (its heads and fused head; no contrastive term, its embeddings being the complete
         view's). The output returned is the complete view's; the subset view's terms are logged as subset_*."""
-        output = network(images, fused=weights.fused > 0, contrast=weights.contrast > 0, subset_view=subset_view,
-                         detach_subset_view=self.args.sequence_dropout_mode == "paired_detached")
+        output = network(images, fused=weights.fused > 0, contrast=weights.contrast > 0, subset_view=subset_view)
         complete, subset = split_views(output, images.shape[0])
         loss, terms = self.criterion(complete, labels, weights)
         subset_loss, subset_terms = self.criterion(subset, labels, weights._replace(contrast=0.0), subset_view)

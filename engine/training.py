@@ -42,14 +42,12 @@ def training_parser(description=__doc__):
                         help="probability that a training sample hides one or two of its three sequences (each of "
                              "the 6 subsets it may keep alike), so that one model segments any subset "
                              "(documentation/missing_sequences.md); I-MMSeg only. Default 0: every sample has all")
-    parser.add_argument("--sequence_dropout_mode", default="replace", choices=["replace", "paired", "paired_detached"],
+    parser.add_argument("--sequence_dropout_mode", default="replace", choices=["replace", "paired"],
                         help="replace (default): a sample drawn with --sequence_dropout's probability is seen only "
                              "with its subset. paired: every sample is seen complete, as without dropout, and also "
                              "with one subset drawn alike, from the same encoder outputs; the subset view's loss "
                              "weighs --sequence_dropout (its expected share under replace). Costs a second pass "
-                             "through CMFE, the decoders and the heads. paired_detached: paired, the subset view's "
-                             "loss kept from the encoders (but for BatchNorm's batch statistics, which the views "
-                             "share)")
+                             "through CMFE, the decoders and the heads")
     parser.add_argument("--dice_class_weights", type=class_weight_list, default=None,
                         help="soft Dice weight of each class, comma-separated, e.g. 0.5,1,2,1 to weight scar twice "
                              "(default: method.md's 0.5 for the background, 1 for the other classes)")

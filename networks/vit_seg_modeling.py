@@ -300,19 +300,16 @@ class IMMSeg(nn.Module):
             raise ValueError(f"intensity_priors and class_embeddings differ in dimension: {sorted(dims)}")
         return dims.pop()
 
-    def _encode(self, images, present=None, two_views=False, detach_second=False):
+    def _encode(self, images, present=None, two_views=False):
         """Per modality the bottleneck (after CMFE), the skips and the decoder output; the projected class features.
-        ``two_views``: the encoders' outputs are repeated for a second view of the batch, ``present`` (2B, M),
-        with ``detach_second`` cut from the encoders' graph in the second view."""
+        ``two_views``: the encoders' outputs are repeated for a second view of the batch, ``present`` (2B, M)."""
         _check_images(images, self.config.n_modalities, self.img_size)
         encoded = [transformer(images[:, m:m + 1]) for m, transformer in enumerate(self.transformers)]
         bottlenecks = [x for x, _ in encoded]
         skips = [s for _, s in encoded]
         if two_views:
-            def repeat(x):
-                return torch.cat([x, x.detach() if detach_second else x])
-            bottlenecks = [repeat(x) for x in bottlenecks]
-            skips = [[repeat(s) for s in scales] for scales in skips]
+            bottlenecks = [torch.cat([x, x]) for x in bottlenecks]
+            skips = [[torch.cat([s, s]) for s in scales] for scales in skips]
         if self.cmfe is not None:
             bottlenecks = self.cmfe(bottlenecks, self.intensity_priors, present)
         decoded = [decoder(x, s) for decoder, x, s in zip(self.decoders, bottlenecks, skips)]
@@ -336,7 +333,7 @@ class IMMSeg(nn.Module):
             modality_classes = [class_features] * len(decoded)
         return tuple(head(s, q, d) for head, s, q, d in zip(self.modality_heads, skips, modality_classes, decoded))
 
-    def forward(self, images, fused=True, contrast=True, present=None, subset_view=None, detach_subset_view=False):
+    def forward(self, images, fused=True, contrast=True, present=None, subset_view=None):
         """Eval: fused logits (B, K, H, W). Training: a SegmentationOutput; ``fused``/``contrast``
         select whether the fused head and the contrastive embeddings are computed. ``present`` (B, M) or (M,)
         bool: the sequences each sample has (the others' channels may hold anything); None: all three.
@@ -344,8 +341,7 @@ class IMMSeg(nn.Module):
         ``subset_view`` (B, M) bool, training only (--sequence_dropout_mode paired): a second view of every sample
         that has only these sequences, computed from the same encoder outputs (each encoder sees one sequence, so
         they are the same) through CMFE, the decoders and the heads. The logits then hold 2B samples, the view of
-        ``present`` first; the contrastive embeddings, which come from the encoders alone, hold the first B. With
-        ``detach_subset_view`` the second view's losses do not reach the encoders (paired_detached)."""
+        ``present`` first; the contrastive embeddings, which come from the encoders alone, hold the first B."""
         present = self._present(present, images)
         two_views = subset_view is not None
         if two_views:
@@ -353,7 +349,7 @@ class IMMSeg(nn.Module):
                 raise ValueError("subset_view is a second view for training; at inference give present")
             subset_view = check_present(subset_view, images.shape[0], self.config.n_modalities)
             present = torch.cat([torch.ones_like(subset_view) if present is None else present, subset_view])
-        bottlenecks, skips, decoded, class_features = self._encode(images, present, two_views, detach_subset_view)
+        bottlenecks, skips, decoded, class_features = self._encode(images, present, two_views)
         fused_logits = None
         if fused or not self.training:
             fused_logits = self._fused_logits(skips, decoded, class_features, present)

@@ -203,23 +203,6 @@ def test_a_paired_forward_is_the_complete_forward_beside_the_subset_forward(trai
     assert not torch.allclose(subset.fused_logits, complete.fused_logits), "the subset view hides sequences"
 
 
-@pytest.mark.parametrize("detached", [False, True], ids=["paired", "paired_detached"])
-def test_the_subset_views_loss_reaches_the_encoders_unless_detached(trained, tiny_config, detached):
-    model = frozen_training_mode(copy.deepcopy(trained))  # training-mode BatchNorm couples the two views
-    images, labels = make_batch(2, seed=9)
-    subset_view = present_mask(("bSSFP", "LGE"), batch_size=2)
-    output = model(images, subset_view=subset_view, detach_subset_view=detached)
-    _, subset = split_views(output, 2)
-    loss, _ = IMMSegLoss(4, tiny_config.contrast)(subset, labels, loss_weights(epoch=150)._replace(contrast=0.0),
-                                                  subset_view)
-    loss.backward()
-
-    def reached(module):
-        return any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters())
-    assert reached(model.cmfe) and reached(model.decoders[0]) and reached(model.fused_head)
-    assert [reached(t) for t in model.transformers] == ([False] * 3 if detached else [True, True, False])
-
-
 def test_a_paired_view_is_for_training_and_needs_a_valid_mask(trained):
     images, _ = make_batch(2)
     with pytest.raises(ValueError, match="second view for training"):
@@ -437,7 +420,7 @@ def test_train_refuses_a_sequence_dropout_it_cannot_honour(flags, message, capsy
     assert train_script.parse_args([*TINY_TRAIN_FLAGS, "--model", "transunet_early"]).sequence_dropout == 0.0
 
 
-@pytest.mark.parametrize("mode", ["replace", "paired", "paired_detached"])
+@pytest.mark.parametrize("mode", ["replace", "paired"])
 def test_a_run_with_sequence_dropout_trains_and_records_it(phantom, mode):
     root, priors = phantom
     run = root / f"dropout_run_{mode}"
