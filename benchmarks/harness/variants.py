@@ -48,6 +48,8 @@ VARIANTS = {
     "immseg_seqdrop12": Variant("I-MMSeg, sequence dropout 0.125", ("--sequence_dropout", "0.125"), "biomedclip"),
     "immseg_seqpair": Variant("I-MMSeg, sequence dropout 0.5 paired (every sample also seen complete)",
                               ("--sequence_dropout", "0.5", "--sequence_dropout_mode", "paired"), "biomedclip"),
+    "immseg_seqpair25": Variant("I-MMSeg, sequence dropout 0.25 paired (every sample also seen complete)",
+                                ("--sequence_dropout", "0.25", "--sequence_dropout_mode", "paired"), "biomedclip"),
     **{f"transunet_early_{'_'.join(pair).lower()}": Variant(
         f"TransUNet, early fusion of {' and '.join(pair)}", ("--model", "transunet_early", "--input_sequences",
                                                              ",".join(pair)))
