@@ -111,3 +111,66 @@ class SequenceSubset(torch.nn.Module):
     def head_logits(self, images):
         images, mask = self._inputs(images)
         return self.model.head_logits(images, **mask)
+
+
+class SubsetBatchNorm2d(torch.nn.Module):
+    """BatchNorm with statistics and affine parameters of its own for the samples that lack a sequence
+    (--subset_batchnorm): samples with every sequence are normalised by ``complete``, the others by ``subset``,
+    so that the subsets' feature statistics (sequences left out of a fusion shift them) never reach the
+    normalisation of complete samples, in training or after. The model sets ``subset_rows`` (B,) bool for each
+    forward (None: every sample is complete, and this is ``complete`` alone)."""
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1):
+        super().__init__()
+        self.complete = torch.nn.BatchNorm2d(num_features, eps=eps, momentum=momentum)
+        self.subset = torch.nn.BatchNorm2d(num_features, eps=eps, momentum=momentum)
+        self.subset_rows = None
+
+    def forward(self, x):
+        rows = self.subset_rows
+        if rows is None:
+            return self.complete(x)
+        return torch.where(rows[:, None, None, None], masked_batch_norm(x, rows, self.subset),
+                           masked_batch_norm(x, ~rows, self.complete))
+
+
+def masked_batch_norm(x, rows, norm):
+    """``norm`` (a BatchNorm2d) applied to the samples ``rows`` (B,) bool of ``x`` as if the batch held only them;
+    the other samples' outputs are meaningless. In training the batch statistics and the running averages come from
+    those samples alone (left as they were when there is none), computed without indexing the batch, so the host
+    never waits for the device; in eval mode this is ``norm(x)``."""
+    if not norm.training:
+        return norm(x)
+    values = x.float()
+    weight = rows.to(values.dtype)[:, None, None, None]
+    count = rows.sum() * (x.shape[2] * x.shape[3])
+    samples = count.clamp(min=1).to(values.dtype)
+    mean = (values * weight).sum(dim=(0, 2, 3)) / samples
+    centred = values - mean[None, :, None, None]
+    variance = (centred * centred * weight).sum(dim=(0, 2, 3)) / samples
+    with torch.no_grad():
+        seen = count > 0
+        unbiased = variance * samples / (samples - 1).clamp(min=1)
+        norm.running_mean.copy_(torch.where(seen, torch.lerp(norm.running_mean, mean, norm.momentum),
+                                            norm.running_mean))
+        norm.running_var.copy_(torch.where(seen, torch.lerp(norm.running_var, unbiased, norm.momentum),
+                                           norm.running_var))
+        norm.num_batches_tracked.add_(seen.long())
+    scale = torch.rsqrt(variance + norm.eps) * norm.weight
+    return (centred * scale[None, :, None, None] + norm.bias[None, :, None, None]).to(x.dtype)
+
+
+def use_subset_batchnorm(module):
+    """Replace every BatchNorm2d under ``module`` by a :class:`SubsetBatchNorm2d` whose two norms start as it was;
+    returns the new norms (the ones the model points at each forward)."""
+    converted = []
+    for name, child in list(module.named_children()):
+        if isinstance(child, torch.nn.BatchNorm2d):
+            replacement = SubsetBatchNorm2d(child.num_features, child.eps, child.momentum)
+            replacement.complete.load_state_dict(child.state_dict())
+            replacement.subset.load_state_dict(child.state_dict())
+            setattr(module, name, replacement)
+            converted.append(replacement)
+        else:
+            converted.extend(use_subset_batchnorm(child))
+    return converted
