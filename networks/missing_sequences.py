@@ -130,33 +130,24 @@ class SubsetBatchNorm2d(torch.nn.Module):
         rows = self.subset_rows
         if rows is None:
             return self.complete(x)
-        values = x.float()
-        if self.training:  # per-sample sums once, then each group's statistics from them
-            sums, squares = values.sum(dim=(2, 3)), (values * values).sum(dim=(2, 3))
-            complete = batch_affine(self.complete, ~rows, sums, squares, x.shape[2] * x.shape[3])
-            subset = batch_affine(self.subset, rows, sums, squares, x.shape[2] * x.shape[3])
-        else:
-            complete, subset = running_affine(self.complete), running_affine(self.subset)
-        scale, shift = (torch.where(rows[:, None], b, a) for a, b in zip(complete, subset))
-        return (values * scale[:, :, None, None] + shift[:, :, None, None]).to(x.dtype)
+        return torch.where(rows[:, None, None, None], masked_batch_norm(x, rows, self.subset),
+                           masked_batch_norm(x, ~rows, self.complete))
 
 
-def running_affine(norm):
-    """An eval-mode BatchNorm2d as a per-channel (scale, shift), each (1, C)."""
-    scale = torch.rsqrt(norm.running_var + norm.eps) * norm.weight
-    return scale[None], (norm.bias - norm.running_mean * scale)[None]
-
-
-def batch_affine(norm, rows, sums, squares, pixels):
-    """A training-mode BatchNorm2d of the samples ``rows`` (B,) bool alone as a per-channel (scale, shift), each
-    (1, C), from per-sample sums (B, C) of the values and of their squares over ``pixels`` pixels each; updates
-    ``norm``'s running averages from those samples (left as they were when there is none). No indexing of the
-    batch: the host never waits for the device."""
-    weight = rows.to(sums.dtype)
-    count = weight.sum() * pixels
-    samples = count.clamp(min=1)
-    mean = weight @ sums / samples
-    variance = (weight @ squares / samples - mean * mean).clamp(min=0)
+def masked_batch_norm(x, rows, norm):
+    """``norm`` (a BatchNorm2d) applied to the samples ``rows`` (B,) bool of ``x`` as if the batch held only them;
+    the other samples' outputs are meaningless. In training the batch statistics and the running averages come from
+    those samples alone (left as they were when there is none), computed without indexing the batch, so the host
+    never waits for the device; in eval mode this is ``norm(x)``."""
+    if not norm.training:
+        return norm(x)
+    values = x.float()
+    weight = rows.to(values.dtype)[:, None, None, None]
+    count = rows.sum() * (x.shape[2] * x.shape[3])
+    samples = count.clamp(min=1).to(values.dtype)
+    mean = (values * weight).sum(dim=(0, 2, 3)) / samples
+    centred = values - mean[None, :, None, None]
+    variance = (centred * centred * weight).sum(dim=(0, 2, 3)) / samples
     with torch.no_grad():
         seen = count > 0
         unbiased = variance * samples / (samples - 1).clamp(min=1)
@@ -166,7 +157,7 @@ def batch_affine(norm, rows, sums, squares, pixels):
                                            norm.running_var))
         norm.num_batches_tracked.add_(seen.long())
     scale = torch.rsqrt(variance + norm.eps) * norm.weight
-    return scale[None], (norm.bias - mean * scale)[None]
+    return (centred * scale[None, :, None, None] + norm.bias[None, :, None, None]).to(x.dtype)
 
 
 def use_subset_batchnorm(module):
