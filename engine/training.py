@@ -48,10 +48,6 @@ def training_parser(description=__doc__):
                              "with one subset drawn alike, from the same encoder outputs; the subset view's loss "
                              "weighs --sequence_dropout (its expected share under replace). Costs a second pass "
                              "through CMFE, the decoders and the heads")
-    parser.add_argument("--subset_batchnorm", action="store_true",
-                        help="with --sequence_dropout: every BatchNorm keeps statistics and affine parameters of its "
-                             "own for samples that lack a sequence, so that those never shift the normalisation of "
-                             "complete samples (recorded in the model's configuration)")
     parser.add_argument("--subset_targets", default="labels", choices=["labels", "complete"],
                         help="with --sequence_dropout_mode paired, what the subset view's heads learn: the labels "
                              "(default), or the complete view's prediction of the same head (its probabilities, "
@@ -119,8 +115,6 @@ def check_sequence_dropout(parser, args):
     if args.sequence_dropout_mode != "replace" and not args.sequence_dropout:
         parser.error(f"--sequence_dropout_mode {args.sequence_dropout_mode} needs --sequence_dropout above 0 (the "
                      "weight of the subset view's loss)")
-    if args.subset_batchnorm and not args.sequence_dropout:
-        parser.error("--subset_batchnorm needs --sequence_dropout above 0 (without it no sample lacks a sequence)")
     if args.subset_targets != "labels" and args.sequence_dropout_mode != "paired":
         parser.error(f"--subset_targets {args.subset_targets} needs --sequence_dropout_mode paired (the complete "
                      "view it learns from)")
@@ -157,8 +151,6 @@ def prepare_priors(args, ctx):
 def build(args, ctx):
     priors = prepare_priors(args, ctx)
     config = build_config(args, text_dim=priors.dim if priors is not None else None)
-    if getattr(args, "subset_batchnorm", False):
-        config.subset_batchnorm = True
     model = build_model(args.model, config, args.img_size, args.num_classes,
                         priors.intensity if priors is not None else None,
                         priors.classes if priors is not None else None, args.modality, args.input_sequences)

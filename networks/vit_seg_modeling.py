@@ -9,7 +9,6 @@ In eval mode they return class logits (B, K, H, W); in training mode a
 :class:`SegmentationOutput` with what the losses need. ``IMMSeg`` also runs on any non-empty subset of the
 sequences (``present``, see ``networks.missing_sequences``); the baselines, which stack them, do not.
 """
-import contextlib
 import logging
 import math
 from typing import NamedTuple, Optional, Tuple
@@ -24,7 +23,7 @@ from datasets.vocabulary import MODALITIES
 from . import vit_seg_configs as configs
 from .immseg_modules import (ClassFeatureModulation, ConcatFusion, ContrastProjection, CrossModalFeatureEnhancement,
                              DynamicClassHead)
-from .missing_sequences import check_present, use_subset_batchnorm, zero_hidden
+from .missing_sequences import check_present, zero_hidden
 from .npz_weights import NpzReader, conv_kernel, dense_kernel, flat, resize_position_embedding
 from .vit_seg_modeling_resnet_skip import ResNetV2
 
@@ -279,9 +278,6 @@ class IMMSeg(nn.Module):
                                                       for _ in range(num_modalities))
             self.anchor_projections = nn.ModuleList(nn.Sequential(nn.Linear(text_dim, d), nn.ReLU(inplace=True))
                                                     for d in dims)
-        # --subset_batchnorm: every BatchNorm (CMFE's fusions, the decoders, the fused head's fusions) keeps
-        # statistics of its own for samples that lack a sequence
-        self._subset_norms = use_subset_batchnorm(self) if config.get("subset_batchnorm", False) else []
 
     def _register_text(self, config, num_modalities, num_classes, intensity_priors, class_embeddings):
         expected = {"intensity_priors": num_modalities, "class_embeddings": num_classes}
@@ -326,18 +322,6 @@ class IMMSeg(nn.Module):
         fused_skips = [fusion(list(scale)) for fusion, scale in zip(self.skip_fusions, zip(*skips))]
         return self.fused_head(fused_skips, class_features, self.decoder_fusion(decoded))
 
-    @contextlib.contextmanager
-    def _normalising(self, present):
-        """Within the block the subset BatchNorms (--subset_batchnorm) know which samples lack a sequence."""
-        rows = None if present is None or not self._subset_norms else ~present.all(dim=1)
-        for norm in self._subset_norms:
-            norm.subset_rows = rows
-        try:
-            yield
-        finally:
-            for norm in self._subset_norms:
-                norm.subset_rows = None
-
     def _present(self, present, images):
         """``present`` checked (a sample without any sequence is refused at inference, where checking is cheap)."""
         return check_present(present, images.shape[0], self.config.n_modalities, require_one=not self.training)
@@ -365,11 +349,10 @@ class IMMSeg(nn.Module):
                 raise ValueError("subset_view is a second view for training; at inference give present")
             subset_view = check_present(subset_view, images.shape[0], self.config.n_modalities)
             present = torch.cat([torch.ones_like(subset_view) if present is None else present, subset_view])
-        with self._normalising(present):
-            bottlenecks, skips, decoded, class_features = self._encode(images, present, two_views)
-            fused_logits = None
-            if fused or not self.training:
-                fused_logits = self._fused_logits(skips, decoded, class_features, present)
+        bottlenecks, skips, decoded, class_features = self._encode(images, present, two_views)
+        fused_logits = None
+        if fused or not self.training:
+            fused_logits = self._fused_logits(skips, decoded, class_features, present)
         if not self.training:
             return fused_logits
         modality_logits = self._modality_logits(bottlenecks, skips, decoded, class_features)
@@ -386,11 +369,10 @@ class IMMSeg(nn.Module):
         (named by its sequence; trained beside the fused head, not used for prediction by the method). With
         ``present``, as in ``forward``; the head of a sequence a sample lacks gives meaningless logits for it."""
         present = self._present(present, images)
-        with self._normalising(present):
-            bottlenecks, skips, decoded, class_features = self._encode(images, present)
-            fused_logits = self._fused_logits(skips, decoded, class_features, present)
+        bottlenecks, skips, decoded, class_features = self._encode(images, present)
         modality_logits = self._modality_logits(bottlenecks, skips, decoded, class_features)
-        return {"fused": fused_logits, **dict(zip(MODALITIES[:self.config.n_modalities], modality_logits))}
+        return {"fused": self._fused_logits(skips, decoded, class_features, present),
+                **dict(zip(MODALITIES[:self.config.n_modalities], modality_logits))}
 
     def load_from(self, weights, source="npz"):
         """Load Google's R50-ViT-B_16 npz (a mapping of key -> array) into all three encoders."""

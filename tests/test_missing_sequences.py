@@ -10,12 +10,12 @@ import torch.nn.functional as F
 import train as train_script
 from conftest import IMG_SIZE, TINY_TRAIN_FLAGS, make_batch, make_model, train_tiny_run, write_phantom_training_data
 from datasets.vocabulary import MODALITIES
-from engine.checkpoints import load_checkpoint, model_from_spec, trained_sequence_dropout
+from engine.checkpoints import load_checkpoint, trained_sequence_dropout
 from engine.distributed import rng_state, set_rng_state, setup_distributed
 from engine.options import resolve_device_defaults
 from networks.inference import fuse_for_inference
-from networks.missing_sequences import (SubsetBatchNorm2d, draw_present, draw_subset_views, hide_sequences,
-                                        masked_batch_norm, present_mask, proper_subsets, split_views)
+from networks.missing_sequences import (draw_present, draw_subset_views, hide_sequences, present_mask,
+                                        proper_subsets, split_views)
 from networks.vit_seg_configs import get_config
 from networks.vit_seg_modeling import SegmentationOutput, TransUNetBaseline
 from utils import IMMSegLoss, SegmentationLoss, loss_weights
@@ -410,72 +410,6 @@ def test_every_sequence_present_gives_the_unmasked_losses(tiny_config):
         torch.testing.assert_close(masked[name], plain[name])
 
 
-# (e2) --subset_batchnorm: complete samples are normalised as if no sample lacked a sequence ---------------------
-
-def test_masked_batch_norm_is_a_batchnorm_of_the_selected_samples_alone():
-    x = torch.randn(5, 3, 4, 4) * 3 + 1
-    rows = torch.tensor([True, False, True, True, False])
-    reference = torch.nn.BatchNorm2d(3).train()
-    with torch.no_grad():
-        reference.weight.uniform_(0.5, 2)
-        reference.bias.uniform_(-1, 1)
-    norm = copy.deepcopy(reference)
-    expected = reference(x[rows])
-    output = masked_batch_norm(x, rows, norm)
-    torch.testing.assert_close(output[rows], expected, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(norm.running_mean, reference.running_mean)
-    torch.testing.assert_close(norm.running_var, reference.running_var)
-    untouched = copy.deepcopy(norm)
-    masked_batch_norm(x, torch.zeros(5, dtype=torch.bool), norm)
-    assert torch.equal(norm.running_mean, untouched.running_mean) and torch.equal(norm.running_var,
-                                                                                   untouched.running_var)
-    norm.eval()
-    assert torch.equal(masked_batch_norm(x, rows, norm), norm(x))
-
-
-def test_subset_batchnorm_routes_each_sample_to_its_norm():
-    norm = SubsetBatchNorm2d(3)
-    with torch.no_grad():
-        norm.subset.running_mean.fill_(5.0)
-    norm.eval()
-    x = torch.randn(4, 3, 2, 2)
-    assert torch.equal(norm(x), norm.complete(x)), "no rows: every sample is complete"
-    norm.subset_rows = torch.tensor([False, True, False, True])
-    output = norm(x)
-    assert torch.equal(output[[0, 2]], norm.complete(x)[[0, 2]]) and torch.equal(output[[1, 3]], norm.subset(x)[[1, 3]])
-
-
-def test_with_subset_batchnorm_the_samples_with_a_subset_leave_the_complete_ones_as_they_were(tiny_config):
-    config = copy.deepcopy(tiny_config)
-    config.subset_batchnorm = True
-    model = make_model(config).train()
-    assert not any(isinstance(module, torch.nn.BatchNorm2d) and not isinstance(parent, SubsetBatchNorm2d)
-                   for parent in model.modules() for module in parent.children())
-    images, _ = make_batch(4)
-    present = torch.tensor([[True, True, True], [True, False, True], [True, True, True], [False, True, False]])
-    other = present.clone()
-    other[[1, 3]] = torch.tensor([[False, False, True], [True, True, False]])
-    noisy = images.clone()
-    noisy[[1, 3]] = torch.randn(2, 3, IMG_SIZE, IMG_SIZE)
-    first = model(images, present=present, contrast=False)
-    second = model(noisy, present=other, contrast=False)
-    torch.testing.assert_close(first.fused_logits[[0, 2]], second.fused_logits[[0, 2]])
-    for a, b in zip(first.modality_logits, second.modality_logits):
-        torch.testing.assert_close(a[[0, 2]], b[[0, 2]])
-    assert not torch.allclose(first.fused_logits[[1, 3]], second.fused_logits[[1, 3]])
-    plain = make_model(tiny_config).train()
-    assert not torch.allclose(plain(images, present=present, contrast=False).fused_logits[[0, 2]],
-                              plain(noisy, present=other, contrast=False).fused_logits[[0, 2]]), \
-        "a plain BatchNorm mixes the batch's subsets into the complete samples' statistics"
-    assert all(norm.subset_rows is None for norm in model._subset_norms), "the rows last one forward only"
-    model.eval()
-    fused = fuse_for_inference(model, channels_last=False)
-    with torch.no_grad():
-        torch.testing.assert_close(fused(images, present=present), model(images, present=present),
-                                   rtol=1e-4, atol=1e-4)
-        assert not torch.allclose(model(images, present=present)[[1, 3]], model(images)[[1, 3]])
-
-
 # (f) train.py: the flag's range, the models that honour it, and its record -----------------------------------------
 
 @pytest.mark.parametrize("flags, message", [
@@ -487,7 +421,6 @@ def test_with_subset_batchnorm_the_samples_with_a_subset_leave_the_complete_ones
     (("--sequence_dropout_mode", "paired"), "--sequence_dropout_mode paired needs --sequence_dropout above 0"),
     (("--sequence_dropout", "0.5", "--subset_targets", "complete"),
      "--subset_targets complete needs --sequence_dropout_mode paired"),
-    (("--subset_batchnorm",), "--subset_batchnorm needs --sequence_dropout above 0"),
 ])
 def test_train_refuses_a_sequence_dropout_it_cannot_honour(flags, message, capsys):
     with pytest.raises(SystemExit):
@@ -496,25 +429,15 @@ def test_train_refuses_a_sequence_dropout_it_cannot_honour(flags, message, capsy
     assert train_script.parse_args([*TINY_TRAIN_FLAGS, "--model", "transunet_early"]).sequence_dropout == 0.0
 
 
-@pytest.mark.parametrize("mode, targets, norms", [("replace", "labels", False), ("paired", "labels", False),
-                                                  ("paired", "complete", False), ("replace", "labels", True),
-                                                  ("paired", "labels", True)])
-def test_a_run_with_sequence_dropout_trains_and_records_it(phantom, mode, targets, norms):
+@pytest.mark.parametrize("mode, targets", [("replace", "labels"), ("paired", "labels"), ("paired", "complete")])
+def test_a_run_with_sequence_dropout_trains_and_records_it(phantom, mode, targets):
     root, priors = phantom
-    run = root / f"dropout_run_{mode}_{targets}_{norms}"
+    run = root / f"dropout_run_{mode}_{targets}"
     assert train_tiny_run(root / "data", priors, run, "--max_epochs", "1", "--sequence_dropout", "0.5",
-                          "--sequence_dropout_mode", mode, "--subset_targets", targets,
-                          *(("--subset_batchnorm",) if norms else ())) == 0
+                          "--sequence_dropout_mode", mode, "--subset_targets", targets) == 0
     checkpoint = load_checkpoint(run / "last.pth")
     config = json.loads((run / "config.json").read_text())
     assert trained_sequence_dropout(checkpoint) == trained_sequence_dropout(config) == 0.5
     assert checkpoint["args"]["sequence_dropout_mode"] == config["args"]["sequence_dropout_mode"] == mode
     assert checkpoint["args"]["subset_targets"] == config["args"]["subset_targets"] == targets
-    assert checkpoint["spec"]["config"].get("subset_batchnorm", False) == norms
-    model = model_from_spec(checkpoint["spec"], checkpoint["model"])
-    model.load_state_dict(checkpoint["model"])  # strict: the saved norms are the ones the configuration builds
-    assert any(isinstance(module, SubsetBatchNorm2d) for module in model.modules()) == norms
-    if norms:
-        subset_norm = next(module.subset for module in model.modules() if isinstance(module, SubsetBatchNorm2d))
-        assert int(subset_norm.num_batches_tracked) > 0, "samples with a subset trained the subset statistics"
     assert trained_sequence_dropout({"args": {"batch_size": 4}}) == 0.0, "runs before the flag saw every sequence"
