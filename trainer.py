@@ -283,15 +283,12 @@ class Trainer:
 
     def paired_loss(self, network, images, labels, weights, subset_view):
         """--sequence_dropout_mode paired: the complete view's loss, as without dropout, plus --sequence_dropout
-        times the subset view's (its heads and fused head, against the labels or, with --subset_targets complete,
-        the complete view's predictions; no contrastive term, its embeddings being the complete view's). The output
-        returned is the complete view's; the subset view's terms are logged as subset_*."""
+        times the subset view's (its heads and fused head; no contrastive term, its embeddings being the complete
+        view's). The output returned is the complete view's; the subset view's terms are logged as subset_*."""
         output = network(images, fused=weights.fused > 0, contrast=weights.contrast > 0, subset_view=subset_view)
         complete, subset = split_views(output, images.shape[0])
         loss, terms = self.criterion(complete, labels, weights)
-        teacher = complete if getattr(self.args, "subset_targets", "labels") == "complete" else None
-        subset_loss, subset_terms = self.criterion(subset, labels, weights._replace(contrast=0.0), subset_view,
-                                                   teacher)
+        subset_loss, subset_terms = self.criterion(subset, labels, weights._replace(contrast=0.0), subset_view)
         terms.update({f"subset_{name}": value for name, value in subset_terms.items()})
         return complete, loss + self.args.sequence_dropout * subset_loss, terms
 

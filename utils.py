@@ -27,21 +27,16 @@ class DiceLoss(nn.Module):
         self.register_buffer("class_weights", torch.as_tensor(weights, dtype=torch.float32), persistent=False)
 
     def forward(self, logits, target, sample_mask=None):
-        """``target``: (B, H, W) class ids, or (B, K, H, W) class probabilities (soft targets, whose squares the
-        denominator sums as it does the probabilities'). ``sample_mask`` (B,) bool: the samples that count, as if
-        the batch held only them (None: all). Without any, every class scores a perfect Dice (loss 0)."""
+        """``sample_mask`` (B,) bool: the samples that count, as if the batch held only them (None: all). Without
+        any, every class scores a perfect Dice (loss 0)."""
         probs = logits.float().softmax(dim=1)
-        if target.is_floating_point():
-            reference = target.to(probs.dtype)
-        else:
-            reference = F.one_hot(target, self.num_classes).permute(0, 3, 1, 2).to(probs.dtype)
+        one_hot = F.one_hot(target, self.num_classes).permute(0, 3, 1, 2).to(probs.dtype)
         if sample_mask is not None:  # zeros rather than indexing the batch: no wait for the device
             keep = sample_mask[:, None, None, None]
-            probs, reference = torch.where(keep, probs, 0), torch.where(keep, reference, 0)
+            probs, one_hot = torch.where(keep, probs, 0), torch.where(keep, one_hot, 0)
         dims = (0, 2, 3)
-        intersect = (probs * reference).sum(dims)
-        reference_sum = (reference * reference).sum(dims) if target.is_floating_point() else reference.sum(dims)
-        denominator = (probs * probs).sum(dims) + reference_sum
+        intersect = (probs * one_hot).sum(dims)
+        denominator = (probs * probs).sum(dims) + one_hot.sum(dims)
         dice = (2 * intersect + self.smooth) / (denominator + self.smooth)
         return ((1 - dice) * self.class_weights).sum() / self.num_classes
 
@@ -56,10 +51,8 @@ class SegmentationLoss(nn.Module):
         self.dice = DiceLoss(num_classes, class_weights)
 
     def forward(self, logits, target, sample_mask=None):
-        """``target``: class ids or class probabilities, as :class:`DiceLoss`'. ``sample_mask`` (B,) bool: the loss
-        of the batch of those samples only (None: all); 0, still connected to the graph, when there is none."""
-        if target.is_floating_point():
-            target = target.float()
+        """``sample_mask`` (B,) bool: the loss of the batch of those samples only (None: all); 0, still connected
+        to the graph, when there is none."""
         if sample_mask is None:
             cross_entropy = F.cross_entropy(logits.float(), target)
         else:
@@ -179,11 +172,6 @@ def loss_weights(epoch, start_contrast_epoch=20, region_fusion_start_epoch=100, 
 BASELINE_WEIGHTS = LossWeights(fused=1.0, modality=0.0, contrast=0.0)
 
 
-def soft_targets(logits):
-    """A head's logits as the class probabilities another head learns (detached; None stays None)."""
-    return None if logits is None else logits.detach().float().softmax(dim=1)
-
-
 class IMMSegLoss(nn.Module):
     """The weighted sum of the terms a :class:`LossWeights` selects.
 
@@ -192,9 +180,7 @@ class IMMSegLoss(nn.Module):
     each with its modality's ignored classes. ``dice_class_weights`` replaces the soft
     Dice's class weights of every head (default method.md's: 0.5 background, 1 the rest).
     With ``present`` (B, M) bool, a modality's head loss and contrastive loss count only the samples that have
-    the sequence (None: all). With ``teacher``, an output of the same model for the same samples, each head learns
-    the teacher's head's probabilities (detached) instead of ``labels`` (which the contrastive loss still uses).
-    Returns the total and the unweighted terms that were computed (detached, for logging).
+    the sequence (None: all). Returns the total and the unweighted terms that were computed (detached, for logging).
     """
 
     def __init__(self, num_classes, contrast_config, dice_class_weights=None):
@@ -204,17 +190,14 @@ class IMMSegLoss(nn.Module):
         self.contrast = TextAnchoredContrastiveLoss(counts, contrast_config.temperature, contrast_config.anchor_copies)
         self.ignore_classes = tuple(tuple(c) for c in contrast_config.ignore_classes)
 
-    def forward(self, output, labels, weights, present=None, teacher=None):
+    def forward(self, output, labels, weights, present=None):
         terms = {}
         sample_masks = (None,) * len(self.ignore_classes) if present is None else present.unbind(dim=1)
-        fused_target = labels if teacher is None else soft_targets(teacher.fused_logits)
-        modality_targets = ((labels,) * len(output.modality_logits) if teacher is None
-                            else tuple(soft_targets(logits) for logits in teacher.modality_logits))
         if weights.fused and output.fused_logits is not None:
-            terms["fused"] = self.segmentation(output.fused_logits, fused_target)
+            terms["fused"] = self.segmentation(output.fused_logits, labels)
         if weights.modality and output.modality_logits:
-            terms["modality"] = sum(self.segmentation(logits, target, mask) for logits, target, mask
-                                    in zip(output.modality_logits, modality_targets, sample_masks))
+            terms["modality"] = sum(self.segmentation(logits, labels, mask)
+                                    for logits, mask in zip(output.modality_logits, sample_masks))
         if weights.contrast and output.contrast_embeddings is not None:
             per_modality = [self.contrast(embeddings, labels, output.class_anchors, ignore, mask)
                             for embeddings, ignore, mask in zip(output.contrast_embeddings, self.ignore_classes,

@@ -48,10 +48,6 @@ def training_parser(description=__doc__):
                              "with one subset drawn alike, from the same encoder outputs; the subset view's loss "
                              "weighs --sequence_dropout (its expected share under replace). Costs a second pass "
                              "through CMFE, the decoders and the heads")
-    parser.add_argument("--subset_targets", default="labels", choices=["labels", "complete"],
-                        help="with --sequence_dropout_mode paired, what the subset view's heads learn: the labels "
-                             "(default), or the complete view's prediction of the same head (its probabilities, "
-                             "detached): the sample as it looks with every sequence")
     parser.add_argument("--dice_class_weights", type=class_weight_list, default=None,
                         help="soft Dice weight of each class, comma-separated, e.g. 0.5,1,2,1 to weight scar twice "
                              "(default: method.md's 0.5 for the background, 1 for the other classes)")
@@ -115,9 +111,6 @@ def check_sequence_dropout(parser, args):
     if args.sequence_dropout_mode != "replace" and not args.sequence_dropout:
         parser.error(f"--sequence_dropout_mode {args.sequence_dropout_mode} needs --sequence_dropout above 0 (the "
                      "weight of the subset view's loss)")
-    if args.subset_targets != "labels" and args.sequence_dropout_mode != "paired":
-        parser.error(f"--subset_targets {args.subset_targets} needs --sequence_dropout_mode paired (the complete "
-                     "view it learns from)")
     if args.sequence_dropout and args.model not in MISSING_SEQUENCE_MODELS:
         parser.error(f"--sequence_dropout {args.sequence_dropout} needs a model that runs on a subset of the "
                      f"sequences ({', '.join(MISSING_SEQUENCE_MODELS)}); --model {args.model} feeds its sequences "

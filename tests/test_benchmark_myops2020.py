@@ -105,15 +105,11 @@ def test_every_variant_is_a_set_of_train_py_flags(prepared):
         assert (parsed[name].augmentation, parsed[name].no_pretrain, parsed[name].img_size) == ("strong", True, 64)
     assert [name for name, args in parsed.items() if args.model == "immseg"] == [
         "immseg", "immseg_half", "immseg_scar2", "no_cmfe", "no_cfm", "no_contrast", "names_only", "offline_priors",
-        "immseg_seqdrop", "immseg_seqdrop25", "immseg_seqdrop12", "immseg_seqpair", "immseg_seqpair25",
-        "immseg_seqpair_soft"]
+        "immseg_seqdrop", "immseg_seqdrop25", "immseg_seqdrop12", "immseg_seqpair", "immseg_seqpair25"]
     assert parsed["immseg_seqdrop25"].sequence_dropout == 0.25 and parsed["immseg_seqdrop12"].sequence_dropout == 0.125
     assert (parsed["immseg_seqpair"].sequence_dropout, parsed["immseg_seqpair"].sequence_dropout_mode) == (0.5, "paired")
     pair25 = parsed["immseg_seqpair25"]
     assert (pair25.sequence_dropout, pair25.sequence_dropout_mode) == (0.25, "paired")
-    soft = parsed["immseg_seqpair_soft"]
-    assert (soft.sequence_dropout, soft.sequence_dropout_mode, soft.subset_targets) == (0.5, "paired", "complete")
-    assert parsed["immseg_seqpair"].subset_targets == "labels"
     assert parsed["immseg_seqdrop"].sequence_dropout_mode == "replace"
     assert parsed["immseg_seqdrop"].sequence_dropout == 0.5 and parsed["immseg"].sequence_dropout == 0.0
     pair = parsed["transunet_early_bssfp_t2w"]

@@ -31,52 +31,6 @@ def test_segmentation_loss_combines_cross_entropy_and_dice():
     torch.testing.assert_close(SegmentationLoss(4)(logits, labels), expected)
 
 
-def test_one_hot_probabilities_as_targets_give_the_class_ids_loss():
-    logits = torch.randn(2, 4, 8, 8)
-    labels = torch.randint(0, 4, (2, 8, 8))
-    probabilities = F.one_hot(labels, 4).permute(0, 3, 1, 2).float()
-    mask = torch.tensor([True, False])
-    for loss in (SegmentationLoss(4), DiceLoss(4)):
-        torch.testing.assert_close(loss(logits, probabilities), loss(logits, labels))
-        torch.testing.assert_close(loss(logits, probabilities, mask), loss(logits, labels, mask))
-
-
-def test_soft_dice_is_lowest_where_the_prediction_is_the_soft_target():
-    target = torch.randn(2, 4, 8, 8).softmax(dim=1)
-    matching = target.log()
-    assert DiceLoss(4)(matching, target).item() == pytest.approx(0.0, abs=1e-5)
-    assert DiceLoss(4)(matching + 0.5 * torch.randn(2, 4, 8, 8), target) > 0.01
-    expected = 0.2 * -(target * matching.log_softmax(dim=1)).sum(dim=1).mean() + 0.8 * DiceLoss(4)(matching, target)
-    torch.testing.assert_close(SegmentationLoss(4)(matching, target), expected)
-
-
-def test_a_teacher_replaces_the_labels_of_every_head_with_its_heads_probabilities(tiny_config):
-    from conftest import make_batch, make_model
-    model = make_model(tiny_config).train()
-    images, labels = make_batch(2)
-    student = model(images)
-    other = model(torch.flip(images, dims=(-1,)))
-    teacher = other._replace(fused_logits=other.fused_logits.detach().requires_grad_(),
-                             modality_logits=tuple(logits.detach().requires_grad_() for logits in other.modality_logits))
-    criterion, weights = IMMSegLoss(4, tiny_config.contrast), loss_weights(150)
-    present = torch.tensor([[True, False, True], [False, True, False]])
-    torch.manual_seed(0)  # the contrastive loss samples pixels
-    total, terms = criterion(student, labels, weights, present, teacher=teacher)
-    segmentation = SegmentationLoss(4)
-    torch.testing.assert_close(terms["fused"], segmentation(student.fused_logits,
-                                                            teacher.fused_logits.softmax(dim=1)).detach())
-    torch.testing.assert_close(terms["modality"], sum(
-        segmentation(logits, teacher_logits.softmax(dim=1), mask) for logits, teacher_logits, mask
-        in zip(student.modality_logits, teacher.modality_logits, present.unbind(dim=1))).detach())
-    torch.manual_seed(0)
-    _, with_labels = criterion(student, labels, weights, present)
-    assert with_labels["contrast"] == terms["contrast"], "the contrastive term still learns the labels"
-    total.backward()
-    assert teacher.fused_logits.grad is None and all(logits.grad is None for logits in teacher.modality_logits), \
-        "the teacher's predictions are targets, not trained"
-    assert student.fused_logits.grad_fn is not None and any(p.grad is not None for p in model.parameters())
-
-
 def test_sampling_respects_counts_ignored_classes_and_labels():
     labels = torch.zeros(2, 8, 8, dtype=torch.long)
     labels[0, :2] = 1   # 16 pixels of class 1 in image 0

@@ -304,11 +304,8 @@ def test_at_probability_one_each_sample_hides_one_or_two_sequences_zero_filled(p
     assert not all(torch.equal(calls[0][1], present) for _, present in calls), "drawn anew each step"
 
 
-@pytest.mark.parametrize("targets", ["labels", "complete"])
-def test_in_paired_mode_a_step_adds_the_weighted_loss_of_a_subset_view_to_the_plain_one(phantom, monkeypatch,
-                                                                                        targets):
-    trainer = tiny_trainer(phantom, "--sequence_dropout", "0.25", "--sequence_dropout_mode", "paired",
-                           "--subset_targets", targets)
+def test_in_paired_mode_a_step_adds_the_weighted_loss_of_a_subset_view_to_the_plain_one(phantom, monkeypatch):
+    trainer = tiny_trainer(phantom, "--sequence_dropout", "0.25", "--sequence_dropout_mode", "paired")
     batch = next(iter(trainer.loader))
     weights = loss_weights(epoch=150)
     before = copy.deepcopy(trainer.model)
@@ -331,12 +328,8 @@ def test_in_paired_mode_a_step_adds_the_weighted_loss_of_a_subset_view_to_the_pl
     assert torch.equal(draw_subset_views(4, trainer.sequence_subsets), subset_view)
     complete, subset = split_views(model_forward(before, batch["image"], subset_view=subset_view), 4)
     complete_loss, complete_terms = trainer.criterion(complete, batch["label"], weights)
-    teacher = complete if targets == "complete" else None
-    subset_loss, subset_terms = trainer.criterion(subset, batch["label"], weights._replace(contrast=0.0), subset_view,
-                                                  teacher)
+    subset_loss, subset_terms = trainer.criterion(subset, batch["label"], weights._replace(contrast=0.0), subset_view)
     torch.testing.assert_close(loss, (complete_loss + 0.25 * subset_loss).detach())
-    _, label_terms = trainer.criterion(subset, batch["label"], weights._replace(contrast=0.0), subset_view)
-    assert (label_terms["fused"] == terms["subset_fused"]) == (targets == "labels")
     assert set(terms) == {"fused", "modality", "contrast", "subset_fused", "subset_modality"}
     torch.testing.assert_close(terms["subset_fused"], subset_terms["fused"])
     torch.testing.assert_close(terms["fused"], complete_terms["fused"])
@@ -419,8 +412,6 @@ def test_every_sequence_present_gives_the_unmasked_losses(tiny_config):
     (("--sequence_dropout", "0.5", "--model", "transunet_early"), "--model transunet_early feeds its sequences"),
     (("--sequence_dropout", "0.5", "--model", "transunet_single"), "cannot leave one out"),
     (("--sequence_dropout_mode", "paired"), "--sequence_dropout_mode paired needs --sequence_dropout above 0"),
-    (("--sequence_dropout", "0.5", "--subset_targets", "complete"),
-     "--subset_targets complete needs --sequence_dropout_mode paired"),
 ])
 def test_train_refuses_a_sequence_dropout_it_cannot_honour(flags, message, capsys):
     with pytest.raises(SystemExit):
@@ -429,15 +420,14 @@ def test_train_refuses_a_sequence_dropout_it_cannot_honour(flags, message, capsy
     assert train_script.parse_args([*TINY_TRAIN_FLAGS, "--model", "transunet_early"]).sequence_dropout == 0.0
 
 
-@pytest.mark.parametrize("mode, targets", [("replace", "labels"), ("paired", "labels"), ("paired", "complete")])
-def test_a_run_with_sequence_dropout_trains_and_records_it(phantom, mode, targets):
+@pytest.mark.parametrize("mode", ["replace", "paired"])
+def test_a_run_with_sequence_dropout_trains_and_records_it(phantom, mode):
     root, priors = phantom
-    run = root / f"dropout_run_{mode}_{targets}"
+    run = root / f"dropout_run_{mode}"
     assert train_tiny_run(root / "data", priors, run, "--max_epochs", "1", "--sequence_dropout", "0.5",
-                          "--sequence_dropout_mode", mode, "--subset_targets", targets) == 0
+                          "--sequence_dropout_mode", mode) == 0
     checkpoint = load_checkpoint(run / "last.pth")
     config = json.loads((run / "config.json").read_text())
     assert trained_sequence_dropout(checkpoint) == trained_sequence_dropout(config) == 0.5
     assert checkpoint["args"]["sequence_dropout_mode"] == config["args"]["sequence_dropout_mode"] == mode
-    assert checkpoint["args"]["subset_targets"] == config["args"]["subset_targets"] == targets
     assert trained_sequence_dropout({"args": {"batch_size": 4}}) == 0.0, "runs before the flag saw every sequence"

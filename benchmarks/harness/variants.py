@@ -50,9 +50,6 @@ VARIANTS = {
                               ("--sequence_dropout", "0.5", "--sequence_dropout_mode", "paired"), "biomedclip"),
     "immseg_seqpair25": Variant("I-MMSeg, sequence dropout 0.25 paired (every sample also seen complete)",
                                 ("--sequence_dropout", "0.25", "--sequence_dropout_mode", "paired"), "biomedclip"),
-    "immseg_seqpair_soft": Variant("I-MMSeg, sequence dropout 0.5 paired, the subset view learning the complete "
-                                   "view's predictions", ("--sequence_dropout", "0.5", "--sequence_dropout_mode",
-                                                          "paired", "--subset_targets", "complete"), "biomedclip"),
     **{f"transunet_early_{'_'.join(pair).lower()}": Variant(
         f"TransUNet, early fusion of {' and '.join(pair)}", ("--model", "transunet_early", "--input_sequences",
                                                              ",".join(pair)))
