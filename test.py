@@ -1,6 +1,7 @@
 """Evaluate a trained run: per-case Dice and HD95 (mm), NIfTI predictions in the original geometry, a summary.
 
-    python test.py <the train.py flags of the run>            # finds the run folder the same way
+    python test.py <the train.py flags of the run>            # finds the run folder the same way; the flags
+                                                              # testing does not use are ignored (logged)
     python test.py --output_dir weights/TU_MyoPS2020128/<run> --checkpoint best --save_png
     python test.py --output_dir <run> --checkpoint last --ensemble <run_2> <run_3>   # probabilities averaged
     python test.py --output_dir <run> --heads fused,LGE,T2w   # I-MMSeg: average the fused and two modality heads

@@ -28,6 +28,7 @@ from engine.predictor import ensemble_probabilities
 from engine.runs import configure_logging
 from engine.test_results import (HD95_UNITS, check_results_folder, format_table, results_folder_name,
                                  results_setting, write_released_protocol)
+from engine.training import training_parser
 from networks.inference import HeadAverage, warn_if_bf16_is_emulated
 from networks.missing_sequences import SequenceSubset
 from utils import STRUCTURES, atomic_path, case_metrics, released_case_metrics, summarise
@@ -48,8 +49,14 @@ def head_list(text):
 
 def evaluation_parser(description=__doc__):
     """test.py's flags: the run flags, unset unless given (the checkpoint defines the model), and scoring's own."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="train.py's other flags are accepted and ignored (the log names them), so "
+                                            "that a training command's flags find its run folder; --overwrite and "
+                                            "--batch_slices keep the meaning given here.")
     add_run_arguments(parser, with_defaults=False)
+    parser.add_argument("--input_sequences", type=sequence_list, default=None,
+                        help="the sequences of a --model transunet_early run trained on a subset, as train.py took "
+                             "them: they name its run folder (the model itself comes from the checkpoint)")
     parser.add_argument("--checkpoint", default=None,
                         help="checkpoint file, or a name in the run folder (best, last, epoch_N); "
                              "default: best.pth if present, else last.pth")
@@ -232,13 +239,30 @@ def score_case(volume, members, args, ctx, out_dir):
 def parse_evaluation_args(argv=None, description=__doc__):
     """test.py's arguments from ``argv``, with the run folder they name (``run_dir``)."""
     parser = evaluation_parser(description)
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    args.ignored_training_flags = training_flags(parser, unknown)
     hidden_heads = [head for head in args.heads if head != "fused" and head not in args.sequences]
     if hidden_heads:
         parser.error(f"--heads {','.join(args.heads)}: the head of {', '.join(hidden_heads)} sees a sequence that "
                      f"--sequences {','.join(args.sequences)} hides")
     args.run_dir = Path(args.output_dir) if args.output_dir else run_directory(filled(args))
     return args
+
+
+def training_flags(parser, arguments):
+    """The command-line words test.py does not know, checked against train.py's flags: those of a training command
+    (--augmentation strong, --compile on, ...) are returned to be logged as ignored; anything else is an error."""
+    if not arguments:
+        return []
+    training = training_parser()
+    training.exit_on_error = False
+    try:
+        _, unknown = training.parse_known_args(arguments)
+    except argparse.ArgumentError as error:
+        parser.error(f"train.py's {error}")
+    if unknown:
+        parser.error(f"unrecognized arguments (neither test.py's nor train.py's flags): {' '.join(unknown)}")
+    return arguments
 
 
 def open_test_data(args, members):
@@ -345,6 +369,8 @@ def run_evaluation(args):
     """test.py's run: score as ``args`` (from :func:`parse_evaluation_args`) say. The exit code: 0 every case
     scored, 1 an error the log names or a case left out, 128 + N stopped by signal N."""
     configure_logging()
+    if getattr(args, "ignored_training_flags", None):
+        logger.info("train.py's flags that testing does not use, ignored: %s", " ".join(args.ignored_training_flags))
     try:
         with torch.inference_mode(), StopRequest("case") as args.stop:
             _, failures = evaluate(args)

@@ -181,6 +181,10 @@ def test_run_folder_names_follow_the_cap_and_test_finds_the_training_folder():
     assert run_directory(filled(test_script.parse_args(["--max_iterations", "20000"]))) == capped
     assert run_directory(train_script.parse_args(["--max_iterations", "1500"])).name.startswith(
         "TU_pretrain_R50-ViT-B_16_skip3_1500it_")
+    early_pair = ["--model", "transunet_early", "--input_sequences", "bSSFP,LGE", "--augmentation", "strong"]
+    trained = run_directory(train_script.parse_args(early_pair))
+    assert trained.name.endswith("_transunet_early-bSSFP-LGE")
+    assert run_directory(filled(test_script.parse_args(early_pair))) == trained, "test.py finds it by the same flags"
 
 
 # 4. one vocabulary ---------------------------------------------------------------------------------------------

@@ -129,6 +129,22 @@ def test_test_script_refuses_contradicting_flags(workspace, caplog):
     assert test_script.main(["--output_dir", str(run), "--checkpoint", str(run / "absent.pth")]) == 1
 
 
+def test_test_script_takes_the_training_command_and_ignores_what_it_does_not_use(workspace, caplog):
+    run = workspace / "other"
+    if not (run / "last.pth").is_file():
+        assert train_script.main(train_args(workspace, "other", *ONE_EPOCH)) == 0
+    training_command = train_args(workspace, "other", *ONE_EPOCH, "--augmentation", "strong", "--compile", "off",
+                                  "--sequence_dropout", "0", "--prior_encoder", "offline")
+    caplog.set_level("INFO")
+    out = workspace / "scored_with_training_flags"
+    assert test_script.main([*training_command, "--test_save_dir", str(out)]) == 0
+    assert (out / "summary.json").is_file()
+    ignored = next(r.getMessage() for r in caplog.records if "testing does not use, ignored" in r.getMessage())
+    assert "--augmentation strong" in ignored and "--prior_embeddings" in ignored and "--dataset" not in ignored
+    with pytest.raises(SystemExit):
+        test_script.parse_args([*training_command, "--augmentaton", "strong"])  # neither script's flag
+
+
 def test_two_process_ddp_on_cpu(workspace):
     run = workspace / "ddp"
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
