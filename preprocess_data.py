@@ -1,7 +1,7 @@
 """Turn multi-sequence NIfTI volumes into the training slices and test volumes that train.py and test.py read.
 
-    python preprocess_data.py --dataset MyoPS2020 --src_path ../shared/data/myops2020 --dst_path data/MyoPS2020
-    python preprocess_data.py --dataset MyoPS380 --src_path MyoPS380_dataset --dst_path data/MyoPS380 --test_every 5
+    python preprocess_data.py --dataset MyoPS2020 --src_path path/to/MyoPS2020 --dst_path data/MyoPS2020
+    python preprocess_data.py --dataset MyoPS380 --src_path path/to/MyoPS380_dataset --dst_path data/MyoPS380 --test_every 5
     python preprocess_data.py --dataset Phantom --src_path data/phantom_raw --dst_path data/Phantom --phantom_cases 24
 
 Per case: check that the three sequences and the label share shape and geometry,

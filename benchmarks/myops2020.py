@@ -1,7 +1,7 @@
 """Cross-validated MyoPS 2020 benchmark: I-MMSeg, its ablations and the TransUNet baselines at equal compute.
 
-    python benchmarks/myops2020.py split --src ../shared/data/myops2020 --split_file data/myops2020_split.json
-    python benchmarks/myops2020.py prepare --src ../shared/data/myops2020 --split_file data/myops2020_split.json \
+    python benchmarks/myops2020.py split --src path/to/MyoPS2020 --split_file data/myops2020_split.json
+    python benchmarks/myops2020.py prepare --src path/to/MyoPS2020 --split_file data/myops2020_split.json \
         --data data/myops2020_1mm_176
     python benchmarks/myops2020.py run --data data/myops2020_1mm_176 --out runs/myops2020_benchmark \
         --variant immseg --fold 0 --budget_minutes 42 --biomedclip_priors priors/embeddings/biomedclip_released.pt

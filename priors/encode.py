@@ -2,7 +2,7 @@
 
     python -m priors.encode --encoder biomedclip --prompts priors/prompts/intensity.json --out priors/embeddings/biomedclip_intensity.pt
     python -m priors.encode --encoder offline --prompts priors/prompts/intensity.json --out priors/embeddings/offline_intensity.pt
-    python -m priors.encode --import ../shared/priors/biomedclip_released_prompts.pt --encoder biomedclip \
+    python -m priors.encode --import path/to/embeddings.pt --encoder biomedclip \
         --origin "BiomedCLIP features of the review release's prompts" --out priors/embeddings/biomedclip_released.pt
     python -m priors.encode --show priors/embeddings/offline_intensity.pt
 """
