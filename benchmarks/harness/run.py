@@ -156,7 +156,8 @@ def check_budget_flags(options, variant_names):
         if tuple(options.sequences) != MODALITIES and options.missing == "leave_out" and (
                 "--sequence_dropout" not in variant.flags):
             raise BenchmarkError(f"--sequences {','.join(options.sequences)}: {name} was not trained to leave a "
-                                 "sequence out (only the immseg_seqdrop variants are); score it with --missing zero_fill")
+                                 "sequence out (only variants trained with --sequence_dropout are: immseg_seqdrop*, "
+                                 "immseg_seqpair*); score it with --missing zero_fill")
         if options.fused_start_epoch is not None and baseline:
             raise BenchmarkError(f"--fused_start_epoch: {name} has no fused head (only I-MMSeg's variants "
                                  "train one)")
