@@ -76,7 +76,8 @@ def parse_args(argv=None):
     commands = parser.add_subparsers(dest="command", required=True)
     step = commands.add_parser("benchmark_step", help="the benchmark's timing of a training iteration")
     step.add_argument("--checkout", type=Path, required=True, help="the repository whose code is timed")
-    step.add_argument("--scratch", type=Path, default=Path("/tmp"), help="where the timing's run folder goes")
+    step.add_argument("--scratch", type=Path, default=Path("/tmp"),
+                      help="where the timing's run folder goes (default: /tmp)")
     step.add_argument("--warmup_steps", type=int, default=3)
     step.add_argument("--timed_steps", type=int, default=8)
     step.add_argument("train_flags", nargs=argparse.REMAINDER, help="-- then train.py's flags")

@@ -354,7 +354,8 @@ def parse_args(argv=None):
     parser.add_argument("--fold", type=int, required=True)
     parser.add_argument("--budget_minutes", type=float, required=True, help="wall-clock training budget")
     parser.add_argument("--nnunet_venv", type=Path, default=ROOT / ".venv-nnunet",
-                        help="environment with nnU-Net (benchmarks/requirements-nnunet.txt)")
+                        help="environment with nnU-Net (benchmarks/requirements-nnunet.txt); default: .venv-nnunet "
+                             "in the repository")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "mps"], help="nnUNetv2_train -device")
     parser.add_argument("--processes", type=int, default=2,
                         help="nnU-Net's processes for planning, preprocessing and exporting predictions")
