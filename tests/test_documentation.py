@@ -251,3 +251,19 @@ def test_no_document_or_source_file_points_outside_the_repository():
                  for number, line in enumerate(path.read_text().splitlines(), 1) if OUTSIDE in line]
     assert not offending, "paths outside the repository (use a placeholder such as path/to/MyoPS2020):\n" + \
         "\n".join(offending)
+
+
+def test_every_test_the_documents_name_exists():
+    """reliability.md and the others back their guarantees with named tests: each must be there."""
+    defined = {name for path in (ROOT / "tests").glob("test_*.py")
+               for name in re.findall(r"^def (test_\w+)", path.read_text(), re.M)}
+    named = set()
+    for path in DOCUMENTS:
+        text = path.read_text()
+        named.update(re.findall(r"`(test_\w+)`", text))
+        for file_name, test_name in re.findall(r"`(tests/test_\w+\.py)(?:::(\w+))?`", text):
+            assert (ROOT / file_name).is_file(), f"{path.name} names {file_name}, which does not exist"
+            if test_name:
+                named.add(test_name)
+    assert named, "no test names found: the pattern no longer matches the documents"
+    assert not named - defined, f"the documents name tests that do not exist: {sorted(named - defined)}"
