@@ -267,3 +267,26 @@ def test_every_test_the_documents_name_exists():
                 named.add(test_name)
     assert named, "no test names found: the pattern no longer matches the documents"
     assert not named - defined, f"the documents name tests that do not exist: {sorted(named - defined)}"
+
+
+def heading_anchors(path):
+    """GitHub's anchors of a Markdown file's headings: lower case, punctuation dropped, spaces as hyphens."""
+    anchors = set()
+    for heading in re.findall(r"^#+ (.+)$", re.sub(r"```.*?```", "", path.read_text(), flags=re.S), re.M):
+        anchors.add(re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-"))
+    return anchors
+
+
+def test_every_relative_link_of_the_documents_reaches_its_file_and_heading():
+    broken = []
+    for path in [*DOCUMENTS, ROOT / "benchmarks" / "results" / "RESULTS.md"]:
+        for target in re.findall(r"\]\(([^)\s]+)\)", path.read_text()):
+            if re.match(r"[a-z]+:", target):
+                continue  # a web address
+            file_part, _, anchor = target.partition("#")
+            linked = (path.parent / file_part).resolve() if file_part else path
+            if not linked.exists():
+                broken.append(f"{path.name}: {target} (no such file)")
+            elif anchor and linked.suffix == ".md" and anchor not in heading_anchors(linked):
+                broken.append(f"{path.name}: {target} (no such heading)")
+    assert not broken, "\n".join(broken)
