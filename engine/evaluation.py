@@ -98,7 +98,7 @@ def evaluation_parser(description=__doc__):
                              "crop size, intensity scaling, sequence order), with a warning instead of an error")
     parser.add_argument("--protocol", default="ours", choices=["ours", "released"],
                         help="released: also score the processed-grid predictions as the review release's test.py "
-                             "does (HD95 in pixels; see README) -> summary_released_protocol.json")
+                             "does (HD95 in pixels; documentation/evaluation.md) -> summary_released_protocol.json")
     return parser
 
 

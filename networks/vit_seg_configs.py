@@ -37,7 +37,7 @@ SWITCH_DEFAULTS = {
     "contrast.anchor_copies": 1,  # times each class anchor enters the contrastive loss
 }
 
-# What the released review code does (read from its networks/ and utils.py; see README).
+# What the released review code does (read from its networks/ and utils.py; documentation/release_differences.md).
 RELEASE_SWITCHES = {
     "resnet.input_repeat": 3,
     "resnet.pool_padding": 0,
@@ -181,8 +181,8 @@ def get_compact_config():
 def get_compact_half_config():
     """``compact`` with half the ResNet width, half the decoder channels and 64 (not 96) channels in the
     decoder's first convolution; the transformer, the text projections and the contrastive dimensions stay. On a
-    2-core CPU, I-MMSeg's bf16 step at batch 8 and 128 px takes 0.5-0.6 of ``compact``'s (README, MyoPS 2020
-    benchmark)."""
+    2-core CPU, I-MMSeg's bf16 step at batch 8 and 128 px takes 0.5-0.6 of ``compact``'s (the MyoPS 2020 benchmark:
+    benchmarks/results/notes/2026-11-30_half-width-immseg.md)."""
     config = get_compact_config()
     config.name = "compact-half"
     config.resnet.width_factor = 0.125

@@ -1,5 +1,5 @@
-"""What the benchmark trains: the recipe (README's run C), the variants, the train.py flags of each, and the names
-under which a variant, its budget and its options are recorded."""
+"""What the benchmark trains: the recipe (run C of benchmarks/results/notes/myops2020-short-cpu-runs.md), the
+variants, the train.py flags of each, and the names under which a variant, its budget and its options are recorded."""
 from dataclasses import dataclass
 from pathlib import Path
 
