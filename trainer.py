@@ -28,7 +28,7 @@ from engine.checkpoints import (CHECKPOINT_FORMAT, CheckpointError, TrainState, 
 from engine.distributed import (PositionSeededSampler, SeededAugmentation, StopRequest, TrainingInterrupted,
                                 all_rng_states, leave_stop_signals_to_the_trainer, rng_state, seed_everything,
                                 set_rng_state, setup_distributed)
-from engine.options import resolve_device_defaults, run_directory
+from engine.options import device_path, resolve_device_defaults, run_directory
 from engine.runs import (check_run_folder, configure_logging, git_commit, plain_values, run_folder_lock,
                          tensorboard_writer, write_run_config)
 from engine.training import build, open_run_folder
@@ -77,16 +77,16 @@ def poly_lr(base_lr, iteration, max_iterations):
     return base_lr * (1.0 - iteration / max_iterations) ** 0.9
 
 
-def mean_pathology_dice(model, dataset, args, device, should_stop=lambda: False):
+def mean_pathology_dice(model, dataset, args, device, should_stop=lambda: False, channels_last=False):
     """Mean over validation volumes of the mean of scar and edema Dice, in the processed grid; None when
-    ``should_stop()`` turned true after a volume (a stop signal)."""
+    ``should_stop()`` turned true after a volume (a stop signal). ``channels_last``: the model's layout."""
     scores = []
     for index in range(len(dataset)):
         if index and should_stop():
             return None
         volume = dataset[index]
         probabilities = predict_volume(model, volume["image"], args.img_size, args.batch_slices, device, args.amp,
-                                       channels_last=False)
+                                       channels_last=channels_last)
         prediction = probabilities.argmax(dim=0).numpy()
         metrics = case_metrics(prediction, volume["label"].numpy(), spacing=None)
         dice = np.asarray([metrics[name][0] for name in PATHOLOGY], dtype=np.float64)
@@ -115,8 +115,9 @@ class Trainer:
     def __init__(self, args, ctx, model, spec, run_dir, priors_provenance=None):
         self.args, self.ctx, self.spec, self.run_dir = args, ctx, spec, run_dir
         self.priors_provenance = priors_provenance
+        self.path = device_path(ctx.device)
         self.model = model.to(ctx.device)
-        if ctx.device.type == "cuda":
+        if self.path.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.preprocessing = read_preprocessing(args.root_path)
         self.train_set = MyoPSDataset(args.root_path, args.list_dir, "train")
@@ -131,8 +132,8 @@ class Trainer:
         self.optimizer = make_optimizer(self.model.parameters(), args.base_lr, args.weight_decay, ctx.device)
         self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=args.amp == "fp16")
         warn_if_bf16_is_emulated(ctx.device, args.amp, logger)
-        self.criterion = IMMSegLoss(args.num_classes, model.config.contrast,
-                                    args.dice_class_weights).to(ctx.device)
+        self.criterion = IMMSegLoss(args.num_classes, model.config.contrast, args.dice_class_weights,
+                                    self.path.fixed_size_contrast).to(ctx.device)
         # --sequence_dropout: the subsets a sample may keep, on the device (None: every sample keeps all sequences)
         self.sequence_subsets = (proper_subsets(model.config.n_modalities, ctx.device) if args.sequence_dropout
                                  else None)
@@ -209,17 +210,28 @@ class Trainer:
         self.check_epoch_position(checkpoint, path)
         load_model_state(self.model, checkpoint["model"], path)
         self.optimizer.load_state_dict(checkpoint["optimizer"])
-        self.scaler.load_state_dict(checkpoint["scaler"])
+        match_parameter_layouts(self.optimizer)
+        self.resume_scaler(checkpoint, path)
         self.state = TrainState(**checkpoint["train_state"])
         states = checkpoint["rng"]
         if len(states) == self.ctx.world_size:
-            set_rng_state(states[self.ctx.rank])
+            set_rng_state(states[self.ctx.rank], self.ctx.device)
         else:
             logger.warning("%s was saved by %d processes, this run has %d: random streams restart from the seed",
                            path, len(states), self.ctx.world_size)
         logger.info("resumed from %s at epoch %d, iteration %d%s", path, self.state.epoch, self.state.iteration,
                     f" (interrupted after step {self.state.epoch_iteration} of epoch {self.state.epoch + 1}: "
                     "it continues from there)" if checkpoint["interrupted"] else "")
+
+    def resume_scaler(self, checkpoint, path):
+        """fp16's grad scaler state, where both the checkpoint's run and this one use it. A run may continue under
+        another --amp (on another GPU, say): the scaler then starts afresh (to fp16) or is dropped (from fp16)."""
+        saved_amp = checkpoint["args"].get("amp")
+        if saved_amp not in (None, self.args.amp):
+            logger.warning("%s was trained with --amp %s; it continues with --amp %s%s", path, saved_amp, self.args.amp,
+                           {"fp16": " (fp16's grad scaler starts from its initial scale)"}.get(self.args.amp, ""))
+        if self.scaler.is_enabled() and checkpoint["scaler"]:
+            self.scaler.load_state_dict(checkpoint["scaler"])
 
     def check_epoch_position(self, checkpoint, path):
         """A checkpoint saved mid-epoch counts its position in steps of its own global batch: continuing it with
@@ -301,27 +313,17 @@ class Trainer:
         images = batch["image"].to(device, non_blocking=True)
         present, subset_view = self.draw_present(images.shape[0])
         images = hide_sequences(images, present)
-        if device.type == "cuda":
+        if self.path.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         labels = batch["label"].to(device, non_blocking=True)
         lr = poly_lr(self.args.base_lr, self.state.iteration, self.max_iterations)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         first_compiled_step = self.compile_mode != "off" and weights not in self.compiled_stages
-        random_state = rng_state() if first_compiled_step else None
-        try:
-            output, loss, terms = self.forward_backward(network, images, labels, weights, present, subset_view)
-        except Exception as error:  # noqa: BLE001 - any failure of compilation falls back to the eager step
-            if not first_compiled_step:
-                raise
-            logger.warning("torch.compile failed (%s: %s); training continues without compilation, as with "
-                           "--compile off", type(error).__name__, (str(error).strip().splitlines() or [""])[0][:500])
-            self.compile_mode = "off"
-            torch.compiler.set_stance("force_eager")
-            set_rng_state(random_state)
-            output, loss, terms = self.forward_backward(network, images, labels, weights, present, subset_view)
         if first_compiled_step:
-            self.compiled_stages.add(weights)
+            output, loss, terms = self.first_compiled_step(network, images, labels, weights, present, subset_view)
+        else:
+            output, loss, terms = self.forward_backward(network, images, labels, weights, present, subset_view)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.state.iteration += 1
@@ -331,10 +333,45 @@ class Trainer:
             self.read_losses()
         return output, loss, terms, lr
 
+    def first_compiled_step(self, network, images, labels, weights, present, subset_view):
+        """The first step of a stage under --compile on, which compiles what the stage runs (its time is logged).
+        Where compilation fails, the step is redone eagerly from the same random state and training goes on without
+        compilation; under DDP, where a failure in backward leaves the gradient reduction half done, the run stops
+        instead (CompilationFailed: rerun with --compile off). Running out of memory is not a compilation failure."""
+        device = images.device
+        random_state = rng_state(device)
+        start = time.perf_counter()
+        failure = None
+        try:
+            output, loss, terms = self.forward_backward(network, images, labels, weights, present, subset_view)
+        except Exception as error:  # noqa: BLE001 - any failure of compilation falls back to the eager step
+            if isinstance(error, torch.cuda.OutOfMemoryError) or isinstance(error.__cause__,
+                                                                             torch.cuda.OutOfMemoryError):
+                raise
+            failure = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:500]}"
+        self.compiled_stages.add(weights)
+        if failure is None:
+            logger.info("--compile %s: the first step of the stage %s took %.1f s (compilation included)",
+                        self.compile_mode, weights_described(weights), time.perf_counter() - start)
+            return output, loss, terms
+        # redone here, outside the except block, so that the failed attempt's tensors and traceback are freed first
+        if self.ctx.distributed:
+            raise CompilationFailed(f"torch.compile failed on rank {self.ctx.rank} ({failure}); under DDP training "
+                                    "cannot fall back to eager steps safely: rerun with --compile off")
+        logger.warning("torch.compile failed (%s); training continues without compilation, as with --compile off",
+                       failure)
+        self.compile_mode = "off"
+        torch.compiler.set_stance("force_eager")
+        set_rng_state(random_state, device)
+        return self.forward_backward(network, images, labels, weights, present, subset_view)
+
     def stop_if_requested(self):
-        """Raise TrainingInterrupted on every rank as soon as any rank has received SIGINT or SIGTERM."""
+        """Raise TrainingInterrupted on every rank once any rank has received SIGINT or SIGTERM. Under DDP the ranks
+        share the request every --log_every steps (a collective and a wait for the device), all at the same steps."""
         number = self.stop.signal_number
         if self.ctx.distributed:
+            if self.state.iteration % self.args.log_every:
+                return
             shared = torch.tensor(number, device=self.ctx.device)
             dist.all_reduce(shared, op=dist.ReduceOp.MAX)
             number = int(shared.item())
@@ -343,29 +380,33 @@ class Trainer:
 
     def read_losses(self):
         """Read the losses of the steps since the last read from the device in one transfer: stop at the first
-        non-finite one (on any rank), else log them to TensorBoard and keep the newest for the progress bar."""
+        non-finite one (on any rank), else log them to TensorBoard and keep the newest for the progress bar. Each step
+        keeps its own terms: the schedule's stages change them between two reads."""
         pending, self.pending_losses = self.pending_losses, []
         if not pending:
             return
-        names = list(pending[-1][3])
-        values = torch.stack([torch.stack([loss.float()] + [terms[name].float() for name in names])
-                              for _, _, loss, terms in pending])
-        finite = torch.isfinite(values[:, 0]).float()
+        totals = torch.stack([loss.float() for _, _, loss, _ in pending])
+        finite = torch.isfinite(totals).float()
         if self.ctx.distributed:
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-        values, finite = values.cpu().tolist(), finite.cpu().tolist()
-        for (iteration, lr, _, _), row, ok in zip(pending, values, finite):
+        values = torch.cat([finite, totals] + [terms[name].float().reshape(1) for _, _, _, terms in pending
+                                               for name in terms]).cpu().tolist()
+        finite, totals, values = values[:len(pending)], values[len(pending):2 * len(pending)], values[2 * len(pending):]
+        for (iteration, lr, _, terms), total, ok in zip(pending, totals, finite):
+            step_terms = dict(zip(terms, values[:len(terms)]))
+            values = values[len(terms):]
             if not ok:
-                described = ", ".join(f"{name} {value:.4g}" for name, value in zip(names, row[1:]))
+                described = (", ".join(f"{name} {value:.4g}" for name, value in step_terms.items())
+                             if not math.isfinite(total) else "on another process")
                 raise FloatingPointError(f"non-finite loss at epoch {self.state.epoch + 1}, iteration {iteration} "
-                                         f"({described or 'on another process'}); the last good checkpoint is kept "
+                                         f"({described}); the last good checkpoint is kept "
                                          f"in {self.run_dir}")
             if self.writer is not None:
                 self.writer.add_scalar("info/lr", lr, iteration)
-                self.writer.add_scalar("loss/total", row[0], iteration)
-                for name, value in zip(names, row[1:]):
+                self.writer.add_scalar("loss/total", total, iteration)
+                for name, value in step_terms.items():
                     self.writer.add_scalar(f"loss/{name}", value, iteration)
-        self.last_losses = (values[-1][0], dict(zip(names, values[-1][1:])))
+            self.last_losses = (total, step_terms)
 
     def log_images(self, output, batch):
         step = self.state.iteration
@@ -384,7 +425,8 @@ class Trainer:
         """The validation score, or None when a stop signal cut validation short (after the current volume)."""
         with eager_if_compiled(self.compile_mode):  # evaluation graphs are not worth their compilation
             score = mean_pathology_dice(self.model, self.val_set, self.args, self.ctx.device,
-                                        should_stop=lambda: self.stop.signal_number != 0)
+                                        should_stop=lambda: self.stop.signal_number != 0,
+                                        channels_last=self.path.channels_last)
         self.model.train()
         if self.writer is not None and score is not None:
             self.writer.add_scalar("val/mean_pathology_dice", score, self.state.iteration)
@@ -524,11 +566,33 @@ def compile_in_place(model, criterion, mode):
     return True
 
 
+class CompilationFailed(RuntimeError):
+    """torch.compile failed where training cannot fall back to eager steps (several processes)."""
+
+
+def weights_described(weights):
+    """'fused 1, modality 0.5, contrast 0.05': a stage of the schedule as the logs name it."""
+    return ", ".join(f"{name} {value:g}" for name, value in weights._asdict().items())
+
+
 def eager_if_compiled(mode):
     """A context in which compiled modules run eagerly (no compilation of evaluation graphs)."""
     if mode == "off":
         return contextlib.nullcontext()
     return torch.compiler.set_stance("force_eager")
+
+
+def match_parameter_layouts(optimizer):
+    """Give the optimizer's per-parameter state (AdamW's moments) its parameter's memory layout. A checkpoint keeps
+    the layout it was written in: on GPUs the convolutions are channels_last, on CPUs not, and the fused AdamW update
+    walks a parameter and its moments as flat memory, so moments of another layout would be applied to the wrong
+    elements, silently."""
+    for group in optimizer.param_groups:
+        for parameter in group["params"]:
+            state = optimizer.state.get(parameter, {})
+            for key, value in state.items():
+                if torch.is_tensor(value) and value.shape == parameter.shape and value.stride() != parameter.stride():
+                    state[key] = torch.empty_like(parameter, dtype=value.dtype).copy_(value)
 
 
 def make_optimizer(parameters, lr, weight_decay, device):
@@ -588,7 +652,7 @@ def train(args):
     except KeyboardInterrupt:
         return 130
     except (CheckpointError, PretrainedWeightsError, PriorFileError, PromptFileError, EncoderUnavailableError,
-            FileNotFoundError, FloatingPointError, ValueError, CheckpointWriteError) as error:
+            FileNotFoundError, FloatingPointError, ValueError, CheckpointWriteError, CompilationFailed) as error:
         logger.error("%s", error)
         return 1
     finally:

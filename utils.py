@@ -1,5 +1,6 @@
 """Losses and schedule of I-MMSeg (method.md), evaluation metrics, and atomic file writing."""
 import contextlib
+import functools
 import math
 import os
 import tempfile
@@ -105,7 +106,7 @@ class TextAnchoredContrastiveLoss(nn.Module):
             classes = torch.arange(anchor.shape[0], device=anchor.device).repeat(self.anchor_copies)
             anchor = anchor.float().repeat(self.anchor_copies, 1)
             # In float32 under any autocast: in fp16 a zero feature normalises to NaN and exp() underflows.
-            with torch.autocast(sampled.device.type, enabled=False):
+            with autocast_off(sampled.device):
                 total = total + self.supervised_contrast(
                     F.normalize(torch.cat([sampled.float(), anchor]), dim=1), torch.cat([targets, classes]),
                     torch.cat([valid, torch.ones_like(classes, dtype=torch.bool)]))
@@ -121,8 +122,9 @@ class TextAnchoredContrastiveLoss(nn.Module):
         small = small.flatten(1)
         classes = torch.arange(num_classes, device=features.device)
         member = small[:, None, :] == classes[None, :, None]
-        if ignore_classes:
-            member[:, list(ignore_classes)] = False
+        if ignore_classes:  # compared with Python numbers: no index tensor to copy to the device
+            ignored = functools.reduce(torch.logical_or, [classes == c for c in ignore_classes])
+            member = member & ~ignored[None, :, None]
         if sample_mask is not None:
             member = member & sample_mask[:, None, None]
         keys = torch.rand(small.shape, device=features.device)
@@ -153,6 +155,13 @@ class TextAnchoredContrastiveLoss(nn.Module):
         return -(per_sample * has_positive).sum() / has_positive.sum().clamp(min=1)
 
 
+def autocast_off(device):
+    """A context with autocast off on ``device`` (a device without autocast, such as ``meta``, needs none)."""
+    if not torch.amp.is_autocast_available(device.type):
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, enabled=False)
+
+
 class LossWeights(NamedTuple):
     fused: float
     modality: float
@@ -179,15 +188,17 @@ class IMMSegLoss(nn.Module):
     heads; contrast: mean over modalities of the text-anchored contrastive loss,
     each with its modality's ignored classes. ``dice_class_weights`` replaces the soft
     Dice's class weights of every head (default method.md's: 0.5 background, 1 the rest).
+    ``fixed_size_contrast``: the contrastive sampling's fixed size (TextAnchoredContrastiveLoss; None: on GPUs).
     With ``present`` (B, M) bool, a modality's head loss and contrastive loss count only the samples that have
     the sequence (None: all). Returns the total and the unweighted terms that were computed (detached, for logging).
     """
 
-    def __init__(self, num_classes, contrast_config, dice_class_weights=None):
+    def __init__(self, num_classes, contrast_config, dice_class_weights=None, fixed_size_contrast=None):
         super().__init__()
         self.segmentation = SegmentationLoss(num_classes, class_weights=dice_class_weights)
         counts = [int(s * contrast_config.sample_num) for s in contrast_config.samples_per_scale]
-        self.contrast = TextAnchoredContrastiveLoss(counts, contrast_config.temperature, contrast_config.anchor_copies)
+        self.contrast = TextAnchoredContrastiveLoss(counts, contrast_config.temperature, contrast_config.anchor_copies,
+                                                    fixed_size_contrast)
         self.ignore_classes = tuple(tuple(c) for c in contrast_config.ignore_classes)
 
     def forward(self, output, labels, weights, present=None):

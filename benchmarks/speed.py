@@ -198,6 +198,7 @@ def _time_training(torch, args, step):
 
 def build_ours(torch, args):
     """Our model, its training forward, loss and optimizer on ``args.device``, set up as trainer.py does."""
+    from engine.options import device_path
     from networks.vit_seg_configs import get_config
     from networks.vit_seg_modeling import build_model
     from trainer import make_optimizer
@@ -207,9 +208,11 @@ def build_ours(torch, args):
     model = build_model(args.model, config, args.img_size, config.n_classes,
                         torch.randn(config.n_modalities, config.text_dim),
                         torch.randn(config.n_classes, config.text_dim)).to(args.device).train()
-    memory_format = torch.channels_last if args.device == "cuda" else torch.contiguous_format  # as trainer.py
+    path = device_path(args.device)  # as trainer.py
+    memory_format = torch.channels_last if path.channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)
-    criterion = IMMSegLoss(config.n_classes, config.contrast).to(args.device)
+    criterion = IMMSegLoss(config.n_classes, config.contrast, fixed_size_contrast=path.fixed_size_contrast
+                           ).to(args.device)
     optimizer = make_optimizer(model.parameters(), 1e-3, 1e-4, torch.device(args.device))
     return model, lambda x: model(x.contiguous(memory_format=memory_format)), criterion, optimizer
 

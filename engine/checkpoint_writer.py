@@ -51,11 +51,18 @@ def tensor_bytes(tree, device_type=None):
     return total
 
 
+def cuda_bytes_available(device):
+    """Bytes a new tensor can take on ``device``: what the driver has free plus what PyTorch's caching allocator
+    holds unused (``torch.cuda.mem_get_info`` counts the latter as taken)."""
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+
+
 def snapshot(state):
     """A copy of ``state`` that later training steps cannot change: tensors cloned on their own device when it has
-    room for them (CUDA: twice their size free), else copied to host memory."""
+    room for them (CUDA: twice their size available), else copied to host memory."""
     on_cuda = tensor_bytes(state, "cuda")
-    to_host = on_cuda > 0 and torch.cuda.mem_get_info()[0] < 2 * on_cuda
+    to_host = on_cuda > 0 and cuda_bytes_available(_cuda_device(state)) < 2 * on_cuda
 
     def copy(tensor):
         tensor = tensor.detach()
@@ -133,15 +140,18 @@ class BackgroundCheckpointWriter:
         if device is not None:
             ready = torch.cuda.Event()
             ready.record(torch.cuda.current_stream(device))
-        # not a daemon: the interpreter lets a write in flight finish before it exits
-        self._thread = threading.Thread(target=self._write, args=(copy, paths, ready), name="checkpoint-writer")
+        # not a daemon: the interpreter lets a write in flight finish before it exits. The snapshot travels in a
+        # list that the thread empties, so that its device copies are freed once in host memory, not held (in the
+        # thread's arguments) until the file is written
+        self._thread = threading.Thread(target=self._write, args=([copy], paths, ready), name="checkpoint-writer")
+        del copy
         self._thread.start()
         return True
 
-    def _write(self, state, paths, ready=None):
+    def _write(self, holder, paths, ready=None):
         start = time.perf_counter()
         try:
-            state = _on_host(state, ready)
+            state = _on_host(holder.pop(), ready)
             with atomic_path(paths[0]) as temporary:
                 torch.save(state, temporary)
             for path in paths[1:]:

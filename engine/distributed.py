@@ -70,29 +70,45 @@ def seed_everything(seed, deterministic):
         torch.utils.deterministic.fill_uninitialized_memory = False
 
 
-def rng_state():
+def rng_state(device=None):
+    """This process's random streams: Python's, NumPy's, the CPU generator's and, on a GPU, that GPU's (only this
+    process's device: a checkpoint must not depend on how many GPUs the machine that wrote it could see)."""
+    device = torch.device(device or "cpu")
     numpy_state = np.random.get_state()
     return {"python": random.getstate(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
             "numpy": {"keys": torch.from_numpy(numpy_state[1].astype(np.int64)), "pos": int(numpy_state[2]),
                       "has_gauss": int(numpy_state[3]), "cached_gaussian": float(numpy_state[4])}}
 
 
-def set_rng_state(state):
+def set_rng_state(state, device=None):
+    """Restore ``state`` (of :func:`rng_state`) on this process. A GPU's stream comes from the state's GPU stream
+    (a state written before it held one per visible GPU: the entry of this device's index); a GPU run resumed from a
+    state without one (written on the CPU) restarts its GPU stream from the seed, and says so."""
+    device = torch.device(device or "cpu")
     random.setstate(state["python"])
     torch.set_rng_state(state["torch"])
-    if state["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if device.type == "cuda":
+        if isinstance(cuda, (list, tuple)):  # one state per GPU the writer could see
+            index = device.index or 0
+            cuda = cuda[index] if index < len(cuda) else None
+        if cuda is None:
+            logger.warning("the saved random state has no stream for %s (written on the CPU or on fewer GPUs): its "
+                           "random stream restarts from the seed", device)
+        else:
+            torch.cuda.set_rng_state(cuda, device)
     numpy = state["numpy"]
     np.random.set_state(("MT19937", numpy["keys"].numpy().astype(np.uint32), numpy["pos"], numpy["has_gauss"],
                          numpy["cached_gaussian"]))
 
 
 def all_rng_states(ctx):
+    """Every process's :func:`rng_state`, in rank order (rank 0 saves them all)."""
     if not ctx.distributed:
-        return [rng_state()]
+        return [rng_state(ctx.device)]
     states = [None] * ctx.world_size
-    dist.all_gather_object(states, rng_state())
+    dist.all_gather_object(states, rng_state(ctx.device))
     return states
 
 

@@ -4,12 +4,14 @@ import argparse
 import copy
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from datasets.vocabulary import MODALITIES, dataset_name
 from networks.vit_seg_configs import get_config
+from networks.inference import cuda_has_bf16_kernels
 from networks.vit_seg_modeling import MODEL_NAMES
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -33,12 +35,33 @@ ABLATIONS = {"no_cmfe": "use_cmfe", "no_cfm": "use_cfm", "no_contrast": "use_con
 CUDA_DEFAULTS = {"amp": "bf16", "deterministic": 0, "compile": "off"}
 
 
+@dataclass(frozen=True)
+class DevicePath:
+    """How training lays out its work on a device. The GPU's path: channels_last convolutions (cuDNN's fastest) and
+    contrastive sampling of a fixed size, which never waits for the device to count the pixels it found; the CPU's:
+    the plain layout and sampling that drops the empty slots (counting costs nothing there). The tests run the
+    GPU's path on the CPU (``device_path`` patched), so that every line of it runs before a GPU sees it."""
+    channels_last: bool
+    fixed_size_contrast: bool
+
+
+GPU_PATH = DevicePath(channels_last=True, fixed_size_contrast=True)
+CPU_PATH = DevicePath(channels_last=False, fixed_size_contrast=False)
+
+
+def device_path(device):
+    """GPU_PATH on a CUDA device, CPU_PATH elsewhere."""
+    return GPU_PATH if torch.device(device).type == "cuda" else CPU_PATH
+
+
 def resolve_device_defaults(args, device):
     """Fill the flags whose default depends on the device: --amp, --deterministic (and --compile, --num_workers,
-    --log_every where the script has them). Returns ``args``, changed in place."""
+    --log_every where the script has them). --amp auto is bf16 on a GPU that computes it natively, float32 on
+    the others (V100 and T4 only emulate bf16; --amp fp16 is their fast choice) and on CPUs. Returns ``args``,
+    changed in place."""
     cuda = torch.device(device).type == "cuda"
     if getattr(args, "amp", None) in (None, "auto"):
-        args.amp = CUDA_DEFAULTS["amp"] if cuda and torch.cuda.is_bf16_supported() else "none"
+        args.amp = CUDA_DEFAULTS["amp"] if cuda and cuda_has_bf16_kernels(device) else "none"
     if getattr(args, "deterministic", None) is None:
         args.deterministic = CUDA_DEFAULTS["deterministic"] if cuda else 1
     if getattr(args, "compile", "absent") in (None, "auto"):
@@ -100,8 +123,8 @@ def add_run_arguments(parser, with_defaults=True):
                         help="run folder (default: weights/TU_<dataset><img_size>/<run name>, the released naming)")
     parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     parser.add_argument("--amp", default="auto", choices=["auto", "none", "fp16", "bf16"],
-                        help="mixed precision (fp16 uses a grad scaler); auto: bf16 on a GPU that has it, "
-                             "none (float32) elsewhere")
+                        help="mixed precision (fp16 uses a grad scaler); auto: bf16 on a GPU that computes it natively "
+                             "(compute capability 8.0 or newer), none (float32) elsewhere")
     parser.add_argument("--deterministic", type=int, default=None, choices=[0, 1],
                         help="1: deterministic algorithms (bitwise-repeatable runs and resumes); 0: the fastest "
                              "algorithms (cuDNN benchmark). Default: 1 on the CPU, "

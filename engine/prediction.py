@@ -49,7 +49,8 @@ def prediction_parser(description=__doc__):
                              "default: best.pth if present, else last.pth")
     parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     parser.add_argument("--amp", default="auto", choices=["auto", "none", "fp16", "bf16"],
-                        help="mixed precision (auto: bf16 on a GPU that has it, none elsewhere)")
+                        help="mixed precision (auto: bf16 on a GPU that computes it natively, compute capability 8.0 "
+                             "or newer; none elsewhere)")
     parser.add_argument("--tta", action="store_true", help="average the predictions over the four flips")
     parser.add_argument("--postprocess", action="store_true",
                         help="keep only the largest 3-D connected component of the whole myocardium (scar and "

@@ -27,11 +27,12 @@ from networks.missing_sequences import SequenceSubset
 logger = logging.getLogger("locate_heart")
 
 
-def ensemble_probabilities(models, image, img_size, batch_slices, device, amp="none", tta=False):
-    """Class probabilities (K, Z, H, W) of a preprocessed volume (M, Z, H, W), averaged over the models (each after
-    its flip TTA with ``tta``); ``img_size``: the models' input size, or one per model."""
+def ensemble_probabilities(models, image, img_size, batch_slices, device, amp="none", tta=False,
+                           output_device="cpu"):
+    """Class probabilities (K, Z, H, W) on ``output_device`` of a preprocessed volume (M, Z, H, W), averaged over
+    the models (each after its flip TTA with ``tta``); ``img_size``: the models' input size, or one per model."""
     sizes = [img_size] * len(models) if isinstance(img_size, int) else list(img_size)
-    return sum(predict_volume(model, image, size, batch_slices, device, amp, tta=tta)
+    return sum(predict_volume(model, image, size, batch_slices, device, amp, tta=tta, output_device=output_device)
                for model, size in zip(models, sizes)) / len(models)
 
 

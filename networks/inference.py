@@ -80,13 +80,31 @@ def cpu_features():
     return {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu_bf16_kernels": cpu_has_bf16_kernels()}
 
 
+def cuda_has_bf16_kernels(device="cuda"):
+    """Whether the GPU computes bf16 natively: compute capability 8.0 or newer (A100, H100, RTX 30 and later);
+    V100, T4 and older emulate it (``torch.cuda.is_bf16_supported()`` counts that emulation as support). None where
+    no GPU is visible."""
+    if not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_capability(device) >= (8, 0)
+
+
+def has_bf16_kernels(device):
+    """cpu_has_bf16_kernels or cuda_has_bf16_kernels for ``device``."""
+    device = torch.device(device)
+    return cuda_has_bf16_kernels(device) if device.type == "cuda" else cpu_has_bf16_kernels()
+
+
 def warn_if_bf16_is_emulated(device, amp, log=logger):
-    """Log a warning when bf16 autocast is asked for on a CPU without bf16 kernels: it still runs, with every bf16
-    operation emulated, several times slower than float32 (a training step of `compact`, 8.8 times on an AVX2 CPU)."""
-    if amp == "bf16" and torch.device(device).type == "cpu" and cpu_has_bf16_kernels() is False:
-        log.warning("--amp bf16 on a CPU without bf16 kernels (PyTorch's CPU capability: %s): bf16 is emulated and "
-                       "several times slower than float32 here; use --amp none on this machine",
-                       torch.backends.cpu.get_cpu_capability())
+    """Log a warning when bf16 autocast is asked for on a device that emulates it: it still runs, with every bf16
+    operation emulated, slower than float32 (a training step of `compact`, 8.8 times on an AVX2 CPU)."""
+    device = torch.device(device)
+    if amp == "bf16" and has_bf16_kernels(device) is False:
+        where = (f"a GPU of compute capability {'.'.join(map(str, torch.cuda.get_device_capability(device)))}"
+                 if device.type == "cuda" else
+                 f"a CPU without bf16 kernels (PyTorch's CPU capability: {torch.backends.cpu.get_cpu_capability()})")
+        log.warning("--amp bf16 on %s: bf16 is emulated and several times slower than float32 here; use --amp %s "
+                    "on this machine", where, "fp16 or none" if device.type == "cuda" else "none")
 
 
 class HeadAverage(nn.Module):
@@ -109,8 +127,10 @@ FLIPS = ((), (-1,), (-2,), (-2, -1))
 
 
 @torch.inference_mode()
-def predict_slices(model, images, batch_slices=16, device="cpu", amp="none", channels_last=True, tta=False):
-    """Class probabilities (S, K, H, W) on the CPU for slices ``images`` (S, M, H, W), predicted in batches.
+def predict_slices(model, images, batch_slices=16, device="cpu", amp="none", channels_last=True, tta=False,
+                   output_device="cpu"):
+    """Class probabilities (S, K, H, W) on ``output_device`` for slices ``images`` (S, M, H, W), predicted in
+    batches on ``device``.
 
     With ``tta`` the probabilities are averaged over the four horizontal/vertical flips.
     """
@@ -127,19 +147,20 @@ def predict_slices(model, images, batch_slices=16, device="cpu", amp="none", cha
                 logits = model(flipped.contiguous(memory_format=memory_format))
             softmax = logits.float().softmax(dim=1)
             probabilities = probabilities + (softmax.flip(dims) if dims else softmax)
-        outputs.append((probabilities / len(flips)).cpu())
+        outputs.append((probabilities / len(flips)).to(output_device))
     return torch.cat(outputs)
 
 
 def predict_volume(model, volume, img_size, batch_slices=16, device="cpu", amp="none", channels_last=True,
-                   tta=False):
-    """Class probabilities (K, H, W, D) for a volume (M, H, W, D), its slices resized to ``img_size`` and back."""
+                   tta=False, output_device="cpu"):
+    """Class probabilities (K, H, W, D) on ``output_device`` for a volume (M, H, W, D), its slices resized to
+    ``img_size`` and back."""
     slices = volume.permute(3, 0, 1, 2).float()
     size = tuple(slices.shape[-2:])
     resize = size != (img_size, img_size)
     if resize:
         slices = F.interpolate(slices, size=(img_size, img_size), mode="bicubic", align_corners=False).clamp(0, 1)
-    probabilities = predict_slices(model, slices, batch_slices, device, amp, channels_last, tta)
+    probabilities = predict_slices(model, slices, batch_slices, device, amp, channels_last, tta, output_device)
     if resize:
         probabilities = F.interpolate(probabilities, size=size, mode="bilinear", align_corners=False)
     return probabilities.permute(1, 2, 3, 0)

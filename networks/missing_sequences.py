@@ -74,7 +74,8 @@ def check_present(present, batch_size, num_modalities, require_one=False):
     if tuple(present.shape) != (batch_size, num_modalities):
         raise ValueError(f"present must have shape ({batch_size}, {num_modalities}) or ({num_modalities},) for "
                          f"{batch_size} samples of {num_modalities} sequences, got {tuple(present.shape)}")
-    if require_one and not bool(present.any(dim=1).all()):
+    # (a meta tensor, which the device-parity tests run on, holds no values to check)
+    if require_one and not present.is_meta and not bool(present.any(dim=1).all()):
         raise ValueError("present leaves a sample without any sequence: each needs at least one")
     return present
 
@@ -98,7 +99,10 @@ class SequenceSubset(torch.nn.Module):
         self.model = model
         self.sequences = tuple(name for name in MODALITIES if name in sequences)
         self.leave_out = leave_out
-        self.register_buffer("present", present_mask(sequences)[0], persistent=False)
+        # on the model's device, and moved with this module: a mask on another device than the images is an error
+        # (or, for a CPU mask beside CUDA images, a copy that waits for the device) in every forward
+        device = next(itertools.chain(model.parameters(), model.buffers()), torch.empty(0)).device
+        self.register_buffer("present", present_mask(sequences, device=device)[0], persistent=False)
 
     def _inputs(self, images):
         present = self.present.expand(images.shape[0], -1)

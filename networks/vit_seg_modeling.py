@@ -398,6 +398,8 @@ class TransUNetBaseline(nn.Module):
         if not self.input_modalities or not all(0 <= m < config.n_modalities for m in self.input_modalities):
             raise ValueError(f"input_modalities must index the {config.n_modalities} sequences, "
                              f"got {self.input_modalities}")
+        # an index on the model's device (moved with it): indexing with a Python list copies it there every step
+        self.register_buffer("input_index", torch.tensor(self.input_modalities), persistent=False)
         self.transformer = Transformer(config, img_size, in_channels=len(self.input_modalities))
         self.decoder = DecoderCup(config, self.transformer.out_channels, self.transformer.skip_channels)
         self.segmentation_head = nn.Conv2d(self.decoder.out_channels, num_classes, kernel_size=3, padding=1)
@@ -407,7 +409,7 @@ class TransUNetBaseline(nn.Module):
         if present is not None:
             raise ValueError("the TransUNet baselines take every sequence: only I-MMSeg (immseg) runs on a subset")
         _check_images(images, self.config.n_modalities, self.img_size)
-        x, skips = self.transformer(images[:, list(self.input_modalities)])
+        x, skips = self.transformer(images.index_select(1, self.input_index))
         logits = self.segmentation_head(self.decoder(x, skips))
         return SegmentationOutput(logits) if self.training else logits
 

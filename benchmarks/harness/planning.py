@@ -17,7 +17,7 @@ from engine.distributed import all_rng_states, seed_everything, setup_distribute
 from engine.options import resolve_device_defaults, stage_fractions
 from engine.runs import configure_logging
 from engine.training import build, parse_training_args
-from trainer import Trainer
+from trainer import Trainer, weights_described
 
 logger = logging.getLogger("benchmark")
 
@@ -103,7 +103,7 @@ def time_training_step(train_flags, warmup_steps, timed_steps):
     trainer.stop_loader_workers()
     del trainer, model
     gc.collect()
-    described = {", ".join(f"{name} {value:g}" for name, value in weights._asdict().items()): stage_seconds
+    described = {weights_described(weights): stage_seconds
                  for weights, stage_seconds in per_stage.items()}
     return seconds, described, per_epoch
 
