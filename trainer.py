@@ -29,6 +29,7 @@ from engine.distributed import (PositionSeededSampler, SeededAugmentation, StopR
                                 all_rng_states, leave_stop_signals_to_the_trainer, rng_state, seed_everything,
                                 set_rng_state, setup_distributed)
 from engine.options import resolve_device_defaults, run_directory
+from engine.progress import EpochLosses, ProgressWriter
 from engine.runs import (check_run_folder, configure_logging, git_commit, plain_values, run_folder_lock,
                          tensorboard_writer, write_run_config)
 from engine.training import build, open_run_folder
@@ -153,6 +154,8 @@ class Trainer:
         self.checkpoint_writer = BackgroundCheckpointWriter()
         self.pending_losses = []  # (iteration, lr, loss, terms) of the steps whose losses are still on the device
         self.last_losses = None  # (loss, {term: value}) of the last step read back
+        self.epoch_losses = EpochLosses()  # the epoch's means, for TrainState.history and progress.png
+        self.progress = ProgressWriter(run_dir / "progress.png")
         self.compile_mode = getattr(args, "compile", "off") or "off"
         self.compiled_stages = set()  # loss weights whose compiled step has run once
         if self.compile_mode != "off" and not compile_in_place(self.model, self.criterion, self.compile_mode):
@@ -365,6 +368,7 @@ class Trainer:
                 self.writer.add_scalar("loss/total", row[0], iteration)
                 for name, value in zip(names, row[1:]):
                     self.writer.add_scalar(f"loss/{name}", value, iteration)
+        self.epoch_losses.add(names, values, [lr for _, lr, _, _ in pending])
         self.last_losses = (values[-1][0], dict(zip(names, values[-1][1:])))
 
     def log_images(self, output, batch):
@@ -469,7 +473,9 @@ class Trainer:
             self.loader._iterator = None
 
     def finish_writing(self):
-        """Wait for a checkpoint write in flight; its failure is logged (an error being raised takes precedence)."""
+        """Wait for a checkpoint write and a drawing of progress.png in flight; a failed write is logged (an error
+        being raised takes precedence)."""
+        self.progress.wait()
         try:
             self.checkpoint_writer.wait()
         except CheckpointWriteError as error:
@@ -480,6 +486,7 @@ class Trainer:
         self.state.epoch_iteration = 0
         args, names = self.args, ["last.pth"]
         finished = self.state.epoch >= args.max_epochs or self.state.iteration >= self.max_iterations
+        score = None
         if self.val_set is not None and self.fused_head_trained() and (self.state.epoch % args.val_every == 0
                                                                        or finished):
             score = self.validate() if self.ctx.is_main else None
@@ -498,7 +505,11 @@ class Trainer:
                 names.append("best.pth")
         if self.state.epoch % args.save_every == 0 or finished:
             names.append(f"epoch_{self.state.epoch - 1}.pth")
+        self.state.history.append(self.epoch_losses.history_entry(self.state.epoch,
+                                                                  self.weights_for(self.state.epoch - 1), score))
         self.save(names)
+        if self.ctx.is_main and (score is not None or finished):
+            self.progress.submit(self.state.history)
 
 
 # torch.compile's backend; the tests use "aot_eager" (inductor's C++ code generation takes minutes on a small CPU)

@@ -7,7 +7,7 @@ epoch, iteration and position in the epoch, best metric, every rank's RNG states
 and the git commit.
 """
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import ml_collections
@@ -152,3 +152,6 @@ class TrainState:
     best_metric: float = -math.inf
     best_epoch: int = -1
     epoch_iteration: int = 0  # steps done in the epoch in progress (non-zero only in an interrupted checkpoint)
+    # per completed epoch: {epoch, loss, terms, lr, val_dice, weights}, the curves of progress.png (engine/progress.py);
+    # empty in checkpoints written before it was kept
+    history: list = field(default_factory=list)
