@@ -2,9 +2,9 @@
 a torch file), and resolving a checkpoint name in a run folder.
 
 A checkpoint holds everything needed to continue exactly: weights (unwrapped from DDP), optimizer, grad scaler,
-epoch, iteration and position in the epoch, best metric, every rank's RNG states, the model specification
-(configuration included), the arguments, the prior file's provenance, the training data's preprocessing record
-and the git commit.
+epoch, iteration and position in the epoch, best metric, the per-epoch history, every rank's RNG states, the model
+specification (configuration included), the arguments, the prior file's provenance, the training data's
+preprocessing record and the git commit.
 """
 import math
 from dataclasses import dataclass, field

@@ -79,8 +79,9 @@ def overlay_and_files(folder, case, files):
     """(overlay cell, files cell) of a case: the thumbnail linked to its PNG, and links to those of ``files`` that
     exist in ``folder``."""
     overlay = f"{case}.png"
-    thumbnail = (Markup(f'<a href="{html.escape(quote(overlay))}"><img class="overlay" src="{html.escape(quote(overlay))}"'
-                        f' alt="{html.escape(f"overlay of {case}")}"></a>')
+    address = html.escape(quote(overlay))
+    thumbnail = (Markup(f'<a href="{address}"><img class="overlay" src="{address}" '
+                        f'alt="{html.escape(f"overlay of {case}")}"></a>')
                  if (folder / overlay).is_file() else "no overlay (--save_png)")
     existing = [link(name) for name in files if (folder / name).is_file()]
     return thumbnail, Markup("<br>".join(existing)) if existing else "none"
