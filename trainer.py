@@ -29,7 +29,7 @@ from engine.distributed import (PositionSeededSampler, SeededAugmentation, StopR
                                 all_rng_states, leave_stop_signals_to_the_trainer, rng_state, seed_everything,
                                 set_rng_state, setup_distributed)
 from engine.options import resolve_device_defaults, run_directory
-from engine.progress import EpochLosses, ProgressWriter
+from engine.progress import ProgressWriter, add_losses, close_epoch
 from engine.runs import (check_run_folder, configure_logging, git_commit, plain_values, run_folder_lock,
                          tensorboard_writer, write_run_config)
 from engine.training import build, open_run_folder
@@ -154,7 +154,6 @@ class Trainer:
         self.checkpoint_writer = BackgroundCheckpointWriter()
         self.pending_losses = []  # (iteration, lr, loss, terms) of the steps whose losses are still on the device
         self.last_losses = None  # (loss, {term: value}) of the last step read back
-        self.epoch_losses = EpochLosses()  # the epoch's means, for TrainState.history and progress.png
         self.progress = ProgressWriter(run_dir / "progress.png")
         self.compile_mode = getattr(args, "compile", "off") or "off"
         self.compiled_stages = set()  # loss weights whose compiled step has run once
@@ -368,7 +367,7 @@ class Trainer:
                 self.writer.add_scalar("loss/total", row[0], iteration)
                 for name, value in zip(names, row[1:]):
                     self.writer.add_scalar(f"loss/{name}", value, iteration)
-        self.epoch_losses.add(names, values, [lr for _, lr, _, _ in pending])
+        add_losses(self.state.epoch_losses, names, values, [lr for _, lr, _, _ in pending])
         self.last_losses = (values[-1][0], dict(zip(names, values[-1][1:])))
 
     def log_images(self, output, batch):
@@ -505,8 +504,8 @@ class Trainer:
                 names.append("best.pth")
         if self.state.epoch % args.save_every == 0 or finished:
             names.append(f"epoch_{self.state.epoch - 1}.pth")
-        self.state.history.append(self.epoch_losses.history_entry(self.state.epoch,
-                                                                  self.weights_for(self.state.epoch - 1), score))
+        self.state.history.append(close_epoch(self.state.epoch_losses, self.state.epoch,
+                                              self.weights_for(self.state.epoch - 1), score))
         self.save(names)
         if self.ctx.is_main and (score is not None or finished):
             self.progress.submit(self.state.history)

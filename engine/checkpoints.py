@@ -152,6 +152,7 @@ class TrainState:
     best_metric: float = -math.inf
     best_epoch: int = -1
     epoch_iteration: int = 0  # steps done in the epoch in progress (non-zero only in an interrupted checkpoint)
-    # per completed epoch: {epoch, loss, terms, lr, val_dice, weights}, the curves of progress.png (engine/progress.py);
-    # empty in checkpoints written before it was kept
+    # per completed epoch: {epoch, loss, terms, lr, val_dice, weights}, the curves of progress.png, and the loss sums
+    # of the epoch in progress (engine/progress.py); empty in checkpoints written before they were kept
     history: list = field(default_factory=list)
+    epoch_losses: dict = field(default_factory=dict)

@@ -21,30 +21,32 @@ WEIGHT_NAMES = {"fused": "fused head", "modality": "modality heads", "contrast":
 TERM_COLOURS = ("#E69F00", "#56B4E9", "#009E73", "#D55E00", "#0072B2", "#CC79A7", "#F0E442")
 
 
-class EpochLosses:
-    """The mean over an epoch of each loss read back (total and terms), and the learning rate of its last step."""
+def add_losses(partial, names, rows, learning_rates):
+    """Add the losses read back from the device to the epoch's sums ``partial`` (TrainState.epoch_losses, saved in
+    every checkpoint, so that an epoch interrupted and resumed counts all its steps). ``rows``: per step
+    [total, *terms in the order of ``names``], as Trainer.read_losses reads them."""
+    sums, counts = partial.setdefault("sums", {}), partial.setdefault("counts", {})
+    for row in rows:
+        for name, value in zip(("loss", *names), row):
+            sums[name] = sums.get(name, 0.0) + value
+            counts[name] = counts.get(name, 0) + 1
+    if learning_rates:
+        partial["lr"] = float(learning_rates[-1])
 
-    def __init__(self):
-        self.sums, self.counts, self.lr = {}, {}, None
 
-    def add(self, names, rows, learning_rates):
-        """``rows``: per step [total, *terms in the order of ``names``], as Trainer.read_losses reads them."""
-        for row in rows:
-            for name, value in zip(("loss", *names), row):
-                self.sums[name] = self.sums.get(name, 0.0) + value
-                self.counts[name] = self.counts.get(name, 0) + 1
-        if learning_rates:
-            self.lr = float(learning_rates[-1])
+def close_epoch(partial, epoch, weights, val_dice):
+    """The epoch's entry of TrainState.history from its sums ``partial``, which start afresh: ``epoch`` counted from
+    1, the mean loss and terms, the learning rate of its last step, ``val_dice`` (None where not validated) and the
+    loss ``weights`` (a LossWeights) of its stage."""
+    sums, counts = partial.pop("sums", {}), partial.pop("counts", {})
+    means = {name: sums[name] / counts[name] for name in sums}
+    return {"epoch": int(epoch), "loss": means.pop("loss", None), "terms": means, "lr": partial.pop("lr", None),
+            "val_dice": val_dice, "weights": {name: float(value) for name, value in weights._asdict().items()}}
 
-    def history_entry(self, epoch, weights, val_dice):
-        """The epoch's entry of TrainState.history (``epoch`` counted from 1, ``weights`` its LossWeights,
-        ``val_dice`` None where it was not validated); the sums start afresh."""
-        means = {name: self.sums[name] / self.counts[name] for name in self.sums}
-        entry = {"epoch": int(epoch), "loss": means.pop("loss", math.nan), "terms": means,
-                 "lr": math.nan if self.lr is None else self.lr, "val_dice": val_dice,
-                 "weights": {name: float(value) for name, value in weights._asdict().items()}}
-        self.sums, self.counts, self.lr = {}, {}, None
-        return entry
+
+def defined(value):
+    """NaN for a value the history does not have (None), for plotting."""
+    return math.nan if value is None else value
 
 
 def stage_changes(history):
@@ -71,12 +73,13 @@ def progress_figure(history, title="training progress"):
     loss_axes, dice_axes, lr_axes = figure.subplots(3, 1, sharex=True, height_ratios=(2, 1.3, 1))
     figure.suptitle(f"{title}: {len(history)} epochs", fontsize=11)
 
-    loss_axes.plot(epochs, [entry["loss"] for entry in history], color="black", marker=".", label="loss (weighted sum)")
+    loss_axes.plot(epochs, [defined(entry["loss"]) for entry in history], color="black", marker=".",
+                   label="loss (weighted sum)")
     terms = list(dict.fromkeys(name for entry in history for name in entry["terms"]))
     for name, colour in zip(terms, TERM_COLOURS * (len(terms) // len(TERM_COLOURS) + 1)):
         loss_axes.plot(epochs, [entry["terms"].get(name, math.nan) for entry in history], color=colour,
                        linewidth=1, marker=".", markersize=4, label=name)
-    values = [value for entry in history for value in (entry["loss"], *entry["terms"].values())
+    values = [value for entry in history for value in (defined(entry["loss"]), *entry["terms"].values())
               if math.isfinite(value)]
     if values and min(values) > 0:
         loss_axes.set_yscale("log")
@@ -95,7 +98,7 @@ def progress_figure(history, title="training progress"):
     dice_axes.set_ylim(-0.02, 1.02)
     dice_axes.set_ylabel("validation mean\npathology Dice")
 
-    lr_axes.plot(epochs, [entry["lr"] for entry in history], color="#009E73")
+    lr_axes.plot(epochs, [defined(entry["lr"]) for entry in history], color="#009E73")
     lr_axes.set_ylabel("learning rate\n(last step)")
     lr_axes.set_xlabel("epoch")
     lr_axes.xaxis.set_major_locator(MaxNLocator(integer=True))
