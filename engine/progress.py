@@ -84,7 +84,8 @@ def progress_figure(history, title="training progress"):
     if values and min(values) > 0:
         loss_axes.set_yscale("log")
     loss_axes.set_ylabel("training loss\n(mean per epoch)")
-    loss_axes.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+    loss_axes.legend(fontsize=8, title="terms unweighted", title_fontsize=8, loc="upper left",
+                     bbox_to_anchor=(1.01, 1))
 
     validated = [(entry["epoch"], entry["val_dice"]) for entry in history if entry.get("val_dice") is not None]
     if validated:

@@ -33,9 +33,9 @@ def escaped(value):
     return value if isinstance(value, Markup) else Markup(html.escape(str(value)))
 
 
-def link(name, label=None):
+def link(name):
     """A link to ``name``, a file of the page's folder."""
-    return Markup(f'<a href="{html.escape(quote(name))}">{escaped(name if label is None else label)}</a>')
+    return Markup(f'<a href="{html.escape(quote(name))}">{escaped(name)}</a>')
 
 
 def table(header, rows, numbers=(), groups=None):
@@ -45,8 +45,9 @@ def table(header, rows, numbers=(), groups=None):
     if groups:
         head = ("".join(f'<th colspan="{span}">{escaped(label)}</th>' for label, span in groups)
                 + "</tr>\n<tr>" + head)
-    body = "".join("<tr>" + "".join(f'<td{" class=number" if index in numbers else ""}>{escaped(cell)}</td>'
-                                    for index, cell in enumerate(row)) + "</tr>\n" for row in rows)
+    aligned = ['<td class="number">' if index in numbers else "<td>" for index in range(len(header))]
+    body = "".join("<tr>" + "".join(f"{aligned[index]}{escaped(cell)}</td>" for index, cell in enumerate(row))
+                   + "</tr>\n" for row in rows)
     return Markup(f"<table>\n<tr>{head}</tr>\n{body}</table>\n")
 
 
