@@ -21,10 +21,12 @@ documentation/missing_sequences.md), and skipped with the reason otherwise.
 
 Outputs in OUT: <case>.nii.gz (0 background, 1 normal myocardium, 2 scar, 3 edema, or the challenge's
 200, 2221, 1220 with --label_values myops2020) with the shape, affine and header of the input LGE (of the
-first sequence present when it has no LGE); <case>.png with --save_png (processed grid: LGE, LGE with
-the prediction); volumes.csv (per case the sequences the prediction used, the mL of normal myocardium,
-scar, edema and whole myocardium, scar and edema as % of the whole myocardium, the checkpoint or the
-ensemble's checkpoints, separated by ';'; for a case that failed, the reason in "error" and no volumes).
+first sequence present when it has no LGE); <case>.png with --save_png (processed grid: the three
+sequences, then each class outlined over the sequence it is read on, with a legend); volumes.csv (per
+case the sequences the prediction used, the mL of normal myocardium, scar, edema and whole myocardium,
+scar and edema as % of the whole myocardium, the checkpoint or the ensemble's checkpoints, separated by
+';'; for a case that failed, the reason in "error" and no volumes); index.html (the setting, the volumes
+with the overlays and files linked, the failed cases with their reason: open it in a browser).
 Cases are read, predicted and written one at a time, each file atomically. A case that fails at any stage
 (a sequence missing for a model that needs it, sequences of different shape or orientation, an empty or
 unreadable file, no heart found by the locator, an error in preprocessing,

@@ -19,7 +19,9 @@ NaN, left out of the means, and counted.
 Outputs in --test_save_dir (default <run>/test_<split>_<checkpoint>, with _ensemble<N>, _tta, _heads-...,
 _postprocess, _released for the options that change the figures; a folder holding another setting's results is
 refused unless --overwrite):
-metrics.csv, summary.json, test_info.json, <case>_pred.nii.gz, and <case>.png with --save_png.
+metrics.csv, summary.json, test_info.json, <case>_pred.nii.gz, index.html (the setting, the summary and the
+cases worst first, with their overlays and files linked: open it in a browser), and with --save_png <case>.png
+(the three sequences, then reference and prediction of each class over the sequence it is read on).
 With --protocol released, the processed-grid predictions are also scored as the
 review release's test.py scores them (utils.released_dice_hd95: HD95 in pixels,
 its rule for empty structures, plain means): summary_released_protocol.json and

@@ -29,6 +29,7 @@ from engine.distributed import (PositionSeededSampler, SeededAugmentation, StopR
                                 all_rng_states, leave_stop_signals_to_the_trainer, rng_state, seed_everything,
                                 set_rng_state, setup_distributed)
 from engine.options import device_path, resolve_device_defaults, run_directory
+from engine.progress import ProgressWriter, add_losses, close_epoch
 from engine.runs import (check_run_folder, configure_logging, git_commit, plain_values, run_folder_lock,
                          tensorboard_writer, write_run_config)
 from engine.training import build, open_run_folder
@@ -154,6 +155,7 @@ class Trainer:
         self.checkpoint_writer = BackgroundCheckpointWriter()
         self.pending_losses = []  # (iteration, lr, loss, terms) of the steps whose losses are still on the device
         self.last_losses = None  # (loss, {term: value}) of the last step read back
+        self.progress = ProgressWriter(run_dir / "progress.png")
         self.compile_mode = getattr(args, "compile", "off") or "off"
         self.compiled_stages = set()  # loss weights whose compiled step has run once
         if self.compile_mode != "off" and not compile_in_place(self.model, self.criterion, self.compile_mode):
@@ -407,6 +409,7 @@ class Trainer:
                 for name, value in step_terms.items():
                     self.writer.add_scalar(f"loss/{name}", value, iteration)
             self.last_losses = (total, step_terms)
+            add_losses(self.state.epoch_losses, total, step_terms, lr)
 
     def log_images(self, output, batch):
         step = self.state.iteration
@@ -511,7 +514,9 @@ class Trainer:
             self.loader._iterator = None
 
     def finish_writing(self):
-        """Wait for a checkpoint write in flight; its failure is logged (an error being raised takes precedence)."""
+        """Wait for a checkpoint write and a drawing of progress.png in flight; a failed write is logged (an error
+        being raised takes precedence)."""
+        self.progress.wait()
         try:
             self.checkpoint_writer.wait()
         except CheckpointWriteError as error:
@@ -522,6 +527,7 @@ class Trainer:
         self.state.epoch_iteration = 0
         args, names = self.args, ["last.pth"]
         finished = self.state.epoch >= args.max_epochs or self.state.iteration >= self.max_iterations
+        score = None
         if self.val_set is not None and self.fused_head_trained() and (self.state.epoch % args.val_every == 0
                                                                        or finished):
             score = self.validate() if self.ctx.is_main else None
@@ -540,7 +546,11 @@ class Trainer:
                 names.append("best.pth")
         if self.state.epoch % args.save_every == 0 or finished:
             names.append(f"epoch_{self.state.epoch - 1}.pth")
+        self.state.history.append(close_epoch(self.state.epoch_losses, self.state.epoch,
+                                              self.weights_for(self.state.epoch - 1), score))
         self.save(names)
+        if self.ctx.is_main and (score is not None or finished):
+            self.progress.submit(self.state.history)
 
 
 # torch.compile's backend; the tests use "aot_eager" (inductor's C++ code generation takes minutes on a small CPU)

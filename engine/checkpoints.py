@@ -2,12 +2,12 @@
 a torch file), and resolving a checkpoint name in a run folder.
 
 A checkpoint holds everything needed to continue exactly: weights (unwrapped from DDP), optimizer, grad scaler,
-epoch, iteration and position in the epoch, best metric, every rank's RNG states, the model specification
-(configuration included), the arguments, the prior file's provenance, the training data's preprocessing record
-and the git commit.
+epoch, iteration and position in the epoch, best metric, the per-epoch history, every rank's RNG states, the model
+specification (configuration included), the arguments, the prior file's provenance, the training data's
+preprocessing record and the git commit.
 """
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import ml_collections
@@ -152,3 +152,7 @@ class TrainState:
     best_metric: float = -math.inf
     best_epoch: int = -1
     epoch_iteration: int = 0  # steps done in the epoch in progress (non-zero only in an interrupted checkpoint)
+    # per completed epoch: {epoch, loss, terms, lr, val_dice, weights}, the curves of progress.png, and the loss sums
+    # of the epoch in progress (engine/progress.py); empty in checkpoints written before they were kept
+    history: list = field(default_factory=list)
+    epoch_losses: dict = field(default_factory=dict)

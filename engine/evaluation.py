@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from datasets.dataset_myops import MyoPSDataset
-from datasets.export import save_nifti, save_overlay
+from datasets.export import save_nifti
 from datasets.geometry import probabilities_to_original
 from datasets.layouts import DataError, map_labels
 from datasets.postprocessing import keep_largest_myocardium
@@ -24,7 +24,9 @@ from engine.checkpoints import (CheckpointError, check_fused_head_trained, check
 from engine.distributed import StopRequest, seed_everything, setup_distributed
 from engine.options import (ABLATIONS, add_run_arguments, filled, resolve_device_defaults, run_directory,
                             sequence_list)
+from engine.overlays import class_dice, save_overlay
 from engine.predictor import ensemble_probabilities
+from engine.report_page import write_test_page
 from engine.runs import configure_logging
 from engine.test_results import (HD95_UNITS, check_results_folder, format_table, results_folder_name,
                                  results_setting, write_released_protocol)
@@ -230,7 +232,9 @@ def score_case(volume, members, args, ctx, out_dir):
     if args.save_nii:
         save_nifti(exported, affine, out_dir / f"{case}_pred.nii.gz")
     if args.save_png:
-        save_overlay(volume["image"].numpy(), volume["label"].numpy(), processed_prediction, out_dir / f"{case}.png")
+        save_overlay(out_dir / f"{case}.png", case, volume["image"].numpy(), processed_prediction,
+                     volume["label"].numpy(), class_dice(metrics), f"scored in the {space} space, drawn in the "
+                     "processed grid", unused=[name for name in MODALITIES if name not in args.sequences])
     logger.info("%s (%s space): %s", case, space, ", ".join(
         f"{name} {dice:.3f}/{hd:.2f}{HD95_UNITS[space]}" for name, (dice, hd) in metrics.items()))
     return case, rows, metrics, space, released
@@ -355,6 +359,7 @@ def evaluate(args):
             "structures": {k: list(v) for k, v in STRUCTURES.items()}}
     with atomic_path(out_dir / "test_info.json") as temporary:
         temporary.write_text(json.dumps(info, indent=2, default=str) + "\n")
+    write_test_page(out_dir, info, summary, rows)
     logger.info("scored in the %s space (tta %s, postprocess %s)\n%s", "/".join(sorted(set(spaces.values()))),
                 args.tta, args.postprocess, format_table(summary))
     if args.protocol == "released":

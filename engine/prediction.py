@@ -11,14 +11,16 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from datasets.export import save_nifti, save_overlay
+from datasets.export import save_nifti
 from datasets.layouts import DataError, find_cases, load_case
 from datasets.postprocessing import keep_largest_myocardium
 from datasets.vocabulary import LABEL_MAPS, MODALITIES
 from engine.checkpoints import CheckpointError
 from engine.distributed import setup_distributed
 from engine.options import resolve_device_defaults
+from engine.overlays import save_overlay
 from engine.predictor import HeartLocator, load_ensemble, member_models, predict_case, stacked_sequences
+from engine.report_page import write_prediction_page
 from engine.runs import configure_logging
 from networks.inference import warn_if_bf16_is_emulated
 from utils import STRUCTURES, atomic_path
@@ -156,10 +158,20 @@ def predict_and_write(case, members, args, device, locator):
     written = save_nifti(output_labels(prediction, args.label_values), header.get_best_affine(),
                          args.output_dir / f"{case.case_id}.nii.gz", header=header)
     if args.save_png:
-        save_overlay(stacked_sequences(prepared, MODALITIES), None, processed,
-                     args.output_dir / f"{case.case_id}.png")
+        save_overlay(args.output_dir / f"{case.case_id}.png", case.case_id, stacked_sequences(prepared, MODALITIES),
+                     processed, note="prediction (no reference), drawn in the processed grid",
+                     unused=[name for name in MODALITIES if name not in sequences])
     return {"case": case.case_id, "sequences": ";".join(sequences),
             **tissue_volumes(prediction, written.header.get_zooms()), "slices": prediction.shape[2]}
+
+
+def page_setting(members, locator, args):
+    """The setting listed on index.html: [(name, value)]."""
+    return [("checkpoint", "; ".join(f"{member.checkpoint_path} (epoch {member.epoch})" for member in members)),
+            ("input", str(args.input_dir)), ("TTA (four flips)", "yes" if args.tta else "no"),
+            ("postprocess (largest myocardium)", "yes" if args.postprocess else "no"),
+            ("label values", args.label_values),
+            ("heart locator", str(locator.checkpoint_path) if locator is not None else "none (image-centred crops)")]
 
 
 def predict(args):
@@ -174,6 +186,7 @@ def predict(args):
     checkpoints = ";".join(str(member.checkpoint_path) for member in members)
     locator = heart_locator(settings, args, checkpoints)
     args.output_dir.mkdir(parents=True, exist_ok=True)
+    setting = page_setting(members, locator, args)
     logger.info("%s on %s; preprocessing %s; tta %s, postprocess %s; %d cases from %s -> %s",
                 ", ".join(f"checkpoint {member.checkpoint_path} (epoch {member.epoch})" for member in members),
                 device, settings, args.tta, args.postprocess, len(cases), args.input_dir, args.output_dir)
@@ -195,6 +208,7 @@ def predict(args):
                         row["sequences"].replace(";", ", "), time.perf_counter() - case_start)
         rows.append({**row, "checkpoint": checkpoints})
         write_volumes(rows, args.output_dir / "volumes.csv")
+        write_prediction_page(args.output_dir, setting, rows)
     if failures:
         logger.error("%d of %d cases failed and have no output:\n  %s", len(failures), len(cases),
                      "\n  ".join(f"{case}: {reason}" for case, reason in failures.items()))

@@ -20,7 +20,7 @@ HD95_UNITS = {"original": "mm", "processed": "mm", "voxels": "voxel"}  # voxels:
 
 # What a results folder's figures depend on: test_info.json records it, and a folder holding another one's results is
 # refused unless --overwrite.
-RESULT_FILES = ("metrics.csv", "summary.json", "test_info.json", "metrics_released_protocol.csv",
+RESULT_FILES = ("metrics.csv", "summary.json", "test_info.json", "index.html", "metrics_released_protocol.csv",
                 "summary_released_protocol.json", "*_pred.nii.gz", "*.png")
 
 

@@ -224,8 +224,8 @@ def test_train_and_test_import_no_optional_package():
     code = ("import json, sys\nimport numpy as np\nimport preprocess_data, test, train, utils\n"
             "labels = np.zeros((8, 8, 2), np.uint8); labels[2:5, 2:5] = 1\n"
             "utils.case_metrics(labels, labels, spacing=None)\n"
-            "print(json.dumps([m for m in ('open_clip', 'transformers', 'medpy', 'tensorboardX', 'PIL') "
-            "if m in sys.modules]))")
+            "print(json.dumps([m for m in ('open_clip', 'transformers', 'medpy', 'tensorboardX', 'PIL', "
+            "'matplotlib') if m in sys.modules]))")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert json.loads(result.stdout) == []
 
