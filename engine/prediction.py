@@ -20,6 +20,7 @@ from engine.distributed import setup_distributed
 from engine.options import resolve_device_defaults
 from engine.predictor import HeartLocator, load_ensemble, member_models, predict_case, stacked_sequences
 from engine.runs import configure_logging
+from engine.subset_limits import not_measurable
 from networks.inference import warn_if_bf16_is_emulated
 from utils import STRUCTURES, atomic_path
 
@@ -31,7 +32,8 @@ OUTPUT_LABELS = {"default": {1: 1, 2: 2, 3: 3},
 # volumes.csv column -> the classes it counts (utils.STRUCTURES: "myocardium" is the normal myocardium)
 VOLUME_STRUCTURES = {"normal_myocardium_ml": "myocardium", "scar_ml": "scar", "edema_ml": "edema",
                      "whole_myocardium_ml": "whole_myocardium"}
-VOLUME_COLUMNS = ["case", "sequences", *VOLUME_STRUCTURES, "scar_percent", "edema_percent", "checkpoint", "error"]
+VOLUME_COLUMNS = ["case", "sequences", *VOLUME_STRUCTURES, "scar_percent", "edema_percent", "not_measurable",
+                  "checkpoint", "error"]
 PREDICTION_PATTERNS = ("*.nii.gz", "*.nii", "volumes.csv")
 
 
@@ -111,6 +113,16 @@ def tissue_volumes(prediction, spacing):
     return volumes
 
 
+def withhold_unmeasurable(volumes, sequences, case_id):
+    """``volumes`` with those of the structures that ``sequences`` cannot measure (engine.subset_limits) left empty,
+    their reasons in "not_measurable" and in the log."""
+    reasons = not_measurable(sequences)
+    for structure, reason in reasons.items():
+        volumes.update({f"{structure}_ml": None, f"{structure}_percent": None})
+        logger.warning("%s: no %s volume: %s", case_id, structure, reason)
+    return {**volumes, "not_measurable": "; ".join(reasons.values())}
+
+
 def write_volumes(rows, path):
     with atomic_path(path) as temporary:
         with open(temporary, "w", newline="") as handle:
@@ -157,8 +169,8 @@ def predict_and_write(case, members, args, device, locator):
     if args.save_png:
         save_overlay(stacked_sequences(prepared, MODALITIES), None, processed,
                      args.output_dir / f"{case.case_id}.png")
-    return {"case": case.case_id, "sequences": ";".join(sequences),
-            **tissue_volumes(prediction, written.header.get_zooms()), "slices": prediction.shape[2]}
+    volumes = withhold_unmeasurable(tissue_volumes(prediction, written.header.get_zooms()), sequences, case.case_id)
+    return {"case": case.case_id, "sequences": ";".join(sequences), **volumes, "slices": prediction.shape[2]}
 
 
 def predict(args):

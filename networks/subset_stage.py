@@ -187,6 +187,15 @@ class SubsetIMMSeg(nn.Module):
                          "modality head (--heads fused)")
 
 
+COMPLETE_PREFIX = "complete."
+
+
+def complete_weights(state_dict):
+    """The complete model's entries of a SubsetIMMSeg state dict, under the complete model's own names."""
+    return {name[len(COMPLETE_PREFIX):]: value for name, value in state_dict.items()
+            if name.startswith(COMPLETE_PREFIX)}
+
+
 def adapter_parameters_per_subset(model):
     """(parameters of one subset, parameters of the complete model): what the stage adds per proper subset."""
     adapters = sum(parameter.numel() for parameter in model.adapters.parameters())
