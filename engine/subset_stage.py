@@ -22,9 +22,8 @@ SOFT_TARGET_WEIGHT = 0.5
 
 # flags that define the model: the complete run's; given, they must say what it has
 MODEL_FLAGS = ("model", "vit_name", "img_size", "num_classes", "n_skip", "vit_patches_size", *ABLATIONS)
-# flags of the complete run that the stage takes when not given: its data, batch, augmentation, Dice weights, budget
+# flags of the complete run that the stage takes when not given (and its data without --dataset or --root_path)
 INHERITED_FLAGS = ("batch_size", "augmentation", "dice_class_weights", "max_epochs", "max_iterations")
-DATA_FLAGS = ("dataset", "root_path", "list_dir")
 # flags that choose what the stage does not train (the complete model and its schedule, priors and weights)
 NOT_APPLICABLE = ("sequence_dropout", "sequence_dropout_mode", "input_sequences", "modality",
                   "region_fusion_start_epoch", "start_contrast_epoch", "contrast_sample_num", "contrast_w",
@@ -89,10 +88,13 @@ def complete_stage_arguments(args, given):
     recorded = checkpoint.get("args") or {}
     for name, value in trained.items():
         setattr(args, name, value)
-    inherited = INHERITED_FLAGS + (DATA_FLAGS if not set(DATA_FLAGS) & given else ())
-    for name in inherited:
+    for name in INHERITED_FLAGS + ("dataset",):
         if name not in given and name in recorded:
-            setattr(args, name, Path(recorded[name]) if name in ("root_path", "list_dir") else recorded[name])
+            setattr(args, name, recorded[name])
+    if not {"dataset", "root_path"} & given and recorded.get("root_path"):  # the complete run's training data
+        args.root_path = Path(recorded["root_path"])
+        if "list_dir" not in given:
+            args.list_dir = Path(recorded.get("list_dir") or recorded["root_path"])
     args.start_contrast_epoch = args.region_fusion_start_epoch = 0  # one loss from the first step
     args.compile = "off"
     if args.output_dir is None:
