@@ -118,9 +118,9 @@ def withhold_unmeasurable(volumes, sequences, case_id):
     their reasons in "not_measurable" and in the log."""
     reasons = not_measurable(sequences)
     for structure, reason in reasons.items():
-        volumes.update({f"{structure}_ml": None, f"{structure}_percent": None})
         logger.warning("%s: no %s volume: %s", case_id, structure, reason)
-    return {**volumes, "not_measurable": "; ".join(reasons.values())}
+    withheld = {column: None for structure in reasons for column in (f"{structure}_ml", f"{structure}_percent")}
+    return {**volumes, **withheld, "not_measurable": "; ".join(reasons.values())}
 
 
 def write_volumes(rows, path):

@@ -115,7 +115,7 @@ def parse_training_args(argv=None, description=__doc__):
     return args
 
 
-def typed_flags(parser, argv):
+def typed_flags(argv):
     """The destinations of the flags given in ``argv`` (None: the command line), defaults left out."""
     probe = training_parser()
     for action in probe._actions:
@@ -135,7 +135,7 @@ def check_subset_stage(parser, args, argv):
     if not args.soft_target_weight >= 0:
         parser.error(f"--soft_target_weight must be a non-negative weight, got {args.soft_target_weight}")
     try:
-        complete_stage_arguments(args, typed_flags(parser, argv))
+        complete_stage_arguments(args, typed_flags(argv))
     except (CheckpointError, ValueError) as error:
         parser.error(str(error))
 
