@@ -26,7 +26,9 @@ sequences, then each class outlined over the sequence it is read on, with a lege
 case the sequences the prediction used, the mL of normal myocardium, scar, edema and whole myocardium,
 scar and edema as % of the whole myocardium, the checkpoint or the ensemble's checkpoints, separated by
 ';'; for a case that failed, the reason in "error" and no volumes); index.html (the setting, the volumes
-with the overlays and files linked, the failed cases with their reason: open it in a browser).
+with the overlays and files linked, the failed cases with their reason: open it in a browser). A
+structure that the sequences a case has cannot measure (scar without LGE, edema without T2w: the measured table of
+engine/subset_limits.py) gets no volume: its columns stay empty, "not_measurable" and the log say why.
 Cases are read, predicted and written one at a time, each file atomically. A case that fails at any stage
 (a sequence missing for a model that needs it, sequences of different shape or orientation, an empty or
 unreadable file, no heart found by the locator, an error in preprocessing,

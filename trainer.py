@@ -130,7 +130,8 @@ class Trainer:
                              f"one global batch ({args.batch_size} x {ctx.world_size} processes)")
         self.sampler, self.loader = training_loader(self.train_set, args, ctx)
         self.max_iterations = iteration_budget(args, len(self.loader), spec["model"])
-        self.optimizer = make_optimizer(self.model.parameters(), args.base_lr, args.weight_decay, ctx.device)
+        trainable = [parameter for parameter in self.model.parameters() if parameter.requires_grad]
+        self.optimizer = make_optimizer(trainable, args.base_lr, args.weight_decay, ctx.device)
         self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=args.amp == "fp16")
         warn_if_bf16_is_emulated(ctx.device, args.amp, logger)
         self.criterion = IMMSegLoss(args.num_classes, model.config.contrast, args.dice_class_weights,
@@ -424,12 +425,15 @@ class Trainer:
         """Validation scores the fused head, which I-MMSeg trains only from region_fusion_start_epoch on."""
         return self.spec["model"] != "immseg" or self.state.epoch > self.args.region_fusion_start_epoch
 
+    def validation_score(self, should_stop):
+        """The mean pathology Dice of the validation volumes (None: ``should_stop()`` cut it short)."""
+        return mean_pathology_dice(self.model, self.val_set, self.args, self.ctx.device, should_stop,
+                                   channels_last=self.path.channels_last)
+
     def validate(self):
         """The validation score, or None when a stop signal cut validation short (after the current volume)."""
         with eager_if_compiled(self.compile_mode):  # evaluation graphs are not worth their compilation
-            score = mean_pathology_dice(self.model, self.val_set, self.args, self.ctx.device,
-                                        should_stop=lambda: self.stop.signal_number != 0,
-                                        channels_last=self.path.channels_last)
+            score = self.validation_score(should_stop=lambda: self.stop.signal_number != 0)
         self.model.train()
         if self.writer is not None and score is not None:
             self.writer.add_scalar("val/mean_pathology_dice", score, self.state.iteration)
@@ -621,7 +625,12 @@ def prior_provenance(priors):
 def train_in(run_dir, args, ctx):
     """Build, resume if asked, and train in ``run_dir`` (whose lock this process holds)."""
     model, spec, priors = build(args, ctx)
-    trainer = Trainer(args, ctx, model, spec, run_dir, prior_provenance(priors))
+    fit_in(run_dir, args, ctx, Trainer(args, ctx, model, spec, run_dir, prior_provenance(priors)))
+
+
+def fit_in(run_dir, args, ctx, trainer, record=None):
+    """Resume ``trainer`` if asked, open ``run_dir``, write its config.json (with the entries of ``record``) and
+    train."""
     resume = run_dir / "last.pth" if args.resume == "auto" else args.resume
     if args.resume == "auto" and not resume.is_file():
         logger.info("--resume auto: no %s yet, starting from scratch", resume)
@@ -633,13 +642,14 @@ def train_in(run_dir, args, ctx):
                 f"continuing {resume} at epoch {trainer.state.epoch}, iteration {trainer.state.iteration}"
                 if resume else "from scratch", vars(args))
     if ctx.is_main:
-        write_run_config(run_dir, args, spec, trainer.priors_provenance, trainer.preprocessing)
+        write_run_config(run_dir, args, trainer.spec, trainer.priors_provenance, trainer.preprocessing, record)
     trainer.fit()
 
 
-def train(args):
-    """Train as ``args`` (from :func:`parse_training_args`) say, on this process's share of the devices; the exit
-    code: 0 done, 1 an error the log names, 128 + N stopped by signal N (resumable), 130 interrupted."""
+def train(args, run_in=train_in):
+    """Train as ``args`` (from :func:`parse_training_args`) say, on this process's share of the devices, with
+    ``run_in(run_dir, args, ctx)`` in the locked run folder; the exit code: 0 done, 1 an error the log names,
+    128 + N stopped by signal N (resumable), 130 interrupted."""
     ctx = setup_distributed(args.device)
     run_dir = Path(args.output_dir) if args.output_dir else run_directory(args)
     configure_logging(None, ctx.is_main)
@@ -656,7 +666,7 @@ def train(args):
     try:
         check_run_folder(run_dir, args.resume, args.overwrite)
         with run_folder_lock(run_dir, ctx.is_main):
-            train_in(run_dir, args, ctx)
+            run_in(run_dir, args, ctx)
     except TrainingInterrupted as interruption:
         return 128 + interruption.signal_number
     except KeyboardInterrupt:

@@ -63,6 +63,28 @@ class SegmentationLoss(nn.Module):
         return self.ce_weight * cross_entropy + self.dice_weight * self.dice(logits, target, sample_mask)
 
 
+class SubsetStageLoss(nn.Module):
+    """The subset stage's loss (networks.subset_stage): the subset view's segmentation loss against the labels plus
+    ``soft_target_weight`` times its divergence from the complete view's class probabilities, KL(complete || subset)
+    per pixel, averaged over the pixels; the complete view is a target only (detached)."""
+
+    def __init__(self, num_classes, soft_target_weight, dice_class_weights=None):
+        super().__init__()
+        self.segmentation = SegmentationLoss(num_classes, class_weights=dice_class_weights)
+        self.soft_target_weight = soft_target_weight
+
+    def forward(self, output, labels):
+        """``output`` a SubsetStageOutput -> (total, {term: value} detached)."""
+        terms = {"subset_fused": self.segmentation(output.fused_logits, labels)}
+        total = terms["subset_fused"]
+        if self.soft_target_weight:
+            target = output.complete_logits.detach().float().log_softmax(dim=1)
+            subset = output.fused_logits.float().log_softmax(dim=1)
+            terms["soft_targets"] = (target.exp() * (target - subset)).sum(dim=1).mean()
+            total = total + self.soft_target_weight * terms["soft_targets"]
+        return total, {name: value.detach() for name, value in terms.items()}
+
+
 class TextAnchoredContrastiveLoss(nn.Module):
     """Supervised contrastive loss on sampled pixel embeddings, with the projected class embeddings as anchors.
 

@@ -6,7 +6,8 @@
 # On every GPU that PyTorch sees (CUDA_VISIBLE_DEVICES selects them), with a small phantom dataset and
 # offline text priors made here: a few epochs of train.py under torchrun (NCCL) with --amp bf16 and with
 # --amp fp16 (R50-only, no pretrained file, the fused stage reached), a run resumed from a checkpoint the
-# first one wrote, test.py on CUDA, and benchmarks/speed.py --device cuda for R50-ViT-B_16 and R50-only.
+# first one wrote, test.py on CUDA, a subset stage (train.py --subsets_from) on the bf16 run with test.py on a
+# subset of the sequences, and benchmarks/speed.py --device cuda for R50-ViT-B_16 and R50-only.
 # Every step is run even when an earlier independent one failed; the table at the end (also written to
 # OUTPUT_DIR/gpu_check.md) says what passed, with seconds per step and peak GPU memory; each step's
 # output is in OUTPUT_DIR/logs/. Exit status: 0 when every step passed, 1 otherwise, 2 without a GPU or
@@ -133,6 +134,22 @@ for amp in bf16 fp16; do
     skip "test_$amp" "train_$amp wrote no checkpoint"
   fi
 done
+
+# subset_stage_run: one epoch of a subset stage on the bf16 run (frozen) under torchrun, then test.py from bSSFP
+# and LGE on CUDA.
+subset_stage_run() {
+  "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$gpus" train.py --subsets_from "$OUT/run_bf16" \
+    --amp bf16 --max_epochs 1 --val_every 1 --progress 0 --output_dir "$OUT/run_bf16_subsets" &&
+    checkpoint_epoch "$OUT/run_bf16_subsets/last.pth" 1 &&
+    "$PYTHON" test.py --output_dir "$OUT/run_bf16_subsets" --device cuda --amp bf16 --sequences bSSFP,LGE \
+      --test_save_dir "$OUT/test_bf16_subsets"
+}
+
+if [ -f "$OUT/run_bf16/last.pth" ]; then
+  step subsets_bf16 subset_stage_run || true
+else
+  skip subsets_bf16 "train_bf16 wrote no checkpoint"
+fi
 
 # speed_run MODEL: benchmarks/speed.py at SPEED_BATCH, halved while the card runs out of memory (the attempt is
 # then not a result); skipped, with the reason, when not even batch 1 fits.

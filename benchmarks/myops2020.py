@@ -25,7 +25,11 @@ cases: two variants' per-case Dice in one structure, ordered by its volume in th
 fit: one trained run scored on its fold's training cases and on its test cases (-> <out>/fit.jsonl and the table
 <out>/fit.md): how much of what a run learnt carries over to cases it did not see.
 subsets: per subset of the sequences, one I-MMSeg trained with sequence dropout against the recipe given the subset
-zero-filled and TransUNet trained on the subset alone (-> <out>/subsets.md).
+zero-filled and TransUNet trained on the subset alone; with --stage_variant, a subset stage against paired dropout
+and TransUNet trained on the subset alone, read from several results files at their own budgets (-> <out>/subsets.md).
+A subset stage variant (immseg_subsets) runs its complete variant (immseg) on the fold at the budget first, as run
+does (reused when recorded), then trains the stage on that run's last checkpoint (train.py --subsets_from, as many
+iterations as the complete run unless --stage_iterations) and records it with the stage's own training time.
 agreement: each member of a recorded ensemble scored alone and the mean Dice between every two members' predictions
 (-> <out>/agreement.jsonl and the table <out>/agreement.md): how much an ensemble gains over its members, and why.
 """
@@ -44,6 +48,7 @@ from benchmarks.harness.records import STRUCTURE_NAMES  # noqa: E402
 from benchmarks.harness.report import compare_cases, report  # noqa: E402
 from benchmarks.harness.run import run  # noqa: E402
 from benchmarks.harness.split import write_split  # noqa: E402
+from benchmarks.harness.subset_stage import run_subset_stage  # noqa: E402
 from benchmarks.harness.subsets import subsets_report  # noqa: E402
 from benchmarks.harness.variants import DATASETS, RECIPE_FLAGS, RECIPE_INPUT, VARIANTS  # noqa: E402
 from datasets.dataset_myops import AUGMENTATIONS  # noqa: E402
@@ -129,6 +134,9 @@ def parse_args(argv=None):
                          "the paper's 100 (the default); recorded as <variant>+fused<E>")
     go.add_argument("--base_lr", type=float, default=None,
                     help="train.py's base learning rate (its default: 0.001); another is recorded as <variant>+lr<rate>")
+    go.add_argument("--stage_iterations", type=int, default=None,
+                    help="a subset stage variant (immseg_subsets): the stage's iterations (default: the complete "
+                         "run's); recorded as <variant>+stage<N>")
     go.add_argument("--warmup_steps", type=int, default=6, help="untimed steps per stage before timing")
     go.add_argument("--timed_steps", type=int, default=20,
                     help="timed steps per stage from an epoch's start (at most an epoch; the save is added)")
@@ -181,6 +189,16 @@ def parse_args(argv=None):
     subsets.add_argument("--table_file", type=Path, default=None, help="default: <out>/subsets.md")
     subsets.add_argument("--dropout_variant", default="immseg_seqdrop",
                          help="the recorded variant trained with --sequence_dropout shown as (a), e.g. immseg_seqdrop25")
+    subsets.add_argument("--stage_variant", default=None,
+                         help="a subset stage shown as (a) (e.g. immseg_subsets), against (b) --paired_variant and "
+                              "(c) TransUNet trained on the subset alone")
+    subsets.add_argument("--paired_variant", default="immseg_seqpair", help="with --stage_variant: (b)")
+    subsets.add_argument("--paired_setting", default=None,
+                         help="with --stage_variant: (b)'s budget (default --setting)")
+    subsets.add_argument("--alone_setting", default=None, help="with --stage_variant: (c)'s budget (default --setting)")
+    subsets.add_argument("--compare_results", type=Path, nargs="+", default=[],
+                         help="further results files read with <out>/results.jsonl (e.g. the committed records of "
+                              "benchmarks/results/missing_sequences/results.jsonl.gz)")
 
     args, extra = parser.parse_known_args(argv)
     if extra and args.command != "prepare":
@@ -200,13 +218,15 @@ def main(argv=None):
             prepare(args.src, args.split_file, args.data, args.spacing, args.crop_size, args.preprocess_flags,
                     args.locator)
         elif args.command == "run":
-            return run(args)
+            return run_subset_stage(args) if VARIANTS[args.variant].stage_of else run(args)
         elif args.command == "fit":
             return fit(args)
         elif args.command == "agreement":
             return agreement(args)
         elif args.command == "subsets":
-            subsets_report(args.out, args.setting, args.amp, args.table_file, args.dropout_variant)
+            subsets_report(args.out, args.setting, args.amp, args.table_file, args.dropout_variant,
+                           args.stage_variant, args.compare_results, args.paired_variant, args.paired_setting,
+                           args.alone_setting)
         elif args.command == "cases":
             compare_cases(args.out, args.variant, args.reference, args.structure, args.src, args.dataset)
         else:

@@ -15,6 +15,7 @@ import torch
 
 from datasets.vocabulary import MODALITIES
 from networks.inference import fuse_for_inference
+from networks.subset_stage import SubsetIMMSeg, complete_weights
 from networks.vit_seg_modeling import build_model
 
 
@@ -46,6 +47,12 @@ def spec_differences(expected, found):
 
 
 def model_from_spec(spec, state_dict=None, intensity_priors=None, class_embeddings=None):
+    """The model a specification describes (a subset stage's: the complete model inside a SubsetIMMSeg), its text
+    priors taken from ``state_dict`` when not given."""
+    if spec.get("subset_stage") is not None:
+        complete_spec = {key: value for key, value in spec.items() if key != "subset_stage"}
+        complete_state = None if state_dict is None else complete_weights(state_dict)
+        return SubsetIMMSeg(model_from_spec(complete_spec, complete_state, intensity_priors, class_embeddings))
     config = ml_collections.ConfigDict(spec["config"])
     if spec["model"] == "immseg" and config.use_text_prior and intensity_priors is None and state_dict is not None:
         intensity_priors, class_embeddings = state_dict["intensity_priors"], state_dict["class_embeddings"]
@@ -89,14 +96,22 @@ def trained_sequence_dropout(record):
     return float((record.get("args") or {}).get("sequence_dropout") or 0.0)
 
 
-def check_subset_trained(sequence_dropout, path, sequences):
-    """A model asked to segment from a subset of the sequences must have been trained for it (its
-    --sequence_dropout above 0); all three sequences need no check."""
+def serves_subsets(record):
+    """Whether the run that wrote ``record`` (a checkpoint, or its run's config.json read as a dict) segments any
+    non-empty subset of the sequences: a subset stage (train.py --subsets_from), or I-MMSeg trained with
+    --sequence_dropout above 0."""
+    return (record.get("spec") or {}).get("subset_stage") is not None or trained_sequence_dropout(record) > 0
+
+
+def check_subset_trained(serves, path, sequences):
+    """A model asked to segment from a subset of the sequences must serve subsets (``serves``: serves_subsets of
+    its checkpoint); all three sequences need no check."""
     missing = [name for name in MODALITIES if name not in sequences]
-    if missing and not sequence_dropout:
+    if missing and not serves:
         raise CheckpointError(f"{path} was trained without --sequence_dropout and needs all of "
-                              f"{', '.join(MODALITIES)}; it cannot segment without {', '.join(missing)} (train "
-                              "I-MMSeg with --sequence_dropout P for a model that does)")
+                              f"{', '.join(MODALITIES)}; it cannot segment without {', '.join(missing)} (add a "
+                              "subset stage to its run with train.py --subsets_from, or train I-MMSeg with "
+                              "--sequence_dropout P, for a model that does)")
 
 
 def load_model_state(model, state_dict, source):

@@ -20,7 +20,7 @@ from datasets.postprocessing import keep_largest_myocardium
 from datasets.preprocessing_record import preprocessing_differences, read_preprocessing
 from datasets.vocabulary import MODALITIES
 from engine.checkpoints import (CheckpointError, check_fused_head_trained, check_subset_trained, ensemble_checkpoints,
-                                inference_model, load_checkpoint, trained_sequence_dropout)
+                                inference_model, load_checkpoint, serves_subsets)
 from engine.distributed import StopRequest, seed_everything, setup_distributed
 from engine.options import (ABLATIONS, add_run_arguments, filled, resolve_device_defaults, run_directory,
                             sequence_list)
@@ -28,6 +28,7 @@ from engine.overlays import class_dice, save_overlay
 from engine.predictor import ensemble_probabilities
 from engine.report_page import write_test_page
 from engine.runs import configure_logging
+from engine.subset_limits import not_measurable
 from engine.test_results import (HD95_UNITS, check_results_folder, format_table, results_folder_name,
                                  results_setting, write_released_protocol)
 from engine.training import training_parser
@@ -193,7 +194,10 @@ def load_members(args, device):
         model = inference_model(checkpoint, path, device)
         if tuple(args.sequences) != MODALITIES:
             if args.missing == "leave_out":
-                check_subset_trained(trained_sequence_dropout(checkpoint), path, args.sequences)
+                check_subset_trained(serves_subsets(checkpoint), path, args.sequences)
+                if args.heads != ("fused",) and checkpoint["spec"].get("subset_stage") is not None:
+                    raise CheckpointError(f"{path}: a subset stage serves the fused head alone on a subset of the "
+                                          f"sequences; --heads {','.join(args.heads)} needs all three")
             model = SequenceSubset(model, args.sequences, leave_out=args.missing == "leave_out")
         if args.heads != ("fused",):
             if checkpoint["spec"]["model"] != "immseg":
@@ -356,12 +360,12 @@ def evaluate(args):
     info = {**setting, "epoch": checkpoint["train_state"]["epoch"], "space": spaces, "left_out": failures,
             "stopped_after": len(per_case) + len(failures) if args.stop.signal_number else None,
             "spec": checkpoint["spec"], "seconds": round(time.time() - start, 2),
-            "structures": {k: list(v) for k, v in STRUCTURES.items()}}
+            "structures": {k: list(v) for k, v in STRUCTURES.items()}, "not_measurable": not_measurable(args.sequences)}
     with atomic_path(out_dir / "test_info.json") as temporary:
         temporary.write_text(json.dumps(info, indent=2, default=str) + "\n")
     write_test_page(out_dir, info, summary, rows)
     logger.info("scored in the %s space (tta %s, postprocess %s)\n%s", "/".join(sorted(set(spaces.values()))),
-                args.tta, args.postprocess, format_table(summary))
+                args.tta, args.postprocess, format_table(summary, info["not_measurable"]))
     if args.protocol == "released":
         write_released_protocol(released, out_dir, {"tta": args.tta, "postprocess": args.postprocess})
     if failures:

@@ -22,6 +22,7 @@ from engine.overlays import save_overlay
 from engine.predictor import HeartLocator, load_ensemble, member_models, predict_case, stacked_sequences
 from engine.report_page import write_prediction_page
 from engine.runs import configure_logging
+from engine.subset_limits import not_measurable
 from networks.inference import warn_if_bf16_is_emulated
 from utils import STRUCTURES, atomic_path
 
@@ -33,7 +34,8 @@ OUTPUT_LABELS = {"default": {1: 1, 2: 2, 3: 3},
 # volumes.csv column -> the classes it counts (utils.STRUCTURES: "myocardium" is the normal myocardium)
 VOLUME_STRUCTURES = {"normal_myocardium_ml": "myocardium", "scar_ml": "scar", "edema_ml": "edema",
                      "whole_myocardium_ml": "whole_myocardium"}
-VOLUME_COLUMNS = ["case", "sequences", *VOLUME_STRUCTURES, "scar_percent", "edema_percent", "checkpoint", "error"]
+VOLUME_COLUMNS = ["case", "sequences", *VOLUME_STRUCTURES, "scar_percent", "edema_percent", "not_measurable",
+                  "checkpoint", "error"]
 PREDICTION_PATTERNS = ("*.nii.gz", "*.nii", "volumes.csv")
 
 
@@ -114,6 +116,16 @@ def tissue_volumes(prediction, spacing):
     return volumes
 
 
+def withhold_unmeasurable(volumes, sequences, case_id):
+    """``volumes`` with those of the structures that ``sequences`` cannot measure (engine.subset_limits) left empty,
+    their reasons in "not_measurable" and in the log."""
+    reasons = not_measurable(sequences)
+    for structure, reason in reasons.items():
+        logger.warning("%s: no %s volume: %s", case_id, structure, reason)
+    withheld = {column: None for structure in reasons for column in (f"{structure}_ml", f"{structure}_percent")}
+    return {**volumes, **withheld, "not_measurable": "; ".join(reasons.values())}
+
+
 def write_volumes(rows, path):
     with atomic_path(path) as temporary:
         with open(temporary, "w", newline="") as handle:
@@ -161,8 +173,8 @@ def predict_and_write(case, members, args, device, locator):
         save_overlay(args.output_dir / f"{case.case_id}.png", case.case_id, stacked_sequences(prepared, MODALITIES),
                      processed, note="prediction (no reference), drawn in the processed grid",
                      unused=[name for name in MODALITIES if name not in sequences])
-    return {"case": case.case_id, "sequences": ";".join(sequences),
-            **tissue_volumes(prediction, written.header.get_zooms()), "slices": prediction.shape[2]}
+    volumes = withhold_unmeasurable(tissue_volumes(prediction, written.header.get_zooms()), sequences, case.case_id)
+    return {"case": case.case_id, "sequences": ";".join(sequences), **volumes, "slices": prediction.shape[2]}
 
 
 def page_setting(members, locator, args):

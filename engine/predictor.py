@@ -19,7 +19,7 @@ from datasets.layouts import DataError, find_cases, load_case
 from datasets.roi import heart_centre, write_centres
 from datasets.vocabulary import MODALITIES
 from engine.checkpoints import (CheckpointError, check_fused_head_trained, check_subset_trained, ensemble_checkpoints,
-                                inference_model, load_checkpoint, resolve_checkpoint, trained_sequence_dropout)
+                                inference_model, load_checkpoint, resolve_checkpoint, serves_subsets)
 from engine.distributed import setup_distributed
 from networks.inference import predict_volume
 from networks.missing_sequences import SequenceSubset
@@ -123,7 +123,7 @@ class EnsembleMember(NamedTuple):
     settings: PreprocessingSettings
     img_size: int
     model: torch.nn.Module
-    sequence_dropout: float  # train.py's --sequence_dropout: above 0, the model runs on any subset
+    serves_subsets: bool  # a subset stage, or trained with --sequence_dropout: the model runs on any subset
 
 
 def load_member(checkpoint_path, device):
@@ -132,18 +132,19 @@ def load_member(checkpoint_path, device):
     modalities, settings = run_preprocessing(checkpoint, checkpoint_path)
     return EnsembleMember(checkpoint_path, checkpoint["train_state"]["epoch"], modalities, settings,
                           checkpoint["spec"]["img_size"], inference_model(checkpoint, checkpoint_path, device),
-                          trained_sequence_dropout(checkpoint))
+                          serves_subsets(checkpoint))
 
 
 def member_models(members, sequences):
     """The members' models for a case that has ``sequences``: as they are when it has all three, else each run on
-    that subset (a member trained without --sequence_dropout refuses, naming what the case lacks)."""
+    that subset (a subset stage routes it to its subset path; a member that serves no subset refuses, naming what
+    the case lacks)."""
     sequences = [name for name in MODALITIES if name in sequences]
     if len(sequences) == len(MODALITIES):
         return [member.model for member in members]
     for member in members:
         try:
-            check_subset_trained(member.sequence_dropout, member.checkpoint_path, sequences)
+            check_subset_trained(member.serves_subsets, member.checkpoint_path, sequences)
         except CheckpointError as error:
             raise DataError(str(error)) from None
     return [SequenceSubset(member.model, sequences) for member in members]

@@ -187,12 +187,13 @@ def plain_values(mapping):
     return {k: str(v) if isinstance(v, Path) else v for k, v in mapping.items()}
 
 
-def write_run_config(run_dir, args, spec, priors_provenance, preprocessing):
+def write_run_config(run_dir, args, spec, priors_provenance, preprocessing, record=None):
     """config.json beside the checkpoints: the model specification, the arguments, the priors and the
-    training data's preprocessing record (read_preprocessing)."""
+    training data's preprocessing record (read_preprocessing), and the entries of ``record`` (a subset stage's
+    complete run)."""
     with atomic_path(run_dir / "config.json") as temporary:
         temporary.write_text(json.dumps({"spec": spec, "args": plain_values(vars(args)), "priors": priors_provenance,
-                                         "preprocessing": preprocessing, "git_commit": git_commit()},
+                                         "preprocessing": preprocessing, "git_commit": git_commit(), **(record or {})},
                                         indent=2, default=str) + "\n")
 
 

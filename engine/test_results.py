@@ -67,7 +67,11 @@ def check_results_folder(out_dir, setting, overwrite):
     logger.warning("--overwrite: deleted the %d result files of another setting in %s", len(removed), out_dir)
 
 
-def format_table(summary):
+def format_table(summary, unmeasurable=None):
+    """The summary as a table; the structures of ``unmeasurable`` ({structure: reason}, engine.subset_limits) are
+    marked with * and their reasons follow."""
+    unmeasurable = unmeasurable or {}
+
     def cell(entry, key, scale):
         mean, std = entry[key], entry[f"{key}_std"]
         return "n/a" if mean is None else f"{mean * scale:6.2f} ± {std * scale:5.2f}"
@@ -76,7 +80,8 @@ def format_table(summary):
     lines = [f"{'Structure':<18}{'Dice (%)':>16}{hd_header:>18}{'n':>5}{'undefined HD95':>16}"]
     for name in ("scar", "edema", "myocardium", "scar_edema", "whole_myocardium"):
         entry = summary[name]
-        lines.append(f"{TABLE_NAMES[name]:<18}{cell(entry, 'dice', 100):>16}{cell(entry, 'hd95', 1):>18}"
+        label = TABLE_NAMES[name] + (" *" if name in unmeasurable else "")
+        lines.append(f"{label:<18}{cell(entry, 'dice', 100):>16}{cell(entry, 'hd95', 1):>18}"
                      f"{entry['n']:>5}{entry['n_undefined_hd95']:>16}")
     pathology = [summary[name] for name in PATHOLOGY]
     if all(entry["dice"] is not None for entry in pathology):
@@ -84,6 +89,7 @@ def format_table(summary):
         hd = [entry["hd95"] for entry in pathology]
         hd_text = f"{np.mean(hd):6.2f}" if all(h is not None for h in hd) else "n/a"
         lines.append(f"{'Mean pathology':<18}{dice:>16.2f}{hd_text:>18}")
+    lines += [f"* {reason}" for reason in unmeasurable.values()]
     return "\n".join(lines)
 
 

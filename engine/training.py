@@ -11,10 +11,11 @@ from engine.checkpoint_writer import remove_interrupted_writes
 from networks.vit_seg_configs import DEFAULT_PRETRAINED_PATH
 from networks.vit_seg_modeling import MISSING_SEQUENCE_MODELS, build_model
 from priors import DEFAULT_PROMPTS, resolve_priors
-from engine.checkpoints import model_spec
+from engine.checkpoints import CheckpointError, model_spec
 from engine.options import (CUDA_DEFAULTS, ROOT, add_run_arguments, build_config, filled, fit_stages, run_directory,
                             sequence_list)
 from engine.runs import clear_run_folder, configure_logging, resumes_from_folder
+from engine.subset_stage import SOFT_TARGET_WEIGHT, complete_stage_arguments
 
 logger = logging.getLogger("train")
 
@@ -48,6 +49,15 @@ def training_parser(description=__doc__):
                              "with one subset drawn alike, from the same encoder outputs; the subset view's loss "
                              "weighs --sequence_dropout (its expected share under replace). Costs a second pass "
                              "through CMFE, the decoders and the heads")
+    parser.add_argument("--subsets_from", type=Path, default=None, metavar="RUN_OR_CHECKPOINT",
+                        help="the subset stage: on a finished I-MMSeg run (its folder: best.pth, else last.pth; or a "
+                             "checkpoint file), frozen, train only new parameters for the 6 proper subsets of the "
+                             "sequences (documentation/missing_sequences.md). The model comes from the checkpoint; "
+                             "data, batch size, augmentation and budget too unless given. Default --output_dir: "
+                             "<run>_subsets")
+    parser.add_argument("--soft_target_weight", type=float, default=None,
+                        help="with --subsets_from: weight of the complete view's class probabilities as soft targets "
+                             f"of the subset view (KL divergence), beside the labels (default {SOFT_TARGET_WEIGHT})")
     parser.add_argument("--dice_class_weights", type=class_weight_list, default=None,
                         help="soft Dice weight of each class, comma-separated, e.g. 0.5,1,2,1 to weight scar twice "
                              "(default: method.md's 0.5 for the background, 1 for the other classes)")
@@ -90,6 +100,7 @@ def parse_training_args(argv=None, description=__doc__):
     if args.log_every is not None and args.log_every < 1:
         parser.error(f"--log_every must be at least 1, got {args.log_every}")
     args = filled(args)
+    check_subset_stage(parser, args, argv)
     if args.overwrite and args.resume and (args.resume == "auto" or resumes_from_folder(
             args.resume, args.output_dir or run_directory(args))):
         parser.error("--overwrite deletes the checkpoints that --resume continues from: give one of them")
@@ -102,6 +113,31 @@ def parse_training_args(argv=None, description=__doc__):
         parser.error(f"--dice_class_weights: {len(args.dice_class_weights)} weights for --num_classes "
                      f"{args.num_classes}; give one per class")
     return args
+
+
+def typed_flags(argv):
+    """The destinations of the flags given in ``argv`` (None: the command line), defaults left out."""
+    probe = training_parser()
+    for action in probe._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(probe.parse_known_args(argv)[0]))
+
+
+def check_subset_stage(parser, args, argv):
+    """--subsets_from: the flags checked against the complete run and completed from it (engine.subset_stage);
+    --soft_target_weight only with it."""
+    if args.subsets_from is None:
+        if args.soft_target_weight is not None:
+            parser.error("--soft_target_weight goes with --subsets_from (the subset stage)")
+        return
+    if args.soft_target_weight is None:
+        args.soft_target_weight = SOFT_TARGET_WEIGHT
+    if not args.soft_target_weight >= 0:
+        parser.error(f"--soft_target_weight must be a non-negative weight, got {args.soft_target_weight}")
+    try:
+        complete_stage_arguments(args, typed_flags(argv))
+    except (CheckpointError, ValueError) as error:
+        parser.error(str(error))
 
 
 def check_sequence_dropout(parser, args):

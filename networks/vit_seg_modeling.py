@@ -300,22 +300,30 @@ class IMMSeg(nn.Module):
             raise ValueError(f"intensity_priors and class_embeddings differ in dimension: {sorted(dims)}")
         return dims.pop()
 
-    def _encode(self, images, present=None, two_views=False):
-        """Per modality the bottleneck (after CMFE), the skips and the decoder output; the projected class features.
-        ``two_views``: the encoders' outputs are repeated for a second view of the batch, ``present`` (2B, M)."""
+    def encode_sequences(self, images):
+        """Per modality the encoder's bottleneck and skips (coarsest first): each encoder sees its own sequence."""
         _check_images(images, self.config.n_modalities, self.img_size)
         encoded = [transformer(images[:, m:m + 1]) for m, transformer in enumerate(self.transformers)]
-        bottlenecks = [x for x, _ in encoded]
-        skips = [s for _, s in encoded]
-        if two_views:
-            bottlenecks = [torch.cat([x, x]) for x in bottlenecks]
-            skips = [[torch.cat([s, s]) for s in scales] for scales in skips]
+        return [x for x, _ in encoded], [s for _, s in encoded]
+
+    def decode(self, bottlenecks, skips, present=None):
+        """CMFE and the decoders on the encoders' outputs: per modality the bottleneck (after CMFE), the skips and the
+        decoder output; the projected class features."""
         if self.cmfe is not None:
             bottlenecks = self.cmfe(bottlenecks, self.intensity_priors, present)
         decoded = [decoder(x, s) for decoder, x, s in zip(self.decoders, bottlenecks, skips)]
         return bottlenecks, skips, decoded, self.class_proj(self.class_embeddings)
 
-    def _fused_logits(self, skips, decoded, class_features, present=None):
+    def _encode(self, images, present=None, two_views=False):
+        """``decode`` of ``encode_sequences``. ``two_views``: the encoders' outputs are repeated for a second view of
+        the batch, ``present`` (2B, M)."""
+        bottlenecks, skips = self.encode_sequences(images)
+        if two_views:
+            bottlenecks = [torch.cat([x, x]) for x in bottlenecks]
+            skips = [[torch.cat([s, s]) for s in scales] for scales in skips]
+        return self.decode(bottlenecks, skips, present)
+
+    def fused_logits(self, skips, decoded, class_features, present=None):
         """The fused head on the concatenated skips and decoder outputs; a hidden sequence's slot holds zeros."""
         skips = [[zero_hidden(s, present, m) for s in scales] for m, scales in enumerate(skips)]
         decoded = [zero_hidden(d, present, m) for m, d in enumerate(decoded)]
@@ -352,7 +360,7 @@ class IMMSeg(nn.Module):
         bottlenecks, skips, decoded, class_features = self._encode(images, present, two_views)
         fused_logits = None
         if fused or not self.training:
-            fused_logits = self._fused_logits(skips, decoded, class_features, present)
+            fused_logits = self.fused_logits(skips, decoded, class_features, present)
         if not self.training:
             return fused_logits
         modality_logits = self._modality_logits(bottlenecks, skips, decoded, class_features)
@@ -371,7 +379,7 @@ class IMMSeg(nn.Module):
         present = self._present(present, images)
         bottlenecks, skips, decoded, class_features = self._encode(images, present)
         modality_logits = self._modality_logits(bottlenecks, skips, decoded, class_features)
-        return {"fused": self._fused_logits(skips, decoded, class_features, present),
+        return {"fused": self.fused_logits(skips, decoded, class_features, present),
                 **dict(zip(MODALITIES[:self.config.n_modalities], modality_logits))}
 
     def load_from(self, weights, source="npz"):

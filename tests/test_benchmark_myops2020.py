@@ -105,7 +105,10 @@ def test_every_variant_is_a_set_of_train_py_flags(prepared):
         assert (parsed[name].augmentation, parsed[name].no_pretrain, parsed[name].img_size) == ("strong", True, 64)
     assert [name for name, args in parsed.items() if args.model == "immseg"] == [
         "immseg", "immseg_half", "immseg_scar2", "no_cmfe", "no_cfm", "no_contrast", "names_only", "offline_priors",
-        "immseg_seqdrop", "immseg_seqdrop25", "immseg_seqdrop12", "immseg_seqpair", "immseg_seqpair25"]
+        "immseg_seqdrop", "immseg_seqdrop25", "immseg_seqdrop12", "immseg_seqpair", "immseg_seqpair25",
+        "immseg_subsets"]
+    assert parsed["immseg_subsets"].subsets_from is None, "a stage's flags are those of the run it is trained on"
+    assert [name for name, variant in variants.VARIANTS.items() if variant.stage_of] == ["immseg_subsets"]
     assert parsed["immseg_seqdrop25"].sequence_dropout == 0.25 and parsed["immseg_seqdrop12"].sequence_dropout == 0.125
     assert (parsed["immseg_seqpair"].sequence_dropout, parsed["immseg_seqpair"].sequence_dropout_mode) == (0.5, "paired")
     pair25 = parsed["immseg_seqpair25"]
@@ -834,3 +837,66 @@ def test_the_subset_table_pairs_each_subset_s_three_models_per_case(tmp_path):
     assert "| bSSFP,LGE | scar | 0,1 | 2 | 10.00 | 45.00 | 55.00 |" in text
     assert benchmark.main(["subsets", "--out", str(tmp_path), "--setting", "iterations 300", "--amp", "bf16",
                            "--dropout_variant", "immseg_seqdrop_gone"]) == 1
+
+
+def test_a_subset_stage_trains_on_the_recipes_run_of_its_fold_and_budget(prepared, caplog):
+    out, results = prepared / "out", prepared / "out" / "results.jsonl"
+    budget = ("--mode", "iterations", "--iterations", "2")
+    assert benchmark.main(run_args(prepared, "immseg_subsets", 1, *budget, "--members", "2")) == 1
+    assert "is a subset stage on one run" in caplog.text
+    assert benchmark.main(run_args(prepared, "immseg_subsets", 1, *budget, "--sequences", "bSSFP,LGE")) == 0
+    records = result_files.read_results(results)
+    complete = [r for r in records if (r["variant"], r["setting"], r["fold"]) == ("immseg", "iterations 2", 1)]
+    stage = [r for r in records if r["variant"] == "immseg_subsets+seq_bSSFP_LGE"]
+    assert complete and len(stage) == len(complete), "the complete run trained, scored and recorded first"
+    assert {(r["stage_iterations"], r["complete_variant"], r["inference"][0]) for r in stage} == {
+        (2, "immseg", "seq_bSSFP_LGE")}
+    assert {r["train_seconds"] for r in stage} == {round(complete[0]["train_seconds"] + stage[0]["stage_train_seconds"],
+                                                         1)}
+    complete_dir = out / "runs" / "data" / "immseg" / "iterations_2" / "fold1"
+    stage_dir = out / "runs" / "data" / "immseg_subsets" / "iterations_2" / "fold1"
+    checkpoint = load_checkpoint(stage_dir / "last.pth")
+    assert checkpoint["complete_run"]["checkpoint"] == str(complete_dir / "last.pth")
+    assert checkpoint["train_state"]["iteration"] == 2
+    info = json.loads((stage_dir / "test_last_seq_bSSFP_LGE" / "test_info.json").read_text())
+    assert info["sequences"] == ["bSSFP", "LGE"] and list(info["not_measurable"]) == ["edema"]
+
+    caplog.clear()
+    assert benchmark.main(run_args(prepared, "immseg_subsets", 1, *budget)) == 0
+    assert f"{stage_dir} is trained" in caplog.text and "already in" in caplog.text, "both runs reused"
+    plain = [r for r in result_files.read_results(results) if r["variant"] == "immseg_subsets" and r["fold"] == 1]
+    assert [(r["case"], r["structure"], r["dice"], r["hd95"]) for r in plain] == [
+        (r["case"], r["structure"], r["dice"], r["hd95"]) for r in complete], "complete cases: the complete run's"
+    assert {r["stage_train_seconds"] for r in plain} == {stage[0]["stage_train_seconds"]}
+
+
+def test_the_stage_table_compares_each_model_at_its_own_budget_across_results_files(tmp_path):
+    from benchmarks.harness import subsets
+
+    def rows(variant, setting, fold, case, scar, **extra):
+        return [{**row, "setting": setting, "variant": variant, **extra} for row in hand_made(variant, fold, case,
+                                                                                               scar, 0.5)]
+
+    stage_fields = {"stage_iterations": 300, "stage_train_seconds": 90.0, "complete_train_seconds": 180.0,
+                    "complete_variant": "immseg+bf16"}
+    ours, committed = [], []
+    for case, fold, (a, b, c) in (("a", 0, (0.6, 0.4, 0.5)), ("b", 1, (0.7, 0.5, 0.6))):
+        for subset in (subsets.MODALITIES, ("bSSFP", "LGE")):
+            stage, paired, alone = subsets.stage_variants(subset, "bf16")
+            ours += rows(stage, "iterations 300", fold, case, a, **stage_fields)
+            committed += rows(paired, "iterations 900", fold, case, b) + rows(alone, "iterations 300", fold, case, c)
+    assert subsets.stage_variants(("LGE",), "bf16") == ("immseg_subsets+bf16+seq_LGE", "immseg_seqpair+bf16+seq_LGE",
+                                                        "transunet_single_lge+bf16")
+    result_files.append_results(tmp_path / "results.jsonl", ours)
+    result_files.append_results(tmp_path / "committed.jsonl", committed)
+    flags = ["subsets", "--out", str(tmp_path), "--setting", "iterations 300", "--amp", "bf16", "--stage_variant",
+             "immseg_subsets", "--paired_setting", "iterations 900",
+             "--compare_results", str(tmp_path / "committed.jsonl")]
+    assert benchmark.main(flags) == 0
+    text = (tmp_path / "subsets.md").read_text()
+    assert "| bSSFP,LGE | scar | 0,1 | 2 | 65.00 | 45.00 | 55.00 | +20.00" in text
+    assert "| bSSFP,LGE,T2w | scar | 0,1 | 2 | 65.00 | 45.00 | 55.00 |" in text
+    assert "fold 0 300 iterations in 90 s" in text and "adds 0.50 times the complete run's training time" in text
+    assert benchmark.main(flags[:-2]) == 0, "without the other file (b) and (c) are missing"
+    assert "| bSSFP,LGE | scar | 0,1 | 2 | 65.00 | n/a | n/a | n/a | n/a |" in (tmp_path / "subsets.md").read_text()
+    assert benchmark.main(flags + [str(tmp_path / "results.jsonl")]) == 1, "a run read twice is refused"

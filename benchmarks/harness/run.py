@@ -109,8 +109,9 @@ def trained_amp(run_dir):
     return read_json(run_dir / "config.json", "run configuration")["args"].get("amp") or "none"
 
 
-def train_member(base_flags, plan, run_dir, seed, recorded):
-    """Train one run to its plan unless done (recorded in the results or its training.json); training seconds."""
+def train_once(flags, run_dir, iterations, seed, recorded, run_training=train):
+    """``run_training`` (trainer.train, or a subset stage's) on train.py's ``flags`` in ``run_dir`` unless done
+    (recorded in the results or its training.json); its training seconds."""
     if recorded:  # the same training, scored with other inference options: not trained again
         if not (run_dir / "last.pth").is_file():
             raise BenchmarkError(f"the results record the run {run_dir}, but it has no last.pth to score again")
@@ -120,17 +121,23 @@ def train_member(base_flags, plan, run_dir, seed, recorded):
     if done.is_file():
         logger.info("%s is trained (%s)", run_dir, done)
         return read_json(done, "training record")["train_seconds"]
-    schedule = plan["schedule"]
     start = time.perf_counter()
-    code = train(parse_training_args(base_flags + schedule_flags(schedule) + ["--seed", str(seed)] + [
-        "--output_dir", str(run_dir), "--save_every", str(schedule["max_epochs"]), "--resume", "auto"]))
+    code = run_training(parse_training_args(flags + ["--seed", str(seed), "--output_dir", str(run_dir),
+                                                     "--resume", "auto"]))
     train_seconds = time.perf_counter() - start
     configure_logging()
     if code != 0:
         raise BenchmarkError(f"train.py failed in {run_dir} (exit {code}); see {run_dir / 'log.txt'}")
-    write_json(done, {"train_seconds": round(train_seconds, 1), "seed": seed, "iterations": schedule["max_iterations"],
+    write_json(done, {"train_seconds": round(train_seconds, 1), "seed": seed, "iterations": iterations,
                        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")})
     return train_seconds
+
+
+def train_member(base_flags, plan, run_dir, seed, recorded):
+    """Train one run to its plan unless done (train_once); training seconds."""
+    schedule = plan["schedule"]
+    return train_once(base_flags + schedule_flags(schedule) + ["--save_every", str(schedule["max_epochs"])], run_dir,
+                      schedule["max_iterations"], seed, recorded)
 
 
 def check_budget_flags(options, variant_names):
@@ -153,11 +160,11 @@ def check_budget_flags(options, variant_names):
         if options.heads != ("fused",) and baseline:
             raise BenchmarkError(f"--heads {','.join(options.heads)}: {name} has one head (only I-MMSeg's "
                                  "variants have modality heads)")
-        if tuple(options.sequences) != MODALITIES and options.missing == "leave_out" and (
-                "--sequence_dropout" not in variant.flags):
+        if tuple(options.sequences) != MODALITIES and options.missing == "leave_out" and not variant.serves_subsets:
             raise BenchmarkError(f"--sequences {','.join(options.sequences)}: {name} was not trained to leave a "
-                                 "sequence out (only variants trained with --sequence_dropout are: immseg_seqdrop*, "
-                                 "immseg_seqpair*); score it with --missing zero_fill")
+                                 "sequence out (only variants trained with --sequence_dropout and the subset stages "
+                                 "are: immseg_seqdrop*, immseg_seqpair*, immseg_subsets); score it with --missing "
+                                 "zero_fill")
         if options.fused_start_epoch is not None and baseline:
             raise BenchmarkError(f"--fused_start_epoch: {name} has no fused head (only I-MMSeg's variants "
                                  "train one)")

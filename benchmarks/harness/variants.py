@@ -27,6 +27,12 @@ class Variant:
     priors: str = None  # "biomedclip" (--biomedclip_priors), "offline" (the offline encoder), None (no text)
     prompts: str = "intensity.json"
     config: str = None  # the configuration it trains instead of the recipe's (--vit_name), None: the recipe's
+    stage_of: str = None  # a subset stage (train.py --subsets_from) on this variant's run of the same fold and budget
+
+    @property
+    def serves_subsets(self):
+        """Whether the variant's model segments a subset of the sequences with the others left out."""
+        return self.stage_of is not None or "--sequence_dropout" in self.flags
 
 VARIANTS = {
     "immseg": Variant("I-MMSeg, full", (), "biomedclip"),
@@ -50,6 +56,8 @@ VARIANTS = {
                               ("--sequence_dropout", "0.5", "--sequence_dropout_mode", "paired"), "biomedclip"),
     "immseg_seqpair25": Variant("I-MMSeg, sequence dropout 0.25 paired (every sample also seen complete)",
                                 ("--sequence_dropout", "0.25", "--sequence_dropout_mode", "paired"), "biomedclip"),
+    "immseg_subsets": Variant("I-MMSeg's run frozen, with a subset stage (new parameters per proper subset of the "
+                              "sequences) trained on it", (), "biomedclip", stage_of="immseg"),
     **{f"transunet_early_{'_'.join(pair).lower()}": Variant(
         f"TransUNet, early fusion of {' and '.join(pair)}", ("--model", "transunet_early", "--input_sequences",
                                                              ",".join(pair)))
@@ -118,13 +126,10 @@ def custom_lr(options):
     return None if options.base_lr is None or options.base_lr == default else options.base_lr
 
 
-def recipe_flags(variant_name, fold_dir, crop_size, options, out):
-    """train.py flags of a variant before the schedule: the recipe, the variant's own, its priors."""
-    variant = VARIANTS[variant_name]
-    flags = ["--dataset", options.dataset, "--root_path", str(fold_dir.resolve()), "--img_size", str(crop_size),
-             "--vit_name", variant.config or options.vit_name, "--batch_size", str(options.batch_size),
-             "--device", options.device,
-             "--augmentation", options.augmentation, *RECIPE_SWITCHES, *variant.flags]
+def machine_flags(options):
+    """train.py's flags of how a run trains on this machine, but the device: precision, loader processes, learning
+    rate."""
+    flags = []
     on_gpu = options.device == "cuda" or (options.device == "auto" and torch.cuda.is_available())
     if options.amp != "none" or on_gpu:  # train.py's --amp auto is bf16 on a GPU
         flags += ["--amp", options.amp]
@@ -132,6 +137,16 @@ def recipe_flags(variant_name, fold_dir, crop_size, options, out):
         flags += ["--num_workers", str(options.num_workers)]
     if custom_lr(options) is not None:
         flags += ["--base_lr", f"{options.base_lr:g}"]
+    return flags
+
+
+def recipe_flags(variant_name, fold_dir, crop_size, options, out):
+    """train.py flags of a variant before the schedule: the recipe, the variant's own, its priors."""
+    variant = VARIANTS[variant_name]
+    flags = ["--dataset", options.dataset, "--root_path", str(fold_dir.resolve()), "--img_size", str(crop_size),
+             "--vit_name", variant.config or options.vit_name, "--batch_size", str(options.batch_size),
+             "--device", options.device,
+             "--augmentation", options.augmentation, *RECIPE_SWITCHES, *variant.flags, *machine_flags(options)]
     prompts = PROMPTS / variant.prompts
     if variant.priors == "biomedclip":
         if options.biomedclip_priors is None:
