@@ -55,7 +55,7 @@ class SubsetStageTrainer(Trainer):
         scores = []
         for sequences in subset_names(self.model.config.n_modalities):
             score = mean_pathology_dice(SequenceSubset(self.model, sequences), self.val_set, self.args,
-                                        self.ctx.device, should_stop)
+                                        self.ctx.device, should_stop, channels_last=self.path.channels_last)
             if score is None:
                 return None
             scores.append(score)
