@@ -294,7 +294,7 @@ class Trainer:
                 output, loss, terms = self.paired_loss(network, images, labels, weights, subset_view)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
-        return output, loss.detach(), terms
+        return output, loss.detach(), {name: value.detach() for name, value in terms.items()}
 
     def paired_loss(self, network, images, labels, weights, subset_view):
         """--sequence_dropout_mode paired: the complete view's loss, as without dropout, plus --sequence_dropout
@@ -557,8 +557,9 @@ class Trainer:
             self.progress.submit(self.state.history)
 
 
-# torch.compile's backend; the tests use "aot_eager" (inductor's C++ code generation takes minutes on a small CPU)
-COMPILE_BACKEND = "inductor"
+# torch.compile's backends for the model's regions and the loss; the tests compile the regions with "aot_eager"
+# (inductor's C++ code generation of every region takes minutes on a small CPU) and the loss with inductor
+COMPILE_BACKENDS = {"regions": "inductor", "loss": "inductor"}
 
 
 def compile_in_place(model, criterion, mode):
@@ -573,8 +574,9 @@ def compile_in_place(model, criterion, mode):
         return False
     inductor_config.fallback_random = True
     regions = compile_regions(model)
-    for module in regions + [criterion]:
-        module.compile(backend=COMPILE_BACKEND)
+    for module in regions:
+        module.compile(backend=COMPILE_BACKENDS["regions"])
+    criterion.compile(backend=COMPILE_BACKENDS["loss"])
     logger.info("--compile %s: %d regions of the model and the loss, compiled at their first calls", mode,
                 len(regions))
     return True

@@ -74,7 +74,7 @@ class SubsetStageLoss(nn.Module):
         self.soft_target_weight = soft_target_weight
 
     def forward(self, output, labels):
-        """``output`` a SubsetStageOutput -> (total, {term: value} detached)."""
+        """``output`` a SubsetStageOutput -> (total, {term: value}), the terms for logging (detached by the caller)."""
         terms = {"subset_fused": self.segmentation(output.fused_logits, labels)}
         total = terms["subset_fused"]
         if self.soft_target_weight:
@@ -82,7 +82,7 @@ class SubsetStageLoss(nn.Module):
             subset = output.fused_logits.float().log_softmax(dim=1)
             terms["soft_targets"] = (target.exp() * (target - subset)).sum(dim=1).mean()
             total = total + self.soft_target_weight * terms["soft_targets"]
-        return total, {name: value.detach() for name, value in terms.items()}
+        return total, terms
 
 
 class TextAnchoredContrastiveLoss(nn.Module):
@@ -212,7 +212,9 @@ class IMMSegLoss(nn.Module):
     Dice's class weights of every head (default method.md's: 0.5 background, 1 the rest).
     ``fixed_size_contrast``: the contrastive sampling's fixed size (TextAnchoredContrastiveLoss; None: on GPUs).
     With ``present`` (B, M) bool, a modality's head loss and contrastive loss count only the samples that have
-    the sequence (None: all). Returns the total and the unweighted terms that were computed (detached, for logging).
+    the sequence (None: all). Returns the total and the unweighted terms that were computed, for logging: detach
+    them outside (a compiled loss that returns a term detached and the total equal to that term, as in the stage of
+    the modality heads alone, where inductor folds the weight 1, returns a total without gradient).
     """
 
     def __init__(self, num_classes, contrast_config, dice_class_weights=None, fixed_size_contrast=None):
@@ -239,7 +241,7 @@ class IMMSegLoss(nn.Module):
         if not terms:
             raise ValueError(f"no loss term is active for weights {weights} and this model output")
         total = sum(getattr(weights, name) * value for name, value in terms.items())
-        return total, {name: value.detach() for name, value in terms.items()}
+        return total, terms
 
 
 def process_alive(pid):
