@@ -4,10 +4,13 @@
 #     bash benchmarks/gpu_check.sh [OUTPUT_DIR]        (default: gpu_check_output in the repository)
 #
 # On every GPU that PyTorch sees (CUDA_VISIBLE_DEVICES selects them), with a small phantom dataset and
-# offline text priors made here: a few epochs of train.py under torchrun (NCCL) with --amp bf16 and with
-# --amp fp16 (R50-only, no pretrained file, the fused stage reached), a run resumed from a checkpoint the
-# first one wrote, test.py on CUDA, a subset stage (train.py --subsets_from) on the bf16 run with test.py on a
-# subset of the sequences, and benchmarks/speed.py --device cuda for R50-ViT-B_16 and R50-only.
+# offline text priors made here, every GPU-only feature: a few epochs of train.py under torchrun (NCCL) with
+# --amp bf16 and with --amp fp16 and its grad scaler (R50-only, no pretrained file, the fused stage reached), a
+# run resumed from a checkpoint the first one wrote, the same checkpoint resumed under --amp fp16, --compile on
+# (inductor; its first steps' compile times and no fallback), --sequence_dropout (paired) with test.py
+# --sequences, test.py on CUDA, a subset stage (train.py --subsets_from) on the bf16 run with test.py on a
+# subset of the sequences and predict.py on cases without T2w, and benchmarks/speed.py --device cuda for
+# R50-ViT-B_16 and R50-only (at speed.py's default img_size, 128).
 # Every step is run even when an earlier independent one failed; the table at the end (also written to
 # OUTPUT_DIR/gpu_check.md) says what passed, with seconds per step and peak GPU memory; each step's
 # output is in OUTPUT_DIR/logs/. Exit status: 0 when every step passed, 1 otherwise, 2 without a GPU or
@@ -135,6 +138,40 @@ for amp in bf16 fp16; do
   fi
 done
 
+# amp_resume_run: the bf16 run continued from its epoch_1.pth under --amp fp16 (the grad scaler starts afresh).
+amp_resume_run() {
+  "$PYTHON" "${TRAIN[@]}" --amp fp16 --output_dir "$OUT/run_bf16_to_fp16" --resume "$OUT/run_bf16/epoch_1.pth" &&
+    checkpoint_epoch "$OUT/run_bf16_to_fp16/last.pth" 3 &&
+    grep -q "continues with --amp fp16" "$OUT/run_bf16_to_fp16/log.txt"
+}
+
+# compile_run: --compile on through the three stages (modality heads alone, + contrast, fused); the fallback to
+# eager steps counts as a failure here.
+compile_run() {
+  "$PYTHON" "${TRAIN[@]}" --amp bf16 --compile on --start_contrast_epoch 1 --region_fusion_start_epoch 2 \
+      --output_dir "$OUT/run_compile" &&
+    checkpoint_epoch "$OUT/run_compile/last.pth" 3 &&
+    grep "the first step of the stage" "$OUT/run_compile/log.txt" &&
+    ! grep -q "torch.compile failed" "$OUT/run_compile/log.txt"
+}
+
+# dropout_run: two epochs of --sequence_dropout 0.5 paired, then test.py from bSSFP and LGE on CUDA.
+dropout_run() {
+  "$PYTHON" "${TRAIN[@]}" --amp bf16 --sequence_dropout 0.5 --sequence_dropout_mode paired --max_epochs 2 \
+      --output_dir "$OUT/run_dropout" && checkpoint_epoch "$OUT/run_dropout/last.pth" 2 &&
+    "$PYTHON" test.py --output_dir "$OUT/run_dropout" --device cuda --amp bf16 --sequences bSSFP,LGE \
+      --test_save_dir "$OUT/test_dropout_bSSFP_LGE"
+}
+
+# predict_without_t2w_run: predict.py with the subset stage on raw cases that have no T2w file.
+predict_without_t2w_run() {
+  rm -rf "$OUT/raw_without_t2w" && mkdir -p "$OUT/raw_without_t2w/Raw_data" &&
+    cp -r "$OUT/phantom_raw/Raw_data/bSSFP" "$OUT/phantom_raw/Raw_data/LGE" "$OUT/raw_without_t2w/Raw_data/" &&
+    "$PYTHON" predict.py --input_dir "$OUT/raw_without_t2w" --output_dir "$OUT/predict_without_t2w" \
+      --run "$OUT/run_bf16_subsets" --device cuda --amp bf16 --save_png &&
+    grep -q "bSSFP;LGE" "$OUT/predict_without_t2w/volumes.csv"
+}
+
 # subset_stage_run: one epoch of a subset stage on the bf16 run (frozen) under torchrun, then test.py from bSSFP
 # and LGE on CUDA.
 subset_stage_run() {
@@ -150,6 +187,23 @@ if [ -f "$OUT/run_bf16/last.pth" ]; then
 else
   skip subsets_bf16 "train_bf16 wrote no checkpoint"
 fi
+if [ -f "$OUT/run_bf16_subsets/last.pth" ]; then
+  step predict_without_t2w predict_without_t2w_run || true
+else
+  skip predict_without_t2w "subsets_bf16 wrote no checkpoint"
+fi
+if [ -f "$OUT/run_bf16/epoch_1.pth" ]; then
+  step resume_bf16_to_fp16 amp_resume_run || true
+else
+  skip resume_bf16_to_fp16 "train_bf16 wrote no epoch_1.pth"
+fi
+for name in compile dropout; do
+  if $data_ok; then
+    step "$name" "${name}_run" || true
+  else
+    skip "$name" "no data or priors"
+  fi
+done
 
 # speed_run MODEL: benchmarks/speed.py at SPEED_BATCH, halved while the card runs out of memory (the attempt is
 # then not a result); skipped, with the reason, when not even batch 1 fits.
@@ -194,6 +248,8 @@ def training_figures(run, step_log):
         return "", ""
     difference = re.findall(r"max weight difference to the uninterrupted run: (\S+)", step_log.read_text())
     note = f"; max weight difference to the uninterrupted run {float(difference[-1]):.3g}" if difference else ""
+    compiled = re.findall(r"the first step of the stage .*? took ([\d.]+) s", log.read_text())
+    note += f"; first steps of the stages (compiling) {', '.join(compiled)} s" if compiled else ""
     return f"{found[-1][0]} s / iteration (whole run){note}", found[-1][1]
 
 
@@ -207,13 +263,16 @@ def speed_figures(name):
             f"{figures.get('peak_cuda_mb', 0):.0f}")
 
 
+# the run folder each training step writes
+RUNS = {"train_bf16": "run_bf16", "train_fp16": "run_fp16", "resume_bf16": "run_bf16_resumed",
+        "resume_bf16_to_fp16": "run_bf16_to_fp16", "compile": "run_compile", "dropout": "run_dropout",
+        "subsets_bf16": "run_bf16_subsets"}
 rows = []
 for line in (out / "steps.tsv").read_text().splitlines():
     name, status, seconds = line.split("\t")
     figures = ("", "")
-    if name.startswith(("train_", "resume_")):
-        run = name.replace("train_", "run_").replace("resume_bf16", "run_bf16_resumed")
-        figures = training_figures(run, out / "logs" / f"{name}.log")
+    if name in RUNS:
+        figures = training_figures(RUNS[name], out / "logs" / f"{name}.log")
     elif name.startswith("speed_"):
         figures = speed_figures(name[len("speed_"):])
     rows.append((name, status, seconds, *figures))

@@ -220,3 +220,49 @@ def test_free_gpu_memory_counts_the_cache(monkeypatch):
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 500)
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 200)
     assert checkpoint_writer.cuda_bytes_available("cuda:0") == 400, "free, plus reserved but unallocated"
+
+
+# Several processes (gloo on the CPU, as NCCL on GPUs) -------------------------------------------------------------
+
+def _ranks_worker(rank, world_size, port, results):
+    """One rank: the stop check of 10 steps at --log_every 3, rank 1 signalled before step 4; then a loss read in
+    which rank 1's second step is not finite."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    fake = types.SimpleNamespace(ctx=distributed.DistributedContext(rank, world_size), state=trainer.TrainState(),
+                                 stop=types.SimpleNamespace(signal_number=0),
+                                 args=types.SimpleNamespace(log_every=3))
+    stopped = None
+    for step in range(10):
+        fake.state.iteration = step
+        if rank == 1 and step == 4:
+            fake.stop.signal_number = 15
+        try:
+            trainer.Trainer.stop_if_requested(fake)
+        except distributed.TrainingInterrupted:
+            stopped = step
+            break
+    second = float("nan") if rank == 1 else 2.0
+    fake.pending_losses = [(1, 0.1, torch.tensor(1.0), {"modality": torch.tensor(1.0)}),
+                           (2, 0.1, torch.tensor(second), {"modality": torch.tensor(second)})]
+    fake.writer, fake.run_dir, fake.last_losses = None, "run", None
+    try:
+        trainer.Trainer.read_losses(fake)
+        read = "no error"
+    except FloatingPointError as error:
+        read = str(error)
+    (results / f"rank{rank}.txt").write_text(f"{stopped}\n{read}")
+    dist.destroy_process_group()
+
+
+def test_ranks_check_the_stop_request_together_every_log_every_steps_and_share_a_non_finite_loss(tmp_path):
+    import os
+
+    import torch.multiprocessing as mp
+
+    mp.spawn(_ranks_worker, args=(2, 29000 + os.getpid() % 1000, tmp_path), nprocs=2)
+    stops, reads = zip(*((tmp_path / f"rank{rank}.txt").read_text().split("\n", 1) for rank in range(2)))
+    assert stops == ("6", "6"), "rank 1's signal before step 4 stops both ranks at the next shared check, step 6"
+    assert all("non-finite loss at epoch 1, iteration 2" in read for read in reads)
+    assert "on another process" in reads[0] and "modality nan" in reads[1]

@@ -301,6 +301,82 @@ def test_gpu_check_sizes_the_speed_step_to_the_cards_memory(tmp_path, fits, expe
     assert table.count("speed_R50-ViT-B_16") == 1, "an attempt that ran out of memory is not a row"
 
 
+RECORDING_PYTHON = """#!/usr/bin/env bash
+# The interpreter gpu_check.sh is given, standing in for one GPU: it records every command (one argument a line,
+# then a line ----) and leaves what the script checks afterwards; the table at the end runs for real.
+case "$*" in
+  -\\ *) exec {python} "$@" ;;
+esac
+printf '%s\\n' "$@" ---- >> "$RECORD"
+value() {{ echo "$*" | sed -E "s/.*$1 ([^ ]+).*/\\1/"; }}
+case "$*" in
+  *device_count*) echo 1 ;;
+  *torch.__version__*) echo "PyTorch (stand-in), GPU 0: a recording" ;;
+  *load_checkpoint*) echo "max weight difference to the uninterrupted run: 0" ;;
+  *preprocess_data.py*) mkdir -p "$(value --src_path "$@")/Raw_data/"{{bSSFP,LGE,T2w}} ;;
+  *train.py*)
+    run=$(value --output_dir "$@"); mkdir -p "$run"; touch "$run"/{{last,epoch_1,best}}.pth
+    echo "the first step of the stage fused 0 took 1.0 s; it continues with --amp fp16" > "$run/log.txt" ;;
+  *predict.py*) out=$(value --output_dir "$@"); mkdir -p "$out"; echo "case,sequences" > "$out/volumes.csv"
+    echo "case1,bSSFP;LGE" >> "$out/volumes.csv" ;;
+  *benchmarks/speed.py*) echo '{{"train_step_s": 0.1, "infer_slice_s": 0.001, "settings": {{"batch_size": 24}}}}' \\
+    > "$(value --json "$@")" ;;
+esac
+exit 0
+"""
+
+
+def recorded_commands(record):
+    """[[arguments]] of the commands the recording interpreter saw."""
+    commands, current = [], []
+    for line in record.read_text().splitlines():
+        if line == "----":
+            commands.append(current)
+            current = []
+        else:
+            current.append(line)
+    return commands
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_every_command_of_the_gpu_check_parses_with_its_scripts_flags(tmp_path):
+    """The check's plumbing on the CPU: each step runs (a recording stands in for the interpreter) and each command
+    line it gives train.py, test.py, predict.py, preprocess_data.py and speed.py is one their parsers accept."""
+    from benchmarks import speed
+    from datasets.dataset_writer import parse_preprocessing_args
+    from engine.evaluation import evaluation_parser
+    from engine.prediction import prediction_parser
+    from engine.training import training_parser
+
+    stand_in = tmp_path / "python"
+    stand_in.write_text(RECORDING_PYTHON.format(python=sys.executable))
+    stand_in.chmod(0o755)
+    record = tmp_path / "commands.txt"
+    result = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), str(tmp_path / "out")],
+                            capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHON": str(stand_in), "RECORD": str(record)})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    table = (tmp_path / "out" / "gpu_check.md").read_text()
+    steps = ["data", "priors", "train_bf16", "train_fp16", "resume_bf16", "test_bf16", "test_fp16", "subsets_bf16",
+             "predict_without_t2w", "resume_bf16_to_fp16", "compile", "dropout", "speed_R50-ViT-B_16",
+             "speed_R50-only"]
+    assert all(f"| {name} | pass |" in table for name in steps), table
+    parsers = {"train.py": training_parser().parse_args, "test.py": lambda argv: evaluation_parser().parse_args(argv),
+               "predict.py": prediction_parser().parse_args, "preprocess_data.py": parse_preprocessing_args,
+               "benchmarks/speed.py": speed.parse_args}
+    seen = set()
+    for command in recorded_commands(record):
+        script = next((word for word in command if word in parsers), None)
+        if script is not None:
+            parsers[script](command[command.index(script) + 1:])  # an unknown flag exits (SystemExit)
+            seen.add(script)
+    assert seen == set(parsers)
+    flags = [" ".join(command) for command in recorded_commands(record)]
+    for expected in ("--compile on", "--sequence_dropout 0.5", "--amp fp16 --output_dir", "--sequences bSSFP,LGE",
+                     "--subsets_from"):
+        assert any(expected in line for line in flags), expected
+
+
 def test_speed_benchmark_puts_the_model_and_the_loss_on_its_device():
     """Found on the first GPU run: the loss's class weights stayed on the CPU while the model was on CUDA."""
     from benchmarks import speed

@@ -145,18 +145,46 @@ def test_test_script_takes_the_training_command_and_ignores_what_it_does_not_use
         test_script.parse_args([*training_command, "--augmentaton", "strong"])  # neither script's flag
 
 
+def scalar_events(folder):
+    """{tag: [steps]} of the TensorBoard event files in ``folder`` (tensorboardX's records, read without TensorBoard)."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    steps = {}
+    for path in folder.glob("events.out.tfevents.*"):
+        data, offset = path.read_bytes(), 0
+        while offset < len(data):
+            (length,) = struct.unpack_from("<Q", data, offset)
+            event = event_pb2.Event.FromString(data[offset + 12:offset + 12 + length])
+            offset += 12 + length + 4
+            for value in event.summary.value:
+                steps.setdefault(value.tag, []).append(event.step)
+    return steps
+
+
 def test_two_process_ddp_on_cpu(workspace):
+    """Two ranks (gloo) through two stages, the losses read every 3 steps as on a GPU: one writer (rank 0) logs
+    every step's loss and terms, saves and validates."""
     run = workspace / "ddp"
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                str(29500 + os.getpid() % 1000), str(ROOT / "train.py"),
-               *train_args(workspace, "ddp", *ONE_EPOCH, "--batch_size", "2")]
+               *train_args(workspace, "ddp", "--max_epochs", "2", "--start_contrast_epoch", "1",
+                           "--region_fusion_start_epoch", "1", "--val_every", "1", "--batch_size", "2",
+                           "--log_every", "3")]
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     checkpoint = load_checkpoint(run / "last.pth")
     assert len(checkpoint["rng"]) == 2, "each rank's random state is kept"
-    assert sorted(p.name for p in run.glob("*.pth")) == ["best.pth", "epoch_0.pth", "last.pth"], "validated once"
+    assert sorted(p.name for p in run.glob("*.pth")) == ["best.pth", "epoch_1.pth", "last.pth"], "validated once"
     assert "2 process(es)" in (run / "log.txt").read_text()
+    assert len(list((run / "log").glob("events.out.tfevents.*"))) == 1, "rank 0 alone writes TensorBoard events"
+    iterations, per_epoch = checkpoint["train_state"]["iteration"], checkpoint["train_state"]["iteration"] // 2
+    events = scalar_events(run / "log")
+    assert sorted(events["loss/total"]) == list(range(1, iterations + 1)), "every step's loss, read in threes"
+    assert sorted(events["loss/fused"]) == list(range(per_epoch + 1, iterations + 1)), "the second stage's term"
+    assert [entry["epoch"] for entry in checkpoint["train_state"]["history"]] == [1, 2]
 
 
 def test_dice_and_hd95_on_hand_computed_cases():
