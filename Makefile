@@ -1,4 +1,5 @@
-# make test: the test suite (creates .venv with the requirements unless a virtual or conda environment is active)
+# make test: the test suite in two processes (creates .venv with the requirements unless a virtual or conda
+# environment is active)
 # make demo: phantom -> preprocessing -> training -> testing on the CPU, everything under demo_output/
 
 ifneq ($(VIRTUAL_ENV)$(CONDA_PREFIX),)
@@ -35,7 +36,7 @@ test: $(STAMP)
 		(DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
 		 DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) || \
 		echo "chromium could not be installed: the browser test will be skipped"
-	$(PYTHON) -m pytest -q tests
+	$(PYTHON) -m pytest -q -n 2 --dist loadfile tests
 
 demo: $(STAMP)
 	rm -rf $(DEMO)

@@ -8,7 +8,11 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# The suite runs in one process per core (pytest-xdist, the Makefile's -n): one thread each; alone, the cores.
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", 1))
+THREADS = max(1, min(2, os.cpu_count() or 1) // WORKERS)
+torch.set_num_threads(THREADS)
+os.environ["OMP_NUM_THREADS"] = str(THREADS)  # the scripts the tests start compute alike (bitwise comparisons)
 
 from networks.vit_seg_configs import get_config  # noqa: E402
 from networks.vit_seg_modeling import IMMSeg  # noqa: E402

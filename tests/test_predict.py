@@ -92,7 +92,8 @@ def test_bad_cases_are_named_with_their_reason_and_the_others_are_written(traine
     errors = [record.getMessage() for record in caplog.records if record.levelname == "ERROR"]
     for case, reason in expected.items():
         assert any(case in message and reason in message for message in errors), (case, reason, errors)
-    assert sorted(p.name for p in out.iterdir()) == ["case0001.nii.gz", "volumes.csv"], "nothing else, no temporaries"
+    assert sorted(p.name for p in out.iterdir()) == ["case0001.nii.gz", "index.html", "volumes.csv"], \
+        "nothing else, no temporaries"
     rows = {row["case"]: row for row in csv.DictReader(open(out / "volumes.csv"))}
     assert sorted(rows) == ["case0001", *sorted(expected)], "volumes.csv lists the failures too"
     assert rows["case0001"]["error"] == "" and float(rows["case0001"]["whole_myocardium_ml"]) > 0
