@@ -266,3 +266,15 @@ def test_ranks_check_the_stop_request_together_every_log_every_steps_and_share_a
     assert stops == ("6", "6"), "rank 1's signal before step 4 stops both ranks at the next shared check, step 6"
     assert all("non-finite loss at epoch 1, iteration 2" in read for read in reads)
     assert "on another process" in reads[0] and "modality nan" in reads[1]
+
+
+def test_the_benchmarks_timing_of_the_step_runs_the_gpu_path_across_the_stages(phantom, gpu_path, tmp_path):
+    """benchmarks/gpu_speed.sh's timing (planning.time_training_step) with the GPU's defaults: its loss reads span
+    the stages (--log_every 25 lost the first stage's terms there once: KeyError 'fused')."""
+    from benchmarks.harness import planning
+
+    root, priors = phantom
+    flags = [*TINY_TRAIN_FLAGS, "--root_path", str(root / "data"), "--prior_embeddings", str(priors),
+             "--output_dir", str(tmp_path / "timed"), *GPU_DEFAULTS, "--log_every", "4"]  # reads within its 9 steps
+    seconds, per_stage, per_epoch = planning.time_training_step(flags, 1, 2)
+    assert seconds > 0 and per_epoch >= 2 and len(per_stage) == 3
