@@ -110,6 +110,8 @@ class SequenceSubset(torch.nn.Module):
 
     def forward(self, images):
         images, mask = self._inputs(images)
+        if mask and hasattr(self.model, "subset_logits"):  # a subset stage: its subset path, chosen without a read
+            return self.model.subset_logits(images, mask["present"])
         return self.model(images, **mask)
 
     def head_logits(self, images):

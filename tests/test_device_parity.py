@@ -20,10 +20,11 @@ from datasets.vocabulary import MODALITIES
 from engine.options import GPU_PATH
 from engine.predictor import EnsembleMember, ensemble_probabilities, member_models
 from networks.inference import HeadAverage, fuse_for_inference, predict_volume
+from networks.subset_stage import SubsetIMMSeg
 from networks.missing_sequences import SequenceSubset, draw_present, draw_subset_views, proper_subsets, split_views
 from networks.vit_seg_modeling import build_model
 from trainer import make_optimizer
-from utils import BASELINE_WEIGHTS, DiceLoss, IMMSegLoss, SegmentationLoss, loss_weights
+from utils import BASELINE_WEIGHTS, DiceLoss, IMMSegLoss, SegmentationLoss, SubsetStageLoss, loss_weights
 
 META = torch.device("meta")
 SUBSETS = [tuple(name for name, kept in zip(MODALITIES, row) if kept) for row in proper_subsets().tolist()]
@@ -119,14 +120,30 @@ def test_the_masked_losses_stay_on_the_device():
             assert loss(logits, labels, mask).is_meta
 
 
+def test_the_subset_stages_training_step_stays_on_the_device(tiny_config):
+    stage = SubsetIMMSeg(make_model(tiny_config)).to(META).to(memory_format=torch.channels_last).train()
+    criterion = SubsetStageLoss(4, 0.5).to(META)
+    optimizer = make_optimizer([p for p in stage.parameters() if p.requires_grad], 1e-3, 1e-4, META)
+    images, labels = meta_batch()
+    with device_tensors_only():
+        loss, _ = criterion(stage(images, subset_view=draw_subset_views(4, proper_subsets(device=META))), labels)
+        loss.backward()
+        optimizer.step()
+    assert loss.is_meta and all(p.grad.is_meta for p in stage.adapters.parameters())
+
+
 def inference_models(config):
     """Every wrapper that test.py, predict.py and the heart locator put around an inference copy on the device."""
+    stage = fuse_for_inference(SubsetIMMSeg(make_model(config)).to(META))
     fused = fuse_for_inference(make_model(config).to(META))  # as engine.checkpoints.inference_model
     wrapped = {"inference copy": fused, "heads fused+LGE": HeadAverage(fused, ("fused", "LGE"))}
     for names in SUBSETS:
         wrapped[f"{'+'.join(names)} left out"] = SequenceSubset(fused, names)
     wrapped["LGE zero-filled"] = SequenceSubset(fused, ("LGE",), leave_out=False)
-    member = EnsembleMember(Path("run/best.pth"), 1, list(MODALITIES), None, IMG_SIZE, fused, 0.5)
+    for names in SUBSETS:
+        wrapped[f"subset stage from {'+'.join(names)}"] = SequenceSubset(stage, names)
+    wrapped["subset stage, every sequence"] = stage
+    member = EnsembleMember(Path("run/best.pth"), 1, list(MODALITIES), None, IMG_SIZE, fused, True)
     wrapped["ensemble member without T2w"] = member_models([member], ("bSSFP", "LGE"))[0]
     wrapped["heads fused+LGE without T2w"] = HeadAverage(SequenceSubset(fused, ("bSSFP", "LGE")), ("fused", "LGE"))
     return wrapped
