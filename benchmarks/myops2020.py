@@ -137,6 +137,9 @@ def parse_args(argv=None):
     go.add_argument("--stage_iterations", type=int, default=None,
                     help="a subset stage variant (immseg_subsets): the stage's iterations (default: the complete "
                          "run's); recorded as <variant>+stage<N>")
+    go.add_argument("--stage_base_lr", type=float, default=None,
+                    help="a subset stage variant: the stage's --base_lr (default: train.py's for a stage); recorded "
+                         "as <variant>+stagelr<rate>")
     go.add_argument("--warmup_steps", type=int, default=6, help="untimed steps per stage before timing")
     go.add_argument("--timed_steps", type=int, default=20,
                     help="timed steps per stage from an epoch's start (at most an epoch; the save is added)")
@@ -196,6 +199,8 @@ def parse_args(argv=None):
     subsets.add_argument("--paired_setting", default=None,
                          help="with --stage_variant: (b)'s budget (default --setting)")
     subsets.add_argument("--alone_setting", default=None, help="with --stage_variant: (c)'s budget (default --setting)")
+    subsets.add_argument("--compared_amp", default=None, choices=["none", "bf16", "fp16"],
+                         help="with --stage_variant: the --amp (b) and (c) were trained with (default --amp)")
     subsets.add_argument("--compare_results", type=Path, nargs="+", default=[],
                          help="further results files read with <out>/results.jsonl (e.g. the committed records of "
                               "benchmarks/results/missing_sequences/results.jsonl.gz)")
@@ -226,7 +231,7 @@ def main(argv=None):
         elif args.command == "subsets":
             subsets_report(args.out, args.setting, args.amp, args.table_file, args.dropout_variant,
                            args.stage_variant, args.compare_results, args.paired_variant, args.paired_setting,
-                           args.alone_setting)
+                           args.alone_setting, args.compared_amp)
         elif args.command == "cases":
             compare_cases(args.out, args.variant, args.reference, args.structure, args.src, args.dataset)
         else:

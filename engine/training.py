@@ -15,7 +15,7 @@ from engine.checkpoints import CheckpointError, model_spec
 from engine.options import (CUDA_DEFAULTS, ROOT, add_run_arguments, build_config, filled, fit_stages, run_directory,
                             sequence_list)
 from engine.runs import clear_run_folder, configure_logging, resumes_from_folder
-from engine.subset_stage import SOFT_TARGET_WEIGHT, complete_stage_arguments
+from engine.subset_stage import SOFT_TARGET_WEIGHT, STAGE_BASE_LR, complete_stage_arguments
 
 logger = logging.getLogger("train")
 
@@ -53,8 +53,8 @@ def training_parser(description=__doc__):
                         help="the subset stage: on a finished I-MMSeg run (its folder: best.pth, else last.pth; or a "
                              "checkpoint file), frozen, train only new parameters for the 6 proper subsets of the "
                              "sequences (documentation/missing_sequences.md). The model comes from the checkpoint; "
-                             "data, batch size, augmentation and budget too unless given. Default --output_dir: "
-                             "<run>_subsets")
+                             "data, batch size, augmentation and budget too unless given; --base_lr "
+                             f"{STAGE_BASE_LR} unless given. Default --output_dir: <run>_subsets")
     parser.add_argument("--soft_target_weight", type=float, default=None,
                         help="with --subsets_from: weight of the complete view's class probabilities as soft targets "
                              f"of the subset view (KL divergence), beside the labels (default {SOFT_TARGET_WEIGHT})")

@@ -29,6 +29,8 @@ def check_stage_options(options):
         raise BenchmarkError(f"--heads {','.join(options.heads)}: the subset stage serves the fused head alone")
     if options.stage_iterations is not None and options.stage_iterations < 1:
         raise BenchmarkError(f"--stage_iterations {options.stage_iterations}: expected a positive number")
+    if options.stage_base_lr is not None and not options.stage_base_lr > 0:
+        raise BenchmarkError(f"--stage_base_lr {options.stage_base_lr}: expected a positive learning rate")
 
 
 def complete_run(options):
@@ -66,6 +68,8 @@ def run_subset_stage(options):
                           options.batch_size)
     if options.stage_iterations is not None:
         named = f"{named}+stage{options.stage_iterations}"
+    if options.stage_base_lr is not None:
+        named = f"{named}+stagelr{options.stage_base_lr:g}"
     trained = training_name(named, options.augmentation, options.amp)
     inference = inference_names(options)
     key = (input_name, "+".join([trained, *inference]), label, options.fold)
@@ -80,7 +84,8 @@ def run_subset_stage(options):
     stage_dir = run_folder(options.out, input_name, trained, label, options.fold)
     stage_flags = ["--subsets_from", str(complete_dir / "last.pth"), "--root_path", str(fold_dir.resolve()),
                    "--device", options.device, *machine_flags(options), "--max_iterations", str(iterations),
-                   "--max_epochs", str(epochs), "--save_every", str(epochs)]
+                   "--max_epochs", str(epochs), "--save_every", str(epochs),
+                   *(["--base_lr", f"{options.stage_base_lr:g}"] if options.stage_base_lr is not None else [])]
     # the stage scored on all three sequences, if recorded: the same training (its own seconds, not the total)
     recorded = [{"train_seconds": r["stage_train_seconds"]} for r in earlier
                 if run_key(r) == (input_name, trained, label, options.fold)]

@@ -1,11 +1,12 @@
-"""What each subset of the sequences delivers (issues 38 and 48): per subset, three models side by side, per
-structure the mean Dice and HD95 and the first's paired differences against the other two.
+"""What each subset of the sequences delivers: per subset, three models side by side, per structure the mean Dice
+and HD95 and the first's paired differences against the other two.
 
-- issue 38: (a) one I-MMSeg trained with sequence dropout (immseg_seqdrop, the others left out), (b) the same recipe
-  without it, given the subset with the others zero-filled (immseg, --missing zero_fill), (c) TransUNet trained on
-  that subset alone (early fusion of a pair or of all three, a single-sequence TransUNet for one);
-- issue 48: (a) a subset stage (immseg_subsets) on the recipe's run, (b) paired sequence dropout (immseg_seqpair),
-  (c) TransUNet trained on the subset alone; each at the budget it was measured at, from one or more results files.
+- a dropout model: (a) one I-MMSeg trained with sequence dropout (immseg_seqdrop, the others left out), (b) the same
+  recipe without it, given the subset with the others zero-filled (immseg, --missing zero_fill), (c) TransUNet
+  trained on that subset alone (early fusion of a pair or of all three, a single-sequence TransUNet for one);
+- a subset stage: (a) the stage (immseg_subsets) on the recipe's run, (b) paired sequence dropout (immseg_seqpair),
+  (c) TransUNet trained on the subset alone; each at the budget and precision it was measured at, from one or more
+  results files.
 """
 from pathlib import Path
 
@@ -41,9 +42,11 @@ def subset_variants(subset, amp="none", dropout="immseg_seqdrop"):
     return left_out(dropout, subset, amp), zero_filled, trained_alone(subset, amp)
 
 
-def stage_variants(subset, amp="none", stage="immseg_subsets", paired="immseg_seqpair"):
-    """The recorded names of (a) the subset stage ``stage``, (b) the paired dropout model and (c) for one subset."""
-    return left_out(stage, subset, amp), left_out(paired, subset, amp), trained_alone(subset, amp)
+def stage_variants(subset, amp="none", stage="immseg_subsets", paired="immseg_seqpair", compared_amp=None):
+    """The recorded names of (a) the subset stage ``stage``, (b) the paired dropout model and (c) for one subset;
+    (b) and (c) trained under ``compared_amp`` (default ``amp``)."""
+    compared_amp = compared_amp or amp
+    return left_out(stage, subset, amp), left_out(paired, subset, compared_amp), trained_alone(subset, compared_amp)
 
 
 def _mean(records, structure, metric, scale):
@@ -90,11 +93,11 @@ def subset_table(records, setting, amp="none", dropout="immseg_seqdrop"):
                             lambda subset: subset_variants(subset, amp, dropout))
 
 
-def stage_table(records, settings, amp="none", stage="immseg_subsets", paired="immseg_seqpair"):
-    """Issue 48's table: (a) the subset stage, (b) the paired dropout model, (c) trained alone, each at its budget
+def stage_table(records, settings, amp="none", stage="immseg_subsets", paired="immseg_seqpair", compared_amp=None):
+    """The subset stage's table: (a) the stage, (b) the paired dropout model, (c) trained alone, each at its budget
     (``settings``)."""
     return comparison_table(records, ("(a) subset stage", "(b) paired dropout", "(c) trained alone"), settings,
-                            lambda subset: stage_variants(subset, amp, stage, paired))
+                            lambda subset: stage_variants(subset, amp, stage, paired, compared_amp))
 
 
 def stage_training_time(records, setting, stage_name):
@@ -127,10 +130,11 @@ def read_all_results(out, compared):
 
 
 def subsets_report(out, setting, amp="none", path=None, dropout="immseg_seqdrop", stage=None, compared=(),
-                   paired="immseg_seqpair", paired_setting=None, alone_setting=None):
+                   paired="immseg_seqpair", paired_setting=None, alone_setting=None, compared_amp=None):
     """The subset table of <out>/results.jsonl (and the results files ``compared``) published to ``path`` (default
-    <out>/subsets.md): with ``stage`` issue 48's comparison of a subset stage, else issue 38's of the recorded
-    dropout variant ``dropout`` (one no longer defined is named as recorded)."""
+    <out>/subsets.md): with ``stage`` the comparison of a subset stage (``compared_amp``: the --amp of (b) and (c),
+    default ``amp``), else that of the recorded dropout variant ``dropout`` (one no longer defined is named as
+    recorded)."""
     results = Path(out) / "results.jsonl"
     records = read_all_results(out, compared)
     first = stage or dropout
@@ -145,14 +149,16 @@ def subsets_report(out, setting, amp="none", path=None, dropout="immseg_seqdrop"
     if stage:
         settings = (setting, paired_setting or setting, alone_setting or setting)
         title = f"# A subset stage against paired dropout and training on the subset alone ({results}, {setting})"
+        paired_described = f"{VARIANTS[paired].description} ({paired})" if paired in VARIANTS else paired
         explanation = (
             f"Mean Dice (%) and HD95 (mm) over the cases of the folds recorded, per subset of the sequences: (a) "
-            f"{described}, at {settings[0]}; (b) {VARIANTS[paired].description} ({paired}), the other sequences left "
-            f"out, at {settings[1]}; (c) TransUNet trained on the subset alone (early fusion; one sequence: a "
-            f"single-sequence TransUNet), at {settings[2]}. With all three sequences, (a) is the complete run itself. "
+            f"{described}, at {settings[0]}, --amp {amp}; (b) {paired_described}, the other sequences left out, at "
+            f"{settings[1]}, --amp {compared_amp or amp}; (c) TransUNet trained on the subset alone (early fusion; one "
+            f"sequence: a single-sequence TransUNet), at {settings[2]}, --amp {compared_amp or amp}. With all three "
+            "sequences, (a) is the complete run itself. "
             "Δ: (a)'s mean per-case paired Dice difference in points, 95% percentile bootstrap interval over the "
             "cases (10000 resamples, seed 0). Records: " + ", ".join(str(p) for p in [results, *compared]) + ".")
-        table = stage_table(records, settings, amp, stage, paired)
+        table = stage_table(records, settings, amp, stage, paired, compared_amp)
         note = stage_training_time(records, setting, with_amp(stage, amp))
     else:
         title = f"# What each subset of the sequences delivers ({results}, {setting})"
