@@ -14,7 +14,7 @@ import predict
 import preprocess_data
 import test as test_script
 import train as train_script
-from conftest import make_batch, make_model, train_tiny_run, write_phantom_training_data
+from conftest import ROOT, make_batch, make_model, train_tiny_run, write_phantom_training_data
 from engine.checkpoints import inference_model, load_checkpoint, model_from_spec, serves_subsets
 from engine.subset_limits import NOT_MEASURABLE, not_measurable
 from engine.subset_stage import file_sha256
@@ -264,3 +264,25 @@ def test_the_stage_resumes_like_any_run(runs, caplog):
     complete = load_checkpoint(runs / "complete" / "last.pth")["model"]
     assert all(torch.equal(value, complete[name]) for name, value in complete_weights(second["model"]).items())
     assert json.loads((run / "config.json").read_text())["args"]["soft_target_weight"] == 0.5
+
+
+def test_the_table_is_the_rule_applied_to_the_committed_measurement():
+    """engine/subset_limits.py's figures are those of subsets_stage_300.md's column (a), and its cells exactly the
+    structures below 30 % from a subset that lacks the sequence showing them."""
+    from engine.subset_limits import COMPLETE_DICE
+
+    table = ROOT / "benchmarks" / "results" / "missing_sequences" / "subsets_stage_300.md"
+    names = {"scar": "scar", "edema": "edema"}
+    measured = {}
+    for line in table.read_text().splitlines():
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        if len(cells) > 4 and cells[1] in names:
+            measured[(tuple(cells[0].split(",")), cells[1])] = float(cells[4])
+    shows = {"scar": "LGE", "edema": "T2w"}
+    expected = {}
+    for (subset, structure), dice in measured.items():
+        if len(subset) == 3:
+            assert COMPLETE_DICE[structure] == dice
+        elif shows[structure] not in subset and dice < 30:
+            expected.setdefault(subset, {})[structure] = dice
+    assert expected == NOT_MEASURABLE
