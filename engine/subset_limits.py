@@ -4,8 +4,8 @@ says so in its log; test.py marks them in its table and test_info.json. document
 the rule and the measurements it rests on; a new measurement changes the figures here, and nowhere else."""
 from datasets.vocabulary import MODALITIES
 
-# The measurement the figures below come from: MyoPS 2020 3-fold cross-validation (30 cases), I-MMSeg with
-# --sequence_dropout 0.5 --sequence_dropout_mode paired at 900 iterations
+# The measurement the figures below come from: MyoPS 2020 3-fold cross-validation (30 cases), I-MMSeg trained with
+# sequence dropout 0.5, paired (a training mode since removed; benchmark variant immseg_seqpair), at 900 iterations
 # (benchmarks/results/missing_sequences/subsets_pair_900.md).
 MEASUREMENT = "MyoPS 2020 cross-validation, documentation/missing_sequences.md"
 
