@@ -16,7 +16,7 @@ first (locate_heart.py); its crop is then placed around that centre. Several run
 an ensemble: their class probabilities (each after its flip TTA with --tta) are averaged before the
 argmax; they must share the preprocessing record, the sequence order and img_size. --postprocess keeps
 only the largest connected myocardium in the final labels. A case without one or two of its sequences
-(no file) is predicted from those it has when every run was trained with --sequence_dropout (see
+(no file) is predicted from those it has when every run is a subset stage (train.py --subsets_from, see
 documentation/missing_sequences.md), and skipped with the reason otherwise.
 
 Outputs in OUT: <case>.nii.gz (0 background, 1 normal myocardium, 2 scar, 3 edema, or the challenge's

@@ -8,7 +8,7 @@ import numpy as np
 from datasets.vocabulary import MODALITIES
 from engine.subset_stage import (check_stage_data, complete_run_identity, load_complete_run, stage_spec,
                                  subset_stage_model)
-from networks.missing_sequences import SequenceSubset, proper_subsets
+from networks.missing_sequences import SequenceSubset, draw_subset_views, proper_subsets
 from networks.subset_stage import adapter_parameters_per_subset
 from trainer import Trainer, fit_in, mean_pathology_dice, train
 from utils import LossWeights, SubsetStageLoss
@@ -26,27 +26,30 @@ def subset_names(num_modalities=len(MODALITIES)):
 
 class SubsetStageTrainer(Trainer):
     """The Trainer on a SubsetIMMSeg: the optimizer holds the subset parameters alone (the complete model's have no
-    gradient), every step sees each sample complete and with one proper subset drawn uniformly on the device (the
-    paired views of --sequence_dropout_mode paired), and validation scores the mean over the 6 subsets of the mean
-    pathology Dice. Its checkpoints record the complete run (``complete_run``)."""
+    gradient), every step sees each sample complete and with one proper subset drawn uniformly on the device (its
+    second view), and validation scores the mean over the 6 subsets of the mean pathology Dice. Its checkpoints
+    record the complete run (``complete_run``)."""
 
     def __init__(self, args, ctx, model, spec, run_dir, priors_provenance, complete_run):
         super().__init__(args, ctx, model, spec, run_dir, priors_provenance)
         self.complete_run = complete_run
         self.criterion = SubsetStageLoss(args.num_classes, args.soft_target_weight,
                                          args.dice_class_weights).to(ctx.device)
-        self.sequence_subsets = proper_subsets(model.config.n_modalities, ctx.device)
-        self.paired_views = True
+        self.subsets = proper_subsets(model.config.n_modalities, ctx.device)  # on the device: drawn without a wait
         per_subset, complete = adapter_parameters_per_subset(model)
         logger.info("subset stage on %s (frozen, %d parameters): %d new parameters per proper subset (%.2f %%), "
                     "%d subsets; loss: labels + %g x the complete view's probabilities", complete_run["checkpoint"],
-                    complete, per_subset, 100.0 * per_subset / complete, len(self.sequence_subsets),
+                    complete, per_subset, 100.0 * per_subset / complete, len(self.subsets),
                     args.soft_target_weight)
 
     def weights_for(self, epoch):
         return STAGE_WEIGHTS
 
-    def paired_loss(self, network, images, labels, weights, subset_view):
+    def draw_subset_view(self, batch_size):
+        return draw_subset_views(batch_size, self.subsets)
+
+    def step_loss(self, network, images, labels, weights, subset_view):
+        """The stage's loss (SubsetStageLoss) on the subset view, with the frozen complete view's probabilities."""
         output = network(images, subset_view=subset_view)
         loss, terms = self.criterion(output, labels)
         return output, loss, terms

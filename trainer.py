@@ -35,7 +35,6 @@ from engine.runs import (check_run_folder, configure_logging, git_commit, plain_
 from engine.training import build, open_run_folder
 from networks.npz_weights import PretrainedWeightsError
 from networks.inference import autocast_context, predict_volume, warn_if_bf16_is_emulated
-from networks.missing_sequences import draw_present, draw_subset_views, hide_sequences, proper_subsets, split_views
 from networks.vit_seg_configs import with_switch_defaults
 from networks.vit_seg_modeling import compile_regions
 from priors import EncoderUnavailableError, PriorFileError, PromptFileError
@@ -136,19 +135,6 @@ class Trainer:
         warn_if_bf16_is_emulated(ctx.device, args.amp, logger)
         self.criterion = IMMSegLoss(args.num_classes, model.config.contrast, args.dice_class_weights,
                                     self.path.fixed_size_contrast).to(ctx.device)
-        # --sequence_dropout: the subsets a sample may keep, on the device (None: every sample keeps all sequences)
-        self.sequence_subsets = (proper_subsets(model.config.n_modalities, ctx.device) if args.sequence_dropout
-                                 else None)
-        self.paired_views = (self.sequence_subsets is not None
-                             and getattr(args, "sequence_dropout_mode", "replace") == "paired")
-        if self.paired_views:
-            logger.info("--sequence_dropout %g, paired: every training sample is seen complete and with one of the %d "
-                        "non-empty proper subsets of its sequences (drawn alike), whose loss weighs %g",
-                        args.sequence_dropout, len(self.sequence_subsets), args.sequence_dropout)
-        elif self.sequence_subsets is not None:
-            logger.info("--sequence_dropout %g: with this probability a training sample keeps only one of the %d "
-                        "non-empty proper subsets of its sequences (drawn alike)", args.sequence_dropout,
-                        len(self.sequence_subsets))
         self.state = TrainState()
         self.stop = StopRequest()
         self.writer = None
@@ -274,48 +260,30 @@ class Trainer:
         return loss_weights(epoch, self.args.start_contrast_epoch, self.args.region_fusion_start_epoch,
                             self.args.contrast_w, use_contrast=not self.args.no_contrast)
 
-    def draw_present(self, batch_size):
-        """(present, subset_view) for the step (--sequence_dropout): ``present`` (B, M), the sequences each sample
-        keeps in replace mode, and ``subset_view`` (B, M), the subset of each sample's second view in paired mode;
-        None where unused. Without the switch both are None and nothing is drawn, so that such a run draws the
-        random numbers it always drew."""
-        if self.sequence_subsets is None:
-            return None, None
-        if self.paired_views:
-            return None, draw_subset_views(batch_size, self.sequence_subsets)
-        return draw_present(batch_size, self.args.sequence_dropout, self.sequence_subsets), None
+    def draw_subset_view(self, batch_size):
+        """(B, M) the sequences of each sample's second view in the step, for a trainer that trains on one (the subset
+        stage, subset_trainer.py); None here: each sample is seen once, with every sequence, and nothing is drawn."""
+        return None
 
-    def forward_backward(self, network, images, labels, weights, present=None, subset_view=None):
+    def step_loss(self, network, images, labels, weights, subset_view):
+        """(output, loss, {term: value}) of a step's batch; ``subset_view``: draw_subset_view's (None here)."""
+        output = network(images, fused=weights.fused > 0, contrast=weights.contrast > 0)
+        loss, terms = self.criterion(output, labels, weights)
+        return output, loss, terms
+
+    def forward_backward(self, network, images, labels, weights, subset_view=None):
         with autocast_context(images.device, self.args.amp):
-            if subset_view is None:
-                output = network(images, fused=weights.fused > 0, contrast=weights.contrast > 0, present=present)
-                loss, terms = self.criterion(output, labels, weights, present)
-            else:
-                output, loss, terms = self.paired_loss(network, images, labels, weights, subset_view)
+            output, loss, terms = self.step_loss(network, images, labels, weights, subset_view)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         return output, loss.detach(), {name: value.detach() for name, value in terms.items()}
 
-    def paired_loss(self, network, images, labels, weights, subset_view):
-        """--sequence_dropout_mode paired: the complete view's loss, as without dropout, plus --sequence_dropout
-        times the subset view's (its heads and fused head; no contrastive term, its embeddings being the complete
-        view's). The output returned is the complete view's; the subset view's terms are logged as subset_*."""
-        output = network(images, fused=weights.fused > 0, contrast=weights.contrast > 0, subset_view=subset_view)
-        complete, subset = split_views(output, images.shape[0])
-        loss, terms = self.criterion(complete, labels, weights)
-        subset_loss, subset_terms = self.criterion(subset, labels, weights._replace(contrast=0.0), subset_view)
-        terms.update({f"subset_{name}": value for name, value in subset_terms.items()})
-        return complete, loss + self.args.sequence_dropout * subset_loss, terms
-
     def train_step(self, network, batch, weights):
         """One optimisation step. The loss stays on the device (read_losses reads it every --log_every steps), so
-        the host never waits for the device within a step (except fp16's grad scaler). With --sequence_dropout the
-        sequences a sample hides are zero-filled and left out of the model's mixing and of their heads' losses; in
-        paired mode the images stay whole and the subset view leaves the hidden sequences out alike."""
+        the host never waits for the device within a step (except fp16's grad scaler)."""
         device = self.ctx.device
         images = batch["image"].to(device, non_blocking=True)
-        present, subset_view = self.draw_present(images.shape[0])
-        images = hide_sequences(images, present)
+        subset_view = self.draw_subset_view(images.shape[0])
         if self.path.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         labels = batch["label"].to(device, non_blocking=True)
@@ -324,9 +292,9 @@ class Trainer:
             group["lr"] = lr
         first_compiled_step = self.compile_mode != "off" and weights not in self.compiled_stages
         if first_compiled_step:
-            output, loss, terms = self.first_compiled_step(network, images, labels, weights, present, subset_view)
+            output, loss, terms = self.first_compiled_step(network, images, labels, weights, subset_view)
         else:
-            output, loss, terms = self.forward_backward(network, images, labels, weights, present, subset_view)
+            output, loss, terms = self.forward_backward(network, images, labels, weights, subset_view)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.state.iteration += 1
@@ -336,7 +304,7 @@ class Trainer:
             self.read_losses()
         return output, loss, terms, lr
 
-    def first_compiled_step(self, network, images, labels, weights, present, subset_view):
+    def first_compiled_step(self, network, images, labels, weights, subset_view):
         """The first step of a stage under --compile on, which compiles what the stage runs (its time is logged).
         Where compilation fails, the step is redone eagerly from the same random state and training goes on without
         compilation; under DDP, where a failure in backward leaves the gradient reduction half done, the run stops
@@ -346,7 +314,7 @@ class Trainer:
         start = time.perf_counter()
         failure = None
         try:
-            output, loss, terms = self.forward_backward(network, images, labels, weights, present, subset_view)
+            output, loss, terms = self.forward_backward(network, images, labels, weights, subset_view)
         except Exception as error:  # noqa: BLE001 - any failure of compilation falls back to the eager step
             if isinstance(error, torch.cuda.OutOfMemoryError) or isinstance(error.__cause__,
                                                                              torch.cuda.OutOfMemoryError):
@@ -366,7 +334,7 @@ class Trainer:
         self.compile_mode = "off"
         torch.compiler.set_stance("force_eager")
         set_rng_state(random_state, device)
-        return self.forward_backward(network, images, labels, weights, present, subset_view)
+        return self.forward_backward(network, images, labels, weights, subset_view)
 
     def stop_if_requested(self):
         """Raise TrainingInterrupted on every rank once any rank has received SIGINT or SIGTERM. Under DDP the ranks

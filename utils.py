@@ -27,14 +27,9 @@ class DiceLoss(nn.Module):
         weights = class_weights if class_weights is not None else [0.5] + [1.0] * (num_classes - 1)
         self.register_buffer("class_weights", torch.as_tensor(weights, dtype=torch.float32), persistent=False)
 
-    def forward(self, logits, target, sample_mask=None):
-        """``sample_mask`` (B,) bool: the samples that count, as if the batch held only them (None: all). Without
-        any, every class scores a perfect Dice (loss 0)."""
+    def forward(self, logits, target):
         probs = logits.float().softmax(dim=1)
         one_hot = F.one_hot(target, self.num_classes).permute(0, 3, 1, 2).to(probs.dtype)
-        if sample_mask is not None:  # zeros rather than indexing the batch: no wait for the device
-            keep = sample_mask[:, None, None, None]
-            probs, one_hot = torch.where(keep, probs, 0), torch.where(keep, one_hot, 0)
         dims = (0, 2, 3)
         intersect = (probs * one_hot).sum(dims)
         denominator = (probs * probs).sum(dims) + one_hot.sum(dims)
@@ -51,16 +46,8 @@ class SegmentationLoss(nn.Module):
         self.dice_weight = dice_weight
         self.dice = DiceLoss(num_classes, class_weights)
 
-    def forward(self, logits, target, sample_mask=None):
-        """``sample_mask`` (B,) bool: the loss of the batch of those samples only (None: all); 0, still connected
-        to the graph, when there is none."""
-        if sample_mask is None:
-            cross_entropy = F.cross_entropy(logits.float(), target)
-        else:
-            per_pixel = F.cross_entropy(logits.float(), target, reduction="none")
-            kept = torch.where(sample_mask[:, None, None], per_pixel, 0).sum()
-            cross_entropy = kept / (sample_mask.sum() * per_pixel[0].numel()).clamp(min=1)
-        return self.ce_weight * cross_entropy + self.dice_weight * self.dice(logits, target, sample_mask)
+    def forward(self, logits, target):
+        return self.ce_weight * F.cross_entropy(logits.float(), target) + self.dice_weight * self.dice(logits, target)
 
 
 class SubsetStageLoss(nn.Module):
@@ -97,8 +84,7 @@ class TextAnchoredContrastiveLoss(nn.Module):
     sum over negatives n of exp(s_in))), s = cosine / temperature, averaged over
     the positives of i and then over the samples that have a positive. The
     scales' losses are summed. Without any sampled pixel the loss is a zero that
-    stays connected to the graph. A ``sample_mask`` (B,) leaves the images it marks False out of the
-    sampling (a sequence the sample lacks: its embeddings contrast with nothing).
+    stays connected to the graph.
 
     On a GPU every tensor has a fixed size: a draw that finds fewer pixels than asked keeps
     its slots, marked invalid and left out of every sum, so the loss never waits for the
@@ -113,16 +99,14 @@ class TextAnchoredContrastiveLoss(nn.Module):
         self.temperature = temperature
         self.anchor_copies = anchor_copies
 
-    def forward(self, embeddings, labels, anchors, ignore_classes=(), sample_mask=None):
-        """embeddings: per scale (B, d_s, h_s, w_s); labels: (B, H, W); anchors: per scale (K, d_s);
-        sample_mask: (B,) bool, the images whose pixels may be sampled (None: all)."""
+    def forward(self, embeddings, labels, anchors, ignore_classes=()):
+        """embeddings: per scale (B, d_s, h_s, w_s); labels: (B, H, W); anchors: per scale (K, d_s)."""
         if not (len(embeddings) == len(anchors) == len(self.samples_per_scale)):
             raise ValueError(f"expected {len(self.samples_per_scale)} scales of embeddings and anchors, "
                              f"got {len(embeddings)} and {len(anchors)}")
         total = 0.0
         for features, anchor, count in zip(embeddings, anchors, self.samples_per_scale):
-            sampled, targets, valid = self.sample(features, labels, count, anchor.shape[0], ignore_classes,
-                                                  sample_mask)
+            sampled, targets, valid = self.sample(features, labels, count, anchor.shape[0], ignore_classes)
             if not (sampled.is_cuda if self.fixed_size is None else self.fixed_size):
                 sampled, targets, valid = sampled[valid], targets[valid], valid[valid]
             classes = torch.arange(anchor.shape[0], device=anchor.device).repeat(self.anchor_copies)
@@ -135,10 +119,9 @@ class TextAnchoredContrastiveLoss(nn.Module):
         return total
 
     @staticmethod
-    def sample(features, labels, count, num_classes, ignore_classes=(), sample_mask=None):
+    def sample(features, labels, count, num_classes, ignore_classes=()):
         """``count`` random pixel slots per image and class -> (B*K*count, d) features, (B*K*count,) class ids and
-        (B*K*count,) validity: a class with fewer than ``count`` pixels fills its other slots with invalid ones, an
-        image that ``sample_mask`` marks False all its slots. The random draws do not depend on the mask."""
+        (B*K*count,) validity: a class with fewer than ``count`` pixels fills its other slots with invalid ones."""
         batch, dim, height, width = features.shape
         small = F.interpolate(labels[:, None].float(), size=(height, width), mode="nearest")[:, 0].long()
         small = small.flatten(1)
@@ -147,8 +130,6 @@ class TextAnchoredContrastiveLoss(nn.Module):
         if ignore_classes:  # compared with Python numbers: no index tensor to copy to the device
             ignored = functools.reduce(torch.logical_or, [classes == c for c in ignore_classes])
             member = member & ~ignored[None, :, None]
-        if sample_mask is not None:
-            member = member & sample_mask[:, None, None]
         keys = torch.rand(small.shape, device=features.device)
         keyed = torch.where(member, keys[:, None, :], torch.full_like(keys[:, None, :], 2.0))
         count = min(count, small.shape[1])
@@ -211,8 +192,7 @@ class IMMSegLoss(nn.Module):
     each with its modality's ignored classes. ``dice_class_weights`` replaces the soft
     Dice's class weights of every head (default method.md's: 0.5 background, 1 the rest).
     ``fixed_size_contrast``: the contrastive sampling's fixed size (TextAnchoredContrastiveLoss; None: on GPUs).
-    With ``present`` (B, M) bool, a modality's head loss and contrastive loss count only the samples that have
-    the sequence (None: all). Returns the total and the unweighted terms that were computed, for logging: detach
+    Returns the total and the unweighted terms that were computed, for logging: detach
     them outside (a compiled loss that returns a term detached and the total equal to that term, as in the stage of
     the modality heads alone, where inductor folds the weight 1, returns a total without gradient).
     """
@@ -225,18 +205,15 @@ class IMMSegLoss(nn.Module):
                                                     fixed_size_contrast)
         self.ignore_classes = tuple(tuple(c) for c in contrast_config.ignore_classes)
 
-    def forward(self, output, labels, weights, present=None):
+    def forward(self, output, labels, weights):
         terms = {}
-        sample_masks = (None,) * len(self.ignore_classes) if present is None else present.unbind(dim=1)
         if weights.fused and output.fused_logits is not None:
             terms["fused"] = self.segmentation(output.fused_logits, labels)
         if weights.modality and output.modality_logits:
-            terms["modality"] = sum(self.segmentation(logits, labels, mask)
-                                    for logits, mask in zip(output.modality_logits, sample_masks))
+            terms["modality"] = sum(self.segmentation(logits, labels) for logits in output.modality_logits)
         if weights.contrast and output.contrast_embeddings is not None:
-            per_modality = [self.contrast(embeddings, labels, output.class_anchors, ignore, mask)
-                            for embeddings, ignore, mask in zip(output.contrast_embeddings, self.ignore_classes,
-                                                                sample_masks)]
+            per_modality = [self.contrast(embeddings, labels, output.class_anchors, ignore)
+                            for embeddings, ignore in zip(output.contrast_embeddings, self.ignore_classes)]
             terms["contrast"] = sum(per_modality) / len(per_modality)
         if not terms:
             raise ValueError(f"no loss term is active for weights {weights} and this model output")

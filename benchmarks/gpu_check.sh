@@ -7,10 +7,10 @@
 # offline text priors made here, every GPU-only feature: a few epochs of train.py under torchrun (NCCL) with
 # --amp bf16 and with --amp fp16 and its grad scaler (R50-only, no pretrained file, the fused stage reached), a
 # run resumed from a checkpoint the first one wrote, the same checkpoint resumed under --amp fp16, --compile on
-# (inductor; its first steps' compile times and no fallback), --sequence_dropout (paired) with test.py
-# --sequences, test.py on CUDA, a subset stage (train.py --subsets_from) on the bf16 run with test.py on a
-# subset of the sequences and predict.py on cases without T2w, and benchmarks/speed.py --device cuda for
-# R50-ViT-B_16 and R50-only (at speed.py's default img_size, 128).
+# (inductor; its first steps' compile times and no fallback), test.py on CUDA, a subset stage (train.py
+# --subsets_from) on the bf16 run with test.py --sequences on a subset of the sequences and predict.py on cases
+# without T2w, and benchmarks/speed.py --device cuda for R50-ViT-B_16 and R50-only (at speed.py's default
+# img_size, 128).
 # Every step is run even when an earlier independent one failed; the table at the end (also written to
 # OUTPUT_DIR/gpu_check.md) says what passed, with seconds per step and peak GPU memory; each step's
 # output is in OUTPUT_DIR/logs/. Exit status: 0 when every step passed, 1 otherwise, 2 without a GPU or
@@ -155,14 +155,6 @@ compile_run() {
     ! grep -q "torch.compile failed" "$OUT/run_compile/log.txt"
 }
 
-# dropout_run: two epochs of --sequence_dropout 0.5 paired, then test.py from bSSFP and LGE on CUDA.
-dropout_run() {
-  "$PYTHON" "${TRAIN[@]}" --amp bf16 --sequence_dropout 0.5 --sequence_dropout_mode paired --max_epochs 2 \
-      --output_dir "$OUT/run_dropout" && checkpoint_epoch "$OUT/run_dropout/last.pth" 2 &&
-    "$PYTHON" test.py --output_dir "$OUT/run_dropout" --device cuda --amp bf16 --sequences bSSFP,LGE \
-      --test_save_dir "$OUT/test_dropout_bSSFP_LGE"
-}
-
 # predict_without_t2w_run: predict.py with the subset stage on raw cases that have no T2w file.
 predict_without_t2w_run() {
   rm -rf "$OUT/raw_without_t2w" && mkdir -p "$OUT/raw_without_t2w/Raw_data" &&
@@ -197,13 +189,11 @@ if [ -f "$OUT/run_bf16/epoch_1.pth" ]; then
 else
   skip resume_bf16_to_fp16 "train_bf16 wrote no epoch_1.pth"
 fi
-for name in compile dropout; do
-  if $data_ok; then
-    step "$name" "${name}_run" || true
-  else
-    skip "$name" "no data or priors"
-  fi
-done
+if $data_ok; then
+  step compile compile_run || true
+else
+  skip compile "no data or priors"
+fi
 
 # speed_run MODEL: benchmarks/speed.py at SPEED_BATCH, halved while the card runs out of memory (the attempt is
 # then not a result); skipped, with the reason, when not even batch 1 fits.
@@ -265,8 +255,7 @@ def speed_figures(name):
 
 # the run folder each training step writes
 RUNS = {"train_bf16": "run_bf16", "train_fp16": "run_fp16", "resume_bf16": "run_bf16_resumed",
-        "resume_bf16_to_fp16": "run_bf16_to_fp16", "compile": "run_compile", "dropout": "run_dropout",
-        "subsets_bf16": "run_bf16_subsets"}
+        "resume_bf16_to_fp16": "run_bf16_to_fp16", "compile": "run_compile", "subsets_bf16": "run_bf16_subsets"}
 rows = []
 for line in (out / "steps.tsv").read_text().splitlines():
     name, status, seconds = line.split("\t")

@@ -24,9 +24,10 @@ report: one Markdown table over all cases of all folds, with paired differences 
 cases: two variants' per-case Dice in one structure, ordered by its volume in the labels (where does a gap sit?).
 fit: one trained run scored on its fold's training cases and on its test cases (-> <out>/fit.jsonl and the table
 <out>/fit.md): how much of what a run learnt carries over to cases it did not see.
-subsets: per subset of the sequences, one I-MMSeg trained with sequence dropout against the recipe given the subset
-zero-filled and TransUNet trained on the subset alone; with --stage_variant, a subset stage against paired dropout
-and TransUNet trained on the subset alone, read from several results files at their own budgets (-> <out>/subsets.md).
+subsets: per subset of the sequences, with --stage_variant a subset stage against paired sequence dropout (recorded)
+and TransUNet trained on the subset alone, read from several results files at their own budgets; without, a recorded
+I-MMSeg trained with sequence dropout (a training mode since removed) against the recipe given the subset zero-filled
+and TransUNet trained on the subset alone (-> <out>/subsets.md).
 A subset stage variant (immseg_subsets) runs its complete variant (immseg) on the fold at the budget first, as run
 does (reused when recorded), then trains the stage on that run's last checkpoint (train.py --subsets_from, as many
 iterations as the complete run unless --stage_iterations) and records it with the stage's own training time.
@@ -184,18 +185,21 @@ def parse_args(argv=None):
     cases.add_argument("--src", type=Path, required=True, help="raw folder the split was made from (the labels)")
     cases.add_argument("--dataset", default="MyoPS2020", choices=DATASETS, help="raw layout (Phantom: MyoPS380's)")
 
-    subsets = commands.add_parser("subsets", help="per subset of the sequences: the dropout model, the recipe "
+    subsets = commands.add_parser("subsets", help="per subset of the sequences: a subset stage, paired dropout and "
+                                                  "TransUNet trained on it; or a recorded dropout model, the recipe "
                                                   "zero-filled and TransUNet trained on it (-> <out>/subsets.md)")
     subsets.add_argument("--out", type=Path, required=True)
     subsets.add_argument("--setting", required=True, help="the budget as recorded, e.g. 'iterations 300'")
     subsets.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"], help="the runs' --amp")
     subsets.add_argument("--table_file", type=Path, default=None, help="default: <out>/subsets.md")
     subsets.add_argument("--dropout_variant", default="immseg_seqdrop",
-                         help="the recorded variant trained with --sequence_dropout shown as (a), e.g. immseg_seqdrop25")
+                         help="a recorded sequence-dropout variant shown as (a), e.g. immseg_seqdrop25 (a training "
+                              "mode since removed: its tables are rebuilt from benchmarks/results/missing_sequences/)")
     subsets.add_argument("--stage_variant", default=None,
                          help="a subset stage shown as (a) (e.g. immseg_subsets), against (b) --paired_variant and "
                               "(c) TransUNet trained on the subset alone")
-    subsets.add_argument("--paired_variant", default="immseg_seqpair", help="with --stage_variant: (b)")
+    subsets.add_argument("--paired_variant", default="immseg_seqpair",
+                         help="with --stage_variant: (b), a recorded variant")
     subsets.add_argument("--paired_setting", default=None,
                          help="with --stage_variant: (b)'s budget (default --setting)")
     subsets.add_argument("--alone_setting", default=None, help="with --stage_variant: (c)'s budget (default --setting)")

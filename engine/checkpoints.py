@@ -89,29 +89,26 @@ def check_fused_head_trained(checkpoint, path):
             f"--resume auto and a --max_epochs above {start}), or use a checkpoint saved after epoch {start + 1}")
 
 
-def trained_sequence_dropout(record):
-    """train.py's --sequence_dropout of the run that wrote ``record`` (a checkpoint, or its run's config.json read
-    as a dict): above 0, the model was trained to segment any non-empty subset of the sequences. 0 for runs from
-    before the flag existed, which saw every sequence."""
-    return float((record.get("args") or {}).get("sequence_dropout") or 0.0)
-
-
 def serves_subsets(record):
-    """Whether the run that wrote ``record`` (a checkpoint, or its run's config.json read as a dict) segments any
-    non-empty subset of the sequences: a subset stage (train.py --subsets_from), or I-MMSeg trained with
-    --sequence_dropout above 0."""
-    return (record.get("spec") or {}).get("subset_stage") is not None or trained_sequence_dropout(record) > 0
+    """Whether the run that wrote ``record`` (a checkpoint, or its run's config.json read as a dict) segments a
+    subset of the sequences: a subset stage (train.py --subsets_from)."""
+    return (record.get("spec") or {}).get("subset_stage") is not None
 
 
-def check_subset_trained(serves, path, sequences):
-    """A model asked to segment from a subset of the sequences must serve subsets (``serves``: serves_subsets of
-    its checkpoint); all three sequences need no check."""
+def check_subset_trained(record, path, sequences):
+    """A model asked to segment from a subset of the sequences must be a subset stage (``record``: its checkpoint,
+    or a dict with the checkpoint's spec and args); all three sequences need no check. A complete run is refused
+    with what serves it, and so is a run of a training mode for subsets that has since been removed (its
+    ``args``: sequence dropout, whose records stay in benchmarks/results/missing_sequences/)."""
     missing = [name for name in MODALITIES if name not in sequences]
-    if missing and not serves:
-        raise CheckpointError(f"{path} was trained without --sequence_dropout and needs all of "
-                              f"{', '.join(MODALITIES)}; it cannot segment without {', '.join(missing)} (add a "
-                              "subset stage to its run with train.py --subsets_from, or train I-MMSeg with "
-                              "--sequence_dropout P, for a model that does)")
+    if not missing or serves_subsets(record):
+        return
+    removed = ((record.get("args") or {}).get("sequence_dropout") or 0) > 0
+    kind = ("was trained with --sequence_dropout, a training mode that has been removed," if removed
+            else "is a complete run")
+    raise CheckpointError(f"{path} {kind} and needs all of {', '.join(MODALITIES)}; it cannot segment without "
+                          f"{', '.join(missing)}: train a subset stage on it (train.py --subsets_from RUN), which "
+                          "serves any subset and keeps complete cases as they are")
 
 
 def load_model_state(model, state_dict, source):

@@ -20,7 +20,7 @@ from datasets.postprocessing import keep_largest_myocardium
 from datasets.preprocessing_record import preprocessing_differences, read_preprocessing
 from datasets.vocabulary import MODALITIES
 from engine.checkpoints import (CheckpointError, check_fused_head_trained, check_subset_trained, ensemble_checkpoints,
-                                inference_model, load_checkpoint, serves_subsets)
+                                inference_model, load_checkpoint)
 from engine.distributed import StopRequest, seed_everything, setup_distributed
 from engine.options import (ABLATIONS, add_run_arguments, filled, resolve_device_defaults, run_directory,
                             sequence_list)
@@ -85,12 +85,13 @@ def evaluation_parser(description=__doc__):
                              "trained beside it)")
     parser.add_argument("--sequences", default=MODALITIES, type=sequence_list,
                         help="segment from these sequences only, comma-separated (e.g. bSSFP,LGE for patients "
-                             "without T2w): the others are hidden from the model; a model trained with "
-                             "--sequence_dropout (default: all three)")
+                             "without T2w), with a subset stage (train.py --subsets_from) that leaves the others out "
+                             "(default: all three)")
     parser.add_argument("--missing", default="leave_out", choices=["leave_out", "zero_fill"],
-                        help="with --sequences, what the model is given for the others: leave_out (default) keeps "
-                             "them out of every fusion, for a model trained with --sequence_dropout; zero_fill only "
-                             "fills their images with zeros, as a model trained on all three would naively be used")
+                        help="with --sequences, what the model is given for the others: leave_out (default) runs a "
+                             "subset stage's subset path, which leaves them out (a complete run is refused); "
+                             "zero_fill only fills their images with zeros, as a model trained on all three would "
+                             "naively be used")
     parser.add_argument("--postprocess", action="store_true",
                         help="keep only the largest 3-D connected component of the whole myocardium (scar and "
                              "edema outside it become background), in every label volume scored or written: the "
@@ -194,8 +195,8 @@ def load_members(args, device):
         model = inference_model(checkpoint, path, device)
         if tuple(args.sequences) != MODALITIES:
             if args.missing == "leave_out":
-                check_subset_trained(serves_subsets(checkpoint), path, args.sequences)
-                if args.heads != ("fused",) and checkpoint["spec"].get("subset_stage") is not None:
+                check_subset_trained(checkpoint, path, args.sequences)  # a subset stage, then
+                if args.heads != ("fused",):
                     raise CheckpointError(f"{path}: a subset stage serves the fused head alone on a subset of the "
                                           f"sequences; --heads {','.join(args.heads)} needs all three")
             model = SequenceSubset(model, args.sequences, leave_out=args.missing == "leave_out")

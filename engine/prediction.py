@@ -148,8 +148,8 @@ def heart_locator(settings, args, checkpoint_path):
 
 
 def predict_and_write(case, members, args, device, locator):
-    """Read, predict and write one case from the sequences it has (a subset only for members trained with
-    --sequence_dropout); its volumes.csv row (with the slice count under "slices")."""
+    """Read, predict and write one case from the sequences it has (a subset only for members that are subset
+    stages); its volumes.csv row (with the slice count under "slices")."""
     volumes = load_case(case, allow_missing_sequences=True)
     sequences = [name for name in MODALITIES if name in volumes.images]
     try:

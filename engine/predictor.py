@@ -19,7 +19,7 @@ from datasets.layouts import DataError, find_cases, load_case
 from datasets.roi import heart_centre, write_centres
 from datasets.vocabulary import MODALITIES
 from engine.checkpoints import (CheckpointError, check_fused_head_trained, check_subset_trained, ensemble_checkpoints,
-                                inference_model, load_checkpoint, resolve_checkpoint, serves_subsets)
+                                inference_model, load_checkpoint, resolve_checkpoint)
 from engine.distributed import setup_distributed
 from networks.inference import predict_volume
 from networks.missing_sequences import SequenceSubset
@@ -58,7 +58,7 @@ def run_preprocessing(checkpoint, checkpoint_path):
 
 def stacked_sequences(prepared, modalities):
     """(M, Z, H, W) of a preprocessed case's sequences in the order ``modalities``; a sequence the case lacks is
-    zeros (a model trained with --sequence_dropout leaves it out)."""
+    zeros (a subset stage leaves it out)."""
     blank = np.zeros_like(next(iter(prepared.images.values())))
     return np.stack([prepared.images.get(m, blank) for m in modalities])
 
@@ -123,7 +123,7 @@ class EnsembleMember(NamedTuple):
     settings: PreprocessingSettings
     img_size: int
     model: torch.nn.Module
-    serves_subsets: bool  # a subset stage, or trained with --sequence_dropout: the model runs on any subset
+    trained_as: dict  # the checkpoint's spec and args: whether it serves a subset (check_subset_trained)
 
 
 def load_member(checkpoint_path, device):
@@ -132,19 +132,18 @@ def load_member(checkpoint_path, device):
     modalities, settings = run_preprocessing(checkpoint, checkpoint_path)
     return EnsembleMember(checkpoint_path, checkpoint["train_state"]["epoch"], modalities, settings,
                           checkpoint["spec"]["img_size"], inference_model(checkpoint, checkpoint_path, device),
-                          serves_subsets(checkpoint))
+                          {key: checkpoint.get(key) for key in ("spec", "args")})
 
 
 def member_models(members, sequences):
     """The members' models for a case that has ``sequences``: as they are when it has all three, else each run on
-    that subset (a subset stage routes it to its subset path; a member that serves no subset refuses, naming what
-    the case lacks)."""
+    that subset by its subset stage (a member that is no subset stage refuses, naming what the case lacks)."""
     sequences = [name for name in MODALITIES if name in sequences]
     if len(sequences) == len(MODALITIES):
         return [member.model for member in members]
     for member in members:
         try:
-            check_subset_trained(member.serves_subsets, member.checkpoint_path, sequences)
+            check_subset_trained(member.trained_as, member.checkpoint_path, sequences)
         except CheckpointError as error:
             raise DataError(str(error)) from None
     return [SequenceSubset(member.model, sequences) for member in members]

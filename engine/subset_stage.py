@@ -30,9 +30,9 @@ MODEL_FLAGS = ("model", "vit_name", "img_size", "num_classes", "n_skip", "vit_pa
 # flags of the complete run that the stage takes when not given (and its data without --dataset or --root_path)
 INHERITED_FLAGS = ("batch_size", "augmentation", "dice_class_weights", "max_epochs", "max_iterations")
 # flags that choose what the stage does not train (the complete model and its schedule, priors and weights)
-NOT_APPLICABLE = ("sequence_dropout", "sequence_dropout_mode", "input_sequences", "modality",
-                  "region_fusion_start_epoch", "start_contrast_epoch", "contrast_sample_num", "contrast_w",
-                  "pretrained_path", "prior_embeddings", "prior_encoder", "prompts")
+NOT_APPLICABLE = ("input_sequences", "modality", "region_fusion_start_epoch", "start_contrast_epoch",
+                  "contrast_sample_num", "contrast_w", "pretrained_path", "prior_embeddings", "prior_encoder",
+                  "prompts")
 
 
 def complete_checkpoint_path(source):

@@ -9,7 +9,7 @@ import numpy as np
 from datasets.dataset_myops import AUGMENTATIONS
 from engine.checkpoint_writer import remove_interrupted_writes
 from networks.vit_seg_configs import DEFAULT_PRETRAINED_PATH
-from networks.vit_seg_modeling import MISSING_SEQUENCE_MODELS, build_model
+from networks.vit_seg_modeling import build_model
 from priors import DEFAULT_PROMPTS, resolve_priors
 from engine.checkpoints import CheckpointError, model_spec
 from engine.options import (CUDA_DEFAULTS, ROOT, add_run_arguments, build_config, filled, fit_stages, run_directory,
@@ -39,16 +39,6 @@ def training_parser(description=__doc__):
     parser.add_argument("--input_sequences", type=sequence_list, default=None,
                         help="with --model transunet_early: the sequences stacked as its channels, comma-separated "
                              "(e.g. bSSFP,LGE: early fusion for patients without T2w; default all three)")
-    parser.add_argument("--sequence_dropout", type=float, default=0.0,
-                        help="probability that a training sample hides one or two of its three sequences (each of "
-                             "the 6 subsets it may keep alike), so that one model segments any subset "
-                             "(documentation/missing_sequences.md); I-MMSeg only. Default 0: every sample has all")
-    parser.add_argument("--sequence_dropout_mode", default="replace", choices=["replace", "paired"],
-                        help="replace (default): a sample drawn with --sequence_dropout's probability is seen only "
-                             "with its subset. paired: every sample is seen complete, as without dropout, and also "
-                             "with one subset drawn alike, from the same encoder outputs; the subset view's loss "
-                             "weighs --sequence_dropout (its expected share under replace). Costs a second pass "
-                             "through CMFE, the decoders and the heads")
     parser.add_argument("--subsets_from", type=Path, default=None, metavar="RUN_OR_CHECKPOINT",
                         help="the subset stage: on a finished I-MMSeg run (its folder: best.pth, else last.pth; or a "
                              "checkpoint file), frozen, train only new parameters for the 6 proper subsets of the "
@@ -105,9 +95,8 @@ def parse_training_args(argv=None, description=__doc__):
             args.resume, args.output_dir or run_directory(args))):
         parser.error("--overwrite deletes the checkpoints that --resume continues from: give one of them")
     args.fitted_stages = fit_stages(args)
-    check_sequence_dropout(parser, args)
     if args.input_sequences is not None and args.model != "transunet_early":
-        parser.error(f"--input_sequences goes with --model transunet_early (I-MMSeg: --sequence_dropout; "
+        parser.error(f"--input_sequences goes with --model transunet_early (I-MMSeg: a subset stage, --subsets_from; "
                      f"transunet_single: --modality), not --model {args.model}")
     if args.dice_class_weights is not None and len(args.dice_class_weights) != args.num_classes:
         parser.error(f"--dice_class_weights: {len(args.dice_class_weights)} weights for --num_classes "
@@ -138,19 +127,6 @@ def check_subset_stage(parser, args, argv):
         complete_stage_arguments(args, typed_flags(argv))
     except (CheckpointError, ValueError) as error:
         parser.error(str(error))
-
-
-def check_sequence_dropout(parser, args):
-    """--sequence_dropout must be a probability, and non-zero only for a model that can leave a sequence out."""
-    if not 0.0 <= args.sequence_dropout <= 1.0:  # also refuses nan
-        parser.error(f"--sequence_dropout must be a probability between 0 and 1, got {args.sequence_dropout}")
-    if args.sequence_dropout_mode != "replace" and not args.sequence_dropout:
-        parser.error(f"--sequence_dropout_mode {args.sequence_dropout_mode} needs --sequence_dropout above 0 (the "
-                     "weight of the subset view's loss)")
-    if args.sequence_dropout and args.model not in MISSING_SEQUENCE_MODELS:
-        parser.error(f"--sequence_dropout {args.sequence_dropout} needs a model that runs on a subset of the "
-                     f"sequences ({', '.join(MISSING_SEQUENCE_MODELS)}); --model {args.model} feeds its sequences "
-                     "to one encoder and cannot leave one out")
 
 
 def class_weight_list(text):

@@ -8,8 +8,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .missing_sequences import zero_hidden
-
 
 OUTPUT_ACTIVATIONS = {
     "none": nn.Identity,
@@ -57,7 +55,6 @@ class CrossModalFeatureEnhancement(nn.Module):
     position; M_m = F_m * w_m; for each other modality o, A = softmax_j |cos(M_m[:, i],
     M_o[:, j])| and E_{m<-o} = M_m A^T; F^_m = ReLU(BN(Conv1x1([F_m, E_{m<-a}, E_{m<-b}]))).
     ``cfg`` (config.cmfe) gives the widths and the gate MLP's output activation and dropout.
-    With a mask ``present`` (B, M), E_{m<-o} is zero for the samples that lack o: a hidden sequence enhances none.
     """
 
     def __init__(self, channels, num_positions, text_dim, cfg, num_modalities=3):
@@ -71,7 +68,7 @@ class CrossModalFeatureEnhancement(nn.Module):
                                    for _ in range(num_modalities))
         self.fuse = nn.ModuleList(ConcatFusion(num_modalities * channels, channels) for _ in range(num_modalities))
 
-    def forward(self, features, intensity_priors, present=None):
+    def forward(self, features, intensity_priors):
         batch, channels, height, width = features[0].shape
         if height * width != self.num_positions:
             raise ValueError(f"CMFE was built for {self.num_positions} bottleneck positions, got {height}x{width}: "
@@ -89,8 +86,7 @@ class CrossModalFeatureEnhancement(nn.Module):
             for o in range(len(features)):
                 if o != m:
                     affinity = torch.bmm(unit[m].transpose(1, 2), unit[o]).abs().softmax(dim=-1)
-                    enhancement = torch.bmm(masked[m], affinity.transpose(1, 2)).view_as(feature)
-                    parts.append(zero_hidden(enhancement, present, o))
+                    parts.append(torch.bmm(masked[m], affinity.transpose(1, 2)).view_as(feature))
             enhanced.append(self.fuse[m](parts))
         return enhanced
 

@@ -6,8 +6,8 @@ I-MMSeg class) and ``TransUNet`` (this project's earlier name of the baseline) a
 as aliases for users' scripts. All models take ``images`` of shape (B, 3, H, W), the
 sequences in the order of ``MODALITIES`` (bSSFP, LGE, T2w), intensities in [0, 1].
 In eval mode they return class logits (B, K, H, W); in training mode a
-:class:`SegmentationOutput` with what the losses need. ``IMMSeg`` also runs on any non-empty subset of the
-sequences (``present``, see ``networks.missing_sequences``); the baselines, which stack them, do not.
+:class:`SegmentationOutput` with what the losses need. A patient missing a sequence is served by a subset stage
+trained on a finished I-MMSeg model (``networks.subset_stage``).
 """
 import logging
 import math
@@ -23,7 +23,6 @@ from datasets.vocabulary import MODALITIES
 from . import vit_seg_configs as configs
 from .immseg_modules import (ClassFeatureModulation, ConcatFusion, ContrastProjection, CrossModalFeatureEnhancement,
                              DynamicClassHead)
-from .missing_sequences import check_present, zero_hidden
 from .npz_weights import NpzReader, conv_kernel, dense_kernel, flat, resize_position_embedding
 from .vit_seg_modeling_resnet_skip import ResNetV2
 
@@ -234,12 +233,6 @@ class IMMSeg(nn.Module):
     ``intensity_priors`` (M x Dt) and ``class_embeddings`` (K x Dt) are the frozen text
     features, kept as buffers. With ``config.use_text_prior`` off they are replaced
     by learned parameters of shape (M, config.text_dim) and (K, config.text_dim).
-
-    ``present`` (B, M) bool, optional, marks the sequences each sample has: a hidden sequence's features are
-    zero wherever sequences mix (CMFE's enhancement terms E_{m<-o}, its slot in the fused head's skip and
-    decoder fusions), so neither its image nor its intensity prior reaches the fused logits or the modality heads
-    of the sequences present. Its own modality head still computes logits, which mean nothing (the loss leaves them
-    out). None (the default) runs the plain method.
     """
 
     def __init__(self, config, img_size=128, num_classes=4, intensity_priors=None, class_embeddings=None):
@@ -306,33 +299,22 @@ class IMMSeg(nn.Module):
         encoded = [transformer(images[:, m:m + 1]) for m, transformer in enumerate(self.transformers)]
         return [x for x, _ in encoded], [s for _, s in encoded]
 
-    def decode(self, bottlenecks, skips, present=None):
+    def decode(self, bottlenecks, skips):
         """CMFE and the decoders on the encoders' outputs: per modality the bottleneck (after CMFE), the skips and the
         decoder output; the projected class features."""
         if self.cmfe is not None:
-            bottlenecks = self.cmfe(bottlenecks, self.intensity_priors, present)
+            bottlenecks = self.cmfe(bottlenecks, self.intensity_priors)
         decoded = [decoder(x, s) for decoder, x, s in zip(self.decoders, bottlenecks, skips)]
         return bottlenecks, skips, decoded, self.class_proj(self.class_embeddings)
 
-    def _encode(self, images, present=None, two_views=False):
-        """``decode`` of ``encode_sequences``. ``two_views``: the encoders' outputs are repeated for a second view of
-        the batch, ``present`` (2B, M)."""
-        bottlenecks, skips = self.encode_sequences(images)
-        if two_views:
-            bottlenecks = [torch.cat([x, x]) for x in bottlenecks]
-            skips = [[torch.cat([s, s]) for s in scales] for scales in skips]
-        return self.decode(bottlenecks, skips, present)
+    def _encode(self, images):
+        """``decode`` of ``encode_sequences``."""
+        return self.decode(*self.encode_sequences(images))
 
-    def fused_logits(self, skips, decoded, class_features, present=None):
-        """The fused head on the concatenated skips and decoder outputs; a hidden sequence's slot holds zeros."""
-        skips = [[zero_hidden(s, present, m) for s in scales] for m, scales in enumerate(skips)]
-        decoded = [zero_hidden(d, present, m) for m, d in enumerate(decoded)]
+    def fused_logits(self, skips, decoded, class_features):
+        """The fused head on the concatenated skips and decoder outputs."""
         fused_skips = [fusion(list(scale)) for fusion, scale in zip(self.skip_fusions, zip(*skips))]
         return self.fused_head(fused_skips, class_features, self.decoder_fusion(decoded))
-
-    def _present(self, present, images):
-        """``present`` checked (a sample without any sequence is refused at inference, where checking is cheap)."""
-        return check_present(present, images.shape[0], self.config.n_modalities, require_one=not self.training)
 
     def _modality_logits(self, bottlenecks, skips, decoded, class_features):
         if self.cfm is not None:
@@ -341,45 +323,28 @@ class IMMSeg(nn.Module):
             modality_classes = [class_features] * len(decoded)
         return tuple(head(s, q, d) for head, s, q, d in zip(self.modality_heads, skips, modality_classes, decoded))
 
-    def forward(self, images, fused=True, contrast=True, present=None, subset_view=None):
+    def forward(self, images, fused=True, contrast=True):
         """Eval: fused logits (B, K, H, W). Training: a SegmentationOutput; ``fused``/``contrast``
-        select whether the fused head and the contrastive embeddings are computed. ``present`` (B, M) or (M,)
-        bool: the sequences each sample has (the others' channels may hold anything); None: all three.
-
-        ``subset_view`` (B, M) bool, training only (--sequence_dropout_mode paired): a second view of every sample
-        that has only these sequences, computed from the same encoder outputs (each encoder sees one sequence, so
-        they are the same) through CMFE, the decoders and the heads. The logits then hold 2B samples, the view of
-        ``present`` first; the contrastive embeddings, which come from the encoders alone, hold the first B."""
-        present = self._present(present, images)
-        two_views = subset_view is not None
-        if two_views:
-            if not self.training:
-                raise ValueError("subset_view is a second view for training; at inference give present")
-            subset_view = check_present(subset_view, images.shape[0], self.config.n_modalities)
-            present = torch.cat([torch.ones_like(subset_view) if present is None else present, subset_view])
-        bottlenecks, skips, decoded, class_features = self._encode(images, present, two_views)
+        select whether the fused head and the contrastive embeddings are computed."""
+        bottlenecks, skips, decoded, class_features = self._encode(images)
         fused_logits = None
         if fused or not self.training:
-            fused_logits = self.fused_logits(skips, decoded, class_features, present)
+            fused_logits = self.fused_logits(skips, decoded, class_features)
         if not self.training:
             return fused_logits
         modality_logits = self._modality_logits(bottlenecks, skips, decoded, class_features)
         embeddings = anchors = None
         if contrast and self.config.use_contrast:
-            batch = images.shape[0]
-            embeddings = tuple(proj([s[:batch] for s in scales[::-1]])
-                               for proj, scales in zip(self.contrast_projections, skips))
+            embeddings = tuple(proj(scales[::-1]) for proj, scales in zip(self.contrast_projections, skips))
             anchors = tuple(proj(self.class_embeddings) for proj in self.anchor_projections)
         return SegmentationOutput(fused_logits, modality_logits, embeddings, anchors)
 
-    def head_logits(self, images, present=None):
+    def head_logits(self, images):
         """{head: logits (B, K, H, W)} of the fused head ("fused", the method's output) and of each modality head
-        (named by its sequence; trained beside the fused head, not used for prediction by the method). With
-        ``present``, as in ``forward``; the head of a sequence a sample lacks gives meaningless logits for it."""
-        present = self._present(present, images)
-        bottlenecks, skips, decoded, class_features = self._encode(images, present)
+        (named by its sequence; trained beside the fused head, not used for prediction by the method)."""
+        bottlenecks, skips, decoded, class_features = self._encode(images)
         modality_logits = self._modality_logits(bottlenecks, skips, decoded, class_features)
-        return {"fused": self.fused_logits(skips, decoded, class_features, present),
+        return {"fused": self.fused_logits(skips, decoded, class_features),
                 **dict(zip(MODALITIES[:self.config.n_modalities], modality_logits))}
 
     def load_from(self, weights, source="npz"):
@@ -412,10 +377,7 @@ class TransUNetBaseline(nn.Module):
         self.decoder = DecoderCup(config, self.transformer.out_channels, self.transformer.skip_channels)
         self.segmentation_head = nn.Conv2d(self.decoder.out_channels, num_classes, kernel_size=3, padding=1)
 
-    def forward(self, images, fused=True, contrast=True, present=None):
-        """``present`` is refused unless None: the baselines stack their sequences and cannot leave one out."""
-        if present is not None:
-            raise ValueError("the TransUNet baselines take every sequence: only I-MMSeg (immseg) runs on a subset")
+    def forward(self, images, fused=True, contrast=True):
         _check_images(images, self.config.n_modalities, self.img_size)
         x, skips = self.transformer(images.index_select(1, self.input_index))
         logits = self.segmentation_head(self.decoder(x, skips))
@@ -452,7 +414,6 @@ VisionTransformer = IMMSeg  # the review release's name of the I-MMSeg class
 TransUNet = TransUNetBaseline  # this project's earlier name of the baseline
 CONFIGS = {name: factory() for name, factory in configs.CONFIG_FACTORIES.items()}
 MODEL_NAMES = ("immseg", "transunet_single", "transunet_early")
-MISSING_SEQUENCE_MODELS = ("immseg",)  # the models that run on a subset of the sequences (``present``)
 
 
 def build_model(name, config, img_size=128, num_classes=4, intensity_priors=None, class_embeddings=None,

@@ -105,16 +105,14 @@ def test_every_variant_is_a_set_of_train_py_flags(prepared):
         assert (parsed[name].augmentation, parsed[name].no_pretrain, parsed[name].img_size) == ("strong", True, 64)
     assert [name for name, args in parsed.items() if args.model == "immseg"] == [
         "immseg", "immseg_half", "immseg_scar2", "no_cmfe", "no_cfm", "no_contrast", "names_only", "offline_priors",
-        "immseg_seqdrop", "immseg_seqdrop25", "immseg_seqdrop12", "immseg_seqpair", "immseg_seqpair25",
         "immseg_subsets"]
     assert parsed["immseg_subsets"].subsets_from is None, "a stage's flags are those of the run it is trained on"
     assert [name for name, variant in variants.VARIANTS.items() if variant.stage_of] == ["immseg_subsets"]
-    assert parsed["immseg_seqdrop25"].sequence_dropout == 0.25 and parsed["immseg_seqdrop12"].sequence_dropout == 0.125
-    assert (parsed["immseg_seqpair"].sequence_dropout, parsed["immseg_seqpair"].sequence_dropout_mode) == (0.5, "paired")
-    pair25 = parsed["immseg_seqpair25"]
-    assert (pair25.sequence_dropout, pair25.sequence_dropout_mode) == (0.25, "paired")
-    assert parsed["immseg_seqdrop"].sequence_dropout_mode == "replace"
-    assert parsed["immseg_seqdrop"].sequence_dropout == 0.5 and parsed["immseg"].sequence_dropout == 0.0
+    assert [name for name, variant in variants.VARIANTS.items() if variant.serves_subsets] == ["immseg_subsets"]
+    assert not set(variants.RECORDED_ONLY) & set(variants.VARIANTS), "a removed training mode trains no variant"
+    assert variants.described("immseg_seqpair") == ("I-MMSeg, sequence dropout 0.5 paired (every sample also seen "
+                                                    "complete) (immseg_seqpair)")
+    assert variants.described("immseg") == "I-MMSeg, full (immseg)" and variants.described("gone") == "gone"
     pair = parsed["transunet_early_bssfp_t2w"]
     assert (pair.model, pair.input_sequences) == ("transunet_early", ("bSSFP", "T2w"))
     assert parsed["transunet_early"].input_sequences is None
@@ -785,18 +783,16 @@ def test_a_subset_is_scored_from_one_training_and_recorded_by_its_sequences(prep
     out, results = prepared / "out", prepared / "out" / "results.jsonl"
     budget = ("--mode", "iterations", "--iterations", "2")
     assert benchmark.main(run_args(prepared, "immseg", 2, *budget, "--sequences", "bSSFP,LGE")) == 1
-    assert "immseg was not trained to leave a sequence out" in caplog.text
-    assert benchmark.main(run_args(prepared, "immseg_seqdrop", 2, *budget)) == 0
-    for sequences, missing, name in (("bSSFP,LGE", "leave_out", "immseg_seqdrop+seq_bSSFP_LGE"),
-                                     ("T2w", "zero_fill", "immseg_seqdrop+seq_T2w_zerofill")):
-        assert benchmark.main(run_args(prepared, "immseg_seqdrop", 2, *budget, "--sequences", sequences,
-                                       "--missing", missing)) == 0
+    assert "immseg was not trained to leave a sequence out (only the subset stages are: immseg_subsets)" in caplog.text
+    assert benchmark.main(run_args(prepared, "immseg", 2, *budget)) == 0
+    for sequences, name in (("bSSFP,LGE", "immseg+seq_bSSFP_LGE_zerofill"), ("T2w", "immseg+seq_T2w_zerofill")):
+        assert benchmark.main(run_args(prepared, "immseg", 2, *budget, "--sequences", sequences,
+                                       "--missing", "zero_fill")) == 0
         records = [r for r in result_files.read_results(results) if r["variant"] == name]
         assert records and {tuple(r["inference"]) for r in records} == {(name.split("+", 1)[1],)}
-    run_dir = out / "runs" / "data" / "immseg_seqdrop" / "iterations_2" / "fold2"
+    run_dir = out / "runs" / "data" / "immseg" / "iterations_2" / "fold2"
     assert json.loads((run_dir / "test_last_seq_T2w_zerofill" / "test_info.json").read_text())["missing"] == \
         "zero_fill"
-    assert load_checkpoint(run_dir / "last.pth")["args"]["sequence_dropout"] == 0.5
     assert caplog.text.count("is trained (") >= 2, "the subsets reuse the one training"
 
 

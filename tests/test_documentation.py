@@ -17,7 +17,6 @@ SCRIPTS = {"train.py": "train", "test.py": "test", "predict.py": "predict", "pre
            "benchmarks/myops2020.py": "benchmarks.myops2020", "benchmarks/nnunet_myops2020.py":
            "benchmarks.nnunet_myops2020", "benchmarks/speed.py": "benchmarks.speed",
            "benchmarks/check_release_conversion.py": "benchmarks.check_release_conversion",
-           "benchmarks/batchnorm_statistics.py": "benchmarks.batchnorm_statistics",
            "benchmarks/gpu_speed_steps.py": "benchmarks.gpu_speed_steps"}
 MODULES = {"priors.encode": "priors.encode", "datasets.phantom": "datasets.phantom"}
 DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "documentation").glob("*.md"))]
@@ -201,7 +200,7 @@ def script_options(module_name, monkeypatch):
 
 def prose_flags():
     """(document, line, script, flags) of each inline code span that names a script with flags
-    (`train.py --sequence_dropout 0.5`), and of each flag table's first column (training.md: train.py, ...)."""
+    (`train.py --subsets_from RUN`), and of each flag table's first column (training.md: train.py, ...)."""
     tables = {"training.md": "train", "speed.md": "train", "data.md": "preprocess_data", "prediction.md": "predict"}
     found = []
     for path in DOCUMENTS:

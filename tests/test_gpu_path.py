@@ -104,7 +104,7 @@ def test_a_compilation_failure_under_ddp_stops_the_run_and_out_of_memory_is_no_c
     fake.forward_backward = lambda *args: failing(fake, *args)
     weights = LossWeights(1.0, 0.5, 0.05)
     with pytest.raises(trainer.CompilationFailed, match="rank 1 .*no C\\+\\+ compiler.*--compile off"):
-        trainer.Trainer.first_compiled_step(fake, None, torch.zeros(1), None, weights, None, None)
+        trainer.Trainer.first_compiled_step(fake, None, torch.zeros(1), None, weights, None)
     assert steps == [2], "no eager retry under DDP"
 
     def out_of_memory(*args):
@@ -112,7 +112,7 @@ def test_a_compilation_failure_under_ddp_stops_the_run_and_out_of_memory_is_no_c
 
     fake.ctx, fake.forward_backward = distributed.DistributedContext(), out_of_memory
     with pytest.raises(torch.cuda.OutOfMemoryError):
-        trainer.Trainer.first_compiled_step(fake, None, torch.zeros(1), None, weights, None, None)
+        trainer.Trainer.first_compiled_step(fake, None, torch.zeros(1), None, weights, None)
 
 
 # Resume across --amp, devices and process counts ---------------------------------------------------------------

@@ -13,7 +13,7 @@ SCRIPTS = {"train", "test", "predict", "preprocess_data", "locate_heart", "conve
 # The benchmarks' command lines (benchmarks/*.py; they find the root by a path insertion) over their library,
 # benchmarks/harness/.
 BENCHMARK_SCRIPTS = {"myops2020", "nnunet_myops2020", "speed", "gpu_speed_table", "check_release_conversion",
-                     "batchnorm_statistics", "gpu_speed_steps"}
+                     "gpu_speed_steps"}
 PACKAGES_BELOW_THE_ENGINE = ("networks", "datasets", "priors")  # the model, the data, the text priors
 ABOVE_THEM = SCRIPTS | {"trainer", "subset_trainer", "engine", "benchmarks"}
 

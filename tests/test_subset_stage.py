@@ -241,10 +241,10 @@ def test_a_baseline_run_a_stage_and_contradicting_flags_are_refused(runs, capsys
         assert message in capsys.readouterr().err
     with pytest.raises(SystemExit):
         train_script.main(["--subsets_from", str(runs / "complete"), "--vit_name", "compact", "--img_size", "64",
-                           "--sequence_dropout", "0.5", "--output_dir", str(runs / "refused"), *STAGE_FLAGS])
+                           "--contrast_w", "0.2", "--output_dir", str(runs / "refused"), *STAGE_FLAGS])
     error, = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
     assert "--vit_name compact (the complete run" in error and "has testing)" in error
-    assert "--sequence_dropout (the stage keeps" in error and "--img_size" not in error, "the same value is fine"
+    assert "--contrast_w (the stage keeps" in error and "--img_size" not in error, "the same value is fine"
     with pytest.raises(SystemExit):
         train_script.main(["--soft_target_weight", "1", "--output_dir", str(runs / "refused"), *STAGE_FLAGS])
     assert "--soft_target_weight goes with --subsets_from" in capsys.readouterr().err

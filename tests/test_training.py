@@ -134,7 +134,7 @@ def test_test_script_takes_the_training_command_and_ignores_what_it_does_not_use
     if not (run / "last.pth").is_file():
         assert train_script.main(train_args(workspace, "other", *ONE_EPOCH)) == 0
     training_command = train_args(workspace, "other", *ONE_EPOCH, "--augmentation", "strong", "--compile", "off",
-                                  "--sequence_dropout", "0", "--prior_encoder", "offline")
+                                  "--weight_decay", "0.0001", "--prior_encoder", "offline")
     caplog.set_level("INFO")
     out = workspace / "scored_with_training_flags"
     assert test_script.main([*training_command, "--test_save_dir", str(out)]) == 0

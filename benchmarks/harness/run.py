@@ -161,9 +161,9 @@ def check_budget_flags(options, variant_names):
             raise BenchmarkError(f"--heads {','.join(options.heads)}: {name} has one head (only I-MMSeg's "
                                  "variants have modality heads)")
         if tuple(options.sequences) != MODALITIES and options.missing == "leave_out" and not variant.serves_subsets:
+            stages = ", ".join(other for other in VARIANTS if VARIANTS[other].serves_subsets)
             raise BenchmarkError(f"--sequences {','.join(options.sequences)}: {name} was not trained to leave a "
-                                 "sequence out (only variants trained with --sequence_dropout and the subset stages "
-                                 "are: immseg_seqdrop*, immseg_seqpair*, immseg_subsets); score it with --missing "
+                                 f"sequence out (only the subset stages are: {stages}); score it with --missing "
                                  "zero_fill")
         if options.fused_start_epoch is not None and baseline:
             raise BenchmarkError(f"--fused_start_epoch: {name} has no fused head (only I-MMSeg's variants "

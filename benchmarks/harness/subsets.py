@@ -1,12 +1,12 @@
 """What each subset of the sequences delivers: per subset, three models side by side, per structure the mean Dice
 and HD95 and the first's paired differences against the other two.
 
-- a dropout model: (a) one I-MMSeg trained with sequence dropout (immseg_seqdrop, the others left out), (b) the same
-  recipe without it, given the subset with the others zero-filled (immseg, --missing zero_fill), (c) TransUNet
-  trained on that subset alone (early fusion of a pair or of all three, a single-sequence TransUNet for one);
-- a subset stage: (a) the stage (immseg_subsets) on the recipe's run, (b) paired sequence dropout (immseg_seqpair),
-  (c) TransUNet trained on the subset alone; each at the budget and precision it was measured at, from one or more
-  results files.
+- a subset stage: (a) the stage (immseg_subsets) on the recipe's run, (b) paired sequence dropout (immseg_seqpair,
+  recorded), (c) TransUNet trained on the subset alone (early fusion of a pair or of all three, a single-sequence
+  TransUNet for one); each at the budget and precision it was measured at, from one or more results files;
+- a dropout model, rebuilt from the records of a training mode since removed: (a) one I-MMSeg trained with sequence
+  dropout (immseg_seqdrop, the others left out), (b) the same recipe without it, given the subset with the others
+  zero-filled (immseg, --missing zero_fill), (c) TransUNet trained on that subset alone.
 """
 from pathlib import Path
 
@@ -15,7 +15,7 @@ import numpy as np
 from benchmarks.harness.records import (STRUCTURE_NAMES, BenchmarkError, publish, read_results, records_or_refuse,
                                         run_key)
 from benchmarks.harness.statistics import bootstrap_interval, paired_differences
-from benchmarks.harness.variants import VARIANTS, with_amp
+from benchmarks.harness.variants import VARIANTS, described, with_amp
 from datasets.vocabulary import MODALITIES
 
 SUBSETS = [MODALITIES, ("bSSFP", "LGE"), ("bSSFP", "T2w"), ("LGE", "T2w"), ("bSSFP",), ("LGE",), ("T2w",)]
@@ -133,38 +133,38 @@ def subsets_report(out, setting, amp="none", path=None, dropout="immseg_seqdrop"
                    paired="immseg_seqpair", paired_setting=None, alone_setting=None, compared_amp=None):
     """The subset table of <out>/results.jsonl (and the results files ``compared``) published to ``path`` (default
     <out>/subsets.md): with ``stage`` the comparison of a subset stage (``compared_amp``: the --amp of (b) and (c),
-    default ``amp``), else that of the recorded dropout variant ``dropout`` (one no longer defined is named as
-    recorded)."""
+    default ``amp``), else that of the recorded dropout variant ``dropout``."""
     results = Path(out) / "results.jsonl"
     records = read_all_results(out, compared)
     first = stage or dropout
     names = {left_out(first, subset, amp) for subset in SUBSETS}
     if not any(r["variant"] in names and r["setting"] == setting for r in records):
-        kind = "subset stages" if stage else "variants trained with --sequence_dropout"
-        known = [name for name, variant in VARIANTS.items()
-                 if (variant.stage_of if stage else "--sequence_dropout" in variant.flags)]
-        raise BenchmarkError(f"{results} holds no records of {with_amp(first, amp)} at {setting!r}: run --variant "
-                             f"{first} first (the {kind}: {', '.join(known)})")
-    described = f"{VARIANTS[first].description} ({first})" if first in VARIANTS else first
+        if stage:
+            stages = [name for name, variant in VARIANTS.items() if variant.stage_of]
+            hint = f"run --variant {first} first (the subset stages: {', '.join(stages)})"
+        else:
+            recorded = sorted({r["variant"].split("+seq_")[0] for r in records
+                               if "+seq_" in r["variant"] and not r["variant"].endswith("_zerofill")})
+            hint = f"the records hold subsets of {', '.join(recorded) or 'no model'}"
+        raise BenchmarkError(f"{results} holds no records of {with_amp(first, amp)} at {setting!r}: {hint}")
     if stage:
         settings = (setting, paired_setting or setting, alone_setting or setting)
         title = f"# A subset stage against paired dropout and training on the subset alone ({results}, {setting})"
-        paired_described = f"{VARIANTS[paired].description} ({paired})" if paired in VARIANTS else paired
         explanation = (
             f"Mean Dice (%) and HD95 (mm) over the cases of the folds recorded, per subset of the sequences: (a) "
-            f"{described}, at {settings[0]}, --amp {amp}; (b) {paired_described}, the other sequences left out, at "
-            f"{settings[1]}, --amp {compared_amp or amp}; (c) TransUNet trained on the subset alone (early fusion; one "
-            f"sequence: a single-sequence TransUNet), at {settings[2]}, --amp {compared_amp or amp}. With all three "
-            "sequences, (a) is the complete run itself. "
-            "Δ: (a)'s mean per-case paired Dice difference in points, 95% percentile bootstrap interval over the "
-            "cases (10000 resamples, seed 0). Records: " + ", ".join(str(p) for p in [results, *compared]) + ".")
+            f"{described(first)}, at {settings[0]}, --amp {amp}; (b) {described(paired)}, the other sequences left "
+            f"out, at {settings[1]}, --amp {compared_amp or amp}; (c) TransUNet trained on the subset alone (early "
+            f"fusion; one sequence: a single-sequence TransUNet), at {settings[2]}, --amp {compared_amp or amp}. With "
+            "all three sequences, (a) is the complete run itself. Δ: (a)'s mean per-case paired Dice difference in "
+            "points, 95% percentile bootstrap interval over the cases (10000 resamples, seed 0). Records: "
+            + ", ".join(str(p) for p in [results, *compared]) + ".")
         table = stage_table(records, settings, amp, stage, paired, compared_amp)
         note = stage_training_time(records, setting, with_amp(stage, amp))
     else:
         title = f"# What each subset of the sequences delivers ({results}, {setting})"
         explanation = (
             "Mean Dice (%) and HD95 (mm) over the cases of the folds recorded, per subset of the sequences: (a) one "
-            f"model, {described}, the other sequences left out; (b) I-MMSeg trained without sequence dropout, "
+            f"model, {described(first)}, the other sequences left out; (b) I-MMSeg trained without sequence dropout, "
             "given the subset with the others zero-filled; (c) TransUNet trained on the subset alone (early fusion; "
             "one sequence: a single-sequence TransUNet). Δ: (a)'s mean per-case paired Dice difference in points, 95% "
             "percentile bootstrap interval over the cases (10000 resamples, seed 0).")
