@@ -234,17 +234,30 @@ def process_alive(pid):
     return True
 
 
+def _process_umask():
+    """The process's umask: set and restored once, at import, before any thread of this package starts."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
+
+
+_UMASK = _process_umask()
+
+
 @contextlib.contextmanager
 def atomic_path(path):
     """Yield a temporary file beside ``path`` that replaces ``path`` only if the block succeeds.
 
     A crash or an error inside the block leaves ``path`` as it was (absent or
-    old) and removes the temporary file, so readers never see half a file.
+    old) and removes the temporary file, so readers never see half a file. The
+    file gets the permissions of one opened normally (0666 less the umask), not
+    mkstemp's private 0600, so the rest of a group can read results and checkpoints.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(handle)
+    os.chmod(temporary, 0o666 & ~_UMASK)
     try:
         yield Path(temporary)
         os.replace(temporary, path)

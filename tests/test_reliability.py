@@ -17,6 +17,7 @@ import test as test_script
 from engine import evaluation
 import train as train_script
 import trainer
+import utils
 from datasets import phantom
 from priors import encode as encode_priors
 from conftest import ROOT, write_test_priors
@@ -82,6 +83,21 @@ def test_checkpoints_and_config_record_the_training_data_preprocessing(straight)
                    json.loads((straight / "config.json").read_text())["preprocessing"]):
         assert record["modalities"] == ["bSSFP", "LGE", "T2w"]
         assert record["settings"]["crop_size"] == 64 and record["settings"]["spacing_mm"] == 2.0
+
+
+def test_run_files_are_as_readable_as_files_opened_normally(workspace, straight, monkeypatch):
+    """Atomic writes go through mkstemp (0600): the files must still get 0666 less the umask, as open() gives."""
+    plain = workspace / "plain.txt"
+    plain.write_text("written by open()")
+    expected = plain.stat().st_mode & 0o777
+    written = [path for path in straight.rglob("*") if path.is_file()]
+    assert {"last.pth", "config.json"} <= {path.name for path in written}
+    modes = {path.name: oct(path.stat().st_mode & 0o777) for path in written}
+    assert set(modes.values()) == {oct(expected)}, modes
+    monkeypatch.setattr(utils, "_UMASK", 0o027)
+    with utils.atomic_path(workspace / "group_only.txt") as temporary:
+        temporary.write_text("group may read")
+    assert (workspace / "group_only.txt").stat().st_mode & 0o777 == 0o640
 
 
 def test_a_run_folder_with_checkpoints_is_refused_unless_resume_or_overwrite(workspace, straight, caplog):
