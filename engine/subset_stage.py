@@ -1,7 +1,6 @@
 """What a subset stage is made of before its loop (train.py --subsets_from; documentation/missing_sequences.md):
 the complete run's checkpoint found, checked and identified (path and SHA-256), train.py's flags checked against it
 and completed from it, and the stage's model and specification. subset_trainer.py trains it."""
-import hashlib
 import logging
 from pathlib import Path
 
@@ -9,6 +8,7 @@ from datasets.preprocessing_record import preprocessing_differences, read_prepro
 from engine.checkpoints import (CheckpointError, check_fused_head_trained, load_checkpoint, load_model_state,
                                 model_from_spec, resolve_checkpoint)
 from engine.options import ABLATIONS
+from networks.convert_release import file_sha256
 from networks.subset_stage import SubsetIMMSeg
 from networks.vit_seg_configs import with_switch_defaults
 
@@ -107,14 +107,6 @@ def complete_stage_arguments(args, given):
     if args.output_dir is None:
         args.output_dir = default_output_dir(args.subsets_from)
     return args
-
-
-def file_sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def complete_run_identity(path, checkpoint):
