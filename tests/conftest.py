@@ -70,6 +70,19 @@ def train_tiny_run(data, priors, output_dir, *extra):
                               "--output_dir", str(output_dir), *extra])
 
 
+def preprocess_phantom(root, cases, seed, *split_flags):
+    """A phantom of ``cases`` under root/raw, preprocessed at 2 mm and 64 px into root/data with ``split_flags``
+    (--test_every, --val_fraction); returns root/data."""
+    import preprocess_data
+    from datasets.phantom import write_phantom
+
+    root = Path(root)
+    write_phantom(root / "raw", cases=cases, seed=seed)
+    assert preprocess_data.main(["--dataset", "Phantom", "--src_path", str(root / "raw"), "--dst_path",
+                                 str(root / "data"), "--spacing", "2.0", "--crop_size", "64", *split_flags]) == 0
+    return root / "data"
+
+
 def write_phantom_training_data(root, cases, seed, training_cases=3):
     """A phantom of ``cases`` under root/raw; its first ``training_cases`` copied to root/training_raw and
     preprocessed (2 mm, 64 px, every third case a test case) into root/data; random priors root/priors.pt."""

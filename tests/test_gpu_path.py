@@ -12,7 +12,7 @@ import torch
 import test as test_script
 import train as train_script
 import trainer
-from conftest import TINY_TRAIN_FLAGS, write_test_priors
+from conftest import TINY_TRAIN_FLAGS, preprocess_phantom, write_test_priors
 from engine import checkpoint_writer, distributed, options
 from engine.checkpoints import load_checkpoint
 from engine.options import GPU_PATH
@@ -22,14 +22,8 @@ from utils import LossWeights
 @pytest.fixture(scope="module")
 def phantom(tmp_path_factory):
     """Preprocessed phantom with validation volumes (64 px) and random priors."""
-    import preprocess_data
-    from datasets.phantom import write_phantom
-
     root = tmp_path_factory.mktemp("gpu_path")
-    write_phantom(root / "raw", cases=5, seed=21)
-    assert preprocess_data.main(["--dataset", "Phantom", "--src_path", str(root / "raw"), "--dst_path",
-                                 str(root / "data"), "--spacing", "2.0", "--crop_size", "64", "--test_every", "5",
-                                 "--val_fraction", "0.25"]) == 0
+    preprocess_phantom(root, 5, 21, "--test_every", "5", "--val_fraction", "0.25")
     return root, write_test_priors(root)
 
 

@@ -12,12 +12,10 @@ import pytest
 import torch
 
 import predict as predict_script
-import preprocess_data
 from datasets import dataset_writer
 import test as test_script
 import train as train_script
-from conftest import ROOT, make_batch, make_model, write_test_priors
-from datasets.phantom import write_phantom
+from conftest import ROOT, make_batch, make_model, preprocess_phantom, write_test_priors
 from networks.inference import fuse_for_inference
 from engine.checkpoints import load_checkpoint
 from engine.options import filled, run_directory
@@ -70,9 +68,7 @@ def test_negative_test_every_is_refused():
 @pytest.fixture(scope="module")
 def phantom(tmp_path_factory):
     root = tmp_path_factory.mktemp("protocol")
-    write_phantom(root / "raw", cases=4, seed=5)
-    assert preprocess_data.main(["--dataset", "Phantom", "--src_path", str(root / "raw"), "--dst_path",
-                                 str(root / "data"), "--spacing", "2.0", "--crop_size", "64"]) == 0
+    preprocess_phantom(root, 4, 5)
     write_test_priors(root, dim=16)
     iterations_per_epoch = len((root / "data" / "train.txt").read_text().split()) // 4
     assert iterations_per_epoch >= 2

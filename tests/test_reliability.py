@@ -20,7 +20,7 @@ import trainer
 import utils
 from datasets import phantom
 from priors import encode as encode_priors
-from conftest import ROOT, write_test_priors
+from conftest import ROOT, preprocess_phantom, write_test_priors
 from engine.checkpoints import load_checkpoint
 
 STEPS_PER_EPOCH = 3  # 28 training slices of the workspace at batch 8
@@ -30,10 +30,7 @@ ONE_EPOCH = ("--max_epochs", "1", "--region_fusion_start_epoch", "0")  # a run o
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("reliability")
-    phantom.write_phantom(root / "raw", cases=6, seed=11)
-    assert preprocess_data.main(["--dataset", "Phantom", "--src_path", str(root / "raw"), "--dst_path",
-                                 str(root / "data"), "--spacing", "2.0", "--crop_size", "64", "--test_every", "6",
-                                 "--val_fraction", "0.2"]) == 0
+    preprocess_phantom(root, 6, 11, "--test_every", "6", "--val_fraction", "0.2")
     for seed, name in ((0, "priors.pt"), (1, "other_priors.pt")):
         write_test_priors(root, name, seed)
     return root
@@ -239,10 +236,7 @@ def test_a_corrupt_last_checkpoint_names_an_older_one(workspace, straight, caplo
 def evaluation_data(tmp_path):
     """Two test-only phantom cases preprocessed as the workspace's training data."""
     def make(*extra):
-        phantom.write_phantom(tmp_path / "raw", cases=2, seed=5)
-        assert preprocess_data.main(["--dataset", "Phantom", "--src_path", str(tmp_path / "raw"), "--dst_path",
-                                     str(tmp_path / "data"), "--spacing", "2.0", "--crop_size", "64",
-                                     "--test_every", "1", *extra]) == 0
+        preprocess_phantom(tmp_path, 2, 5, "--test_every", "1", *extra)
         return tmp_path
     return make
 

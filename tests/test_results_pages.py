@@ -19,10 +19,8 @@ import numpy as np
 import pytest
 
 import predict
-import preprocess_data
 import test as test_script
-from conftest import train_tiny_run, write_test_priors
-from datasets.phantom import write_phantom
+from conftest import preprocess_phantom, train_tiny_run, write_test_priors
 from engine.checkpoints import load_checkpoint
 from engine.overlays import CLASS_STYLES, overlay_figure
 from engine.progress import ProgressWriter, progress_figure, stage_changes
@@ -37,10 +35,7 @@ def results(tmp_path_factory):
     """A run trained for an epoch of one step (validated), resumed for a second; test.py and predict.py (one
     case without its T2w, which fails) with --save_png on its cases."""
     root = tmp_path_factory.mktemp("results")
-    write_phantom(root / "raw", cases=6, seed=3)
-    assert preprocess_data.main(["--dataset", "Phantom", "--src_path", str(root / "raw"), "--dst_path",
-                                 str(root / "data"), "--spacing", "2.0", "--crop_size", "64", "--test_every", "3",
-                                 "--val_fraction", "0.25"]) == 0
+    preprocess_phantom(root, 6, 3, "--test_every", "3", "--val_fraction", "0.25")
     train_list = root / "data" / "train.txt"
     train_list.write_text("".join(train_list.read_text().splitlines(keepends=True)[:2]))  # one step of 2
     priors = write_test_priors(root)

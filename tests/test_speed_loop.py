@@ -1,7 +1,6 @@
 """benchmarks/speed.py's training loop, profile and loss trace, the parts gpu_speed.sh's one GPU run relies on,
 run on the CPU with the testing configuration (the figures themselves are machine-dependent and not checked).
 The measurements run here, in the test's process (the script runs each in a fresh one, only to time it alone)."""
-from pathlib import Path
 
 import pytest
 

@@ -10,11 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-import preprocess_data
 import test as test_script
 import train as train_script
-from conftest import ROOT, write_test_priors
-from datasets.phantom import write_phantom
+from conftest import ROOT, preprocess_phantom, write_test_priors
 from engine.checkpoints import load_checkpoint
 from utils import case_metrics, dice_hd95, summarise
 
@@ -22,10 +20,7 @@ from utils import case_metrics, dice_hd95, summarise
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("training")
-    write_phantom(root / "raw", cases=6, seed=11)
-    assert preprocess_data.main(["--dataset", "Phantom", "--src_path", str(root / "raw"), "--dst_path",
-                                 str(root / "data"), "--spacing", "2.0", "--crop_size", "64", "--test_every", "6",
-                                 "--val_fraction", "0.2"]) == 0
+    preprocess_phantom(root, 6, 11, "--test_every", "6", "--val_fraction", "0.2")
     write_test_priors(root)
     return root
 
