@@ -5,10 +5,9 @@ import logging
 
 import numpy as np
 
-from datasets.vocabulary import MODALITIES
 from engine.subset_stage import (check_stage_data, complete_run_identity, load_complete_run, stage_spec,
                                  subset_stage_model)
-from networks.missing_sequences import SequenceSubset, draw_subset_views, proper_subsets
+from networks.missing_sequences import SequenceSubset, draw_subset_views, proper_subset_names, proper_subsets
 from networks.subset_stage import adapter_parameters_per_subset
 from trainer import Trainer, fit_in, mean_pathology_dice, train
 from utils import LossWeights, SubsetStageLoss
@@ -16,12 +15,6 @@ from utils import LossWeights, SubsetStageLoss
 logger = logging.getLogger("trainer")
 
 STAGE_WEIGHTS = LossWeights(fused=1.0, modality=0.0, contrast=0.0)  # one stage: the subset view's fused head
-
-
-def subset_names(num_modalities=len(MODALITIES)):
-    """The proper subsets of the sequences as tuples of names, in the order of ``proper_subsets``."""
-    return [tuple(name for name, kept in zip(MODALITIES, row) if kept)
-            for row in proper_subsets(num_modalities).tolist()]
 
 
 class SubsetStageTrainer(Trainer):
@@ -56,7 +49,7 @@ class SubsetStageTrainer(Trainer):
 
     def validation_score(self, should_stop):
         scores = []
-        for sequences in subset_names(self.model.config.n_modalities):
+        for sequences in proper_subset_names(self.model.config.n_modalities):
             score = mean_pathology_dice(SequenceSubset(self.model, sequences), self.val_set, self.args,
                                         self.ctx.device, should_stop, channels_last=self.path.channels_last)
             if score is None:

@@ -17,6 +17,12 @@ def proper_subsets(num_modalities=len(MODALITIES), device=None):
     return torch.tensor(rows, dtype=torch.bool, device=device)
 
 
+def proper_subset_names(num_modalities=len(MODALITIES)):
+    """The proper subsets of the sequences as tuples of names, in the order of ``proper_subsets``."""
+    return [tuple(name for name, kept in zip(MODALITIES, row) if kept)
+            for row in proper_subsets(num_modalities).tolist()]
+
+
 def draw_subset_views(batch_size, subsets):
     """(B, M) mask: one of ``subsets`` per sample, drawn uniformly, for the second view of the subset stage's step
     (every sample is also seen complete). Drawn from the global generator of ``subsets``' device, on that device, so

@@ -21,13 +21,13 @@ from engine.options import GPU_PATH
 from engine.predictor import EnsembleMember, ensemble_probabilities, member_models
 from networks.inference import HeadAverage, fuse_for_inference, predict_volume
 from networks.subset_stage import SubsetIMMSeg
-from networks.missing_sequences import SequenceSubset, draw_subset_views, proper_subsets
+from networks.missing_sequences import SequenceSubset, draw_subset_views, proper_subset_names, proper_subsets
 from networks.vit_seg_modeling import build_model
 from trainer import make_optimizer
 from utils import BASELINE_WEIGHTS, IMMSegLoss, SubsetStageLoss, loss_weights
 
 META = torch.device("meta")
-SUBSETS = [tuple(name for name, kept in zip(MODALITIES, row) if kept) for row in proper_subsets().tolist()]
+SUBSETS = proper_subset_names()
 
 
 class HostTensorWatch(TorchDispatchMode):
