@@ -362,10 +362,10 @@ class Trainer:
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)
         values = torch.cat([finite, totals] + [terms[name].float().reshape(1) for _, _, _, terms in pending
                                                for name in terms]).cpu().tolist()
-        finite, totals, values = values[:len(pending)], values[len(pending):2 * len(pending)], values[2 * len(pending):]
+        steps = len(pending)
+        finite, totals, term_values = values[:steps], values[steps:2 * steps], iter(values[2 * steps:])
         for (iteration, lr, _, terms), total, ok in zip(pending, totals, finite):
-            step_terms = dict(zip(terms, values[:len(terms)]))
-            values = values[len(terms):]
+            step_terms = {name: next(term_values) for name in terms}
             if not ok:
                 described = (", ".join(f"{name} {value:.4g}" for name, value in step_terms.items())
                              if not math.isfinite(total) else "on another process")
