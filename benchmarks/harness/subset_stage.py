@@ -33,20 +33,24 @@ def check_stage_options(options):
         raise BenchmarkError(f"--stage_base_lr {options.stage_base_lr}: expected a positive learning rate")
 
 
-def complete_run(options):
+def trained_name(options, variant_name, suffixes=()):
+    """The name under which a training of ``variant_name`` is recorded and foldered: its schedule's name, then
+    ``suffixes``, then its augmentation and precision."""
+    named = schedule_name(variant_name, options.fused_start_epoch, paper_schedule()[2], custom_lr(options),
+                          options.batch_size)
+    return training_name("".join([named, *suffixes]), options.augmentation, options.amp)
+
+
+def complete_run(options, input_name, label):
     """Run (or find recorded) the variant the stage is trained on, as ``run`` does for it alone: its run folder,
-    train.py flags, plan and results records at the stage's fold and budget."""
+    train.py flags, plan and results records at the stage's fold and budget (``label``) on ``input_name``."""
     variant = VARIANTS[options.variant]
     complete_options = argparse.Namespace(**{**vars(options), "variant": variant.stage_of, "sequences": MODALITIES,
                                              "missing": "leave_out", "tta": False, "postprocess": False})
     if run(complete_options) != 0:
         raise BenchmarkError(f"the complete run of {variant.stage_of} on fold {options.fold} failed")
     setting, fold_dir, dataset = read_input(options.data, options.fold)
-    label = setting_label(options.mode, options.budget_minutes, options.iterations)
-    input_name = Path(options.data).resolve().name
-    named = schedule_name(variant.stage_of, options.fused_start_epoch, paper_schedule()[2], custom_lr(options),
-                          options.batch_size)
-    trained = training_name(named, options.augmentation, options.amp)
+    trained = trained_name(options, variant.stage_of)
     run_dir = run_folder(options.out, input_name, trained, label, options.fold)
     records = [r for r in read_results(Path(options.out) / "results.jsonl")
                if run_key(r) == (input_name, trained, label, options.fold)]
@@ -64,13 +68,9 @@ def run_subset_stage(options):
     label = setting_label(options.mode, options.budget_minutes, options.iterations)
     input_name = Path(options.data).resolve().name
     results = Path(options.out) / "results.jsonl"
-    named = schedule_name(options.variant, options.fused_start_epoch, paper_schedule()[2], custom_lr(options),
-                          options.batch_size)
-    if options.stage_iterations is not None:
-        named = f"{named}+stage{options.stage_iterations}"
-    if options.stage_base_lr is not None:
-        named = f"{named}+stagelr{options.stage_base_lr:g}"
-    trained = training_name(named, options.augmentation, options.amp)
+    suffixes = ([f"+stage{options.stage_iterations}"] if options.stage_iterations is not None else []) + (
+        [f"+stagelr{options.stage_base_lr:g}"] if options.stage_base_lr is not None else [])
+    trained = trained_name(options, options.variant, suffixes)
     inference = inference_names(options)
     key = (input_name, "+".join([trained, *inference]), label, options.fold)
     earlier = read_results(results)
@@ -78,7 +78,7 @@ def run_subset_stage(options):
         logger.info("%s fold %d (%s, input %s) is already in %s: skipped", key[1], options.fold, label, input_name,
                     results)
         return 0
-    complete_dir, complete_flags, complete_plan, complete_records = complete_run(options)
+    complete_dir, complete_flags, complete_plan, complete_records = complete_run(options, input_name, label)
     iterations = options.stage_iterations or complete_plan["iterations"]
     epochs = math.ceil(iterations / complete_plan["iterations_per_epoch"])
     stage_dir = run_folder(options.out, input_name, trained, label, options.fold)
